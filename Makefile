@@ -1,0 +1,41 @@
+# bigtrain: `make train` and `make test` are the two commands a user needs.
+# Everything is installed into .venv with pinned versions (constraints.txt), in one pip
+# command, so a CPU machine never pulls torch's CUDA wheels.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.bigtrain-installed
+CONFIG ?= configs/debug.yaml
+# Threads for CPU runs; tests pin their own.
+export HF_DATASETS_OFFLINE ?= 1
+export HF_HUB_OFFLINE ?= 1
+export WANDB_MODE ?= disabled
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup demo-data train test test-fast bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "bigtrain needs Python >= 3.10, found " + sys.version' 
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+demo-data: setup
+	$(BIN)/bigtrain data demo
+
+train: demo-data
+	$(BIN)/bigtrain train $(CONFIG)
+
+test: setup
+	$(BIN)/python -m pytest -q tests
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+bench: demo-data
+	$(BIN)/python bench/overhead.py
+
+clean:
+	rm -rf $(VENV) runs *.egg-info .pytest_cache

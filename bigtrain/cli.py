@@ -1,0 +1,129 @@
+"""`bigtrain <verb>`: the command-line interface (also `python -m bigtrain`).
+
+Exit status: 0 success, 2 user error (bad config, missing data, ...), anything else a failure.
+User errors print one paragraph saying what to fix, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from bigtrain.errors import EXIT_OK, EXIT_USER_ERROR, UserError
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from bigtrain.config import load_config
+    from bigtrain.train.trainer import Trainer
+
+    cfg = load_config(args.config, args.overrides)
+    summary = Trainer(cfg).fit()
+    if "val_bpb" in summary:
+        print(f"done: {summary['step']} steps, {summary['tokens']:,} tokens in {summary['train_time_s']:.0f}s; "
+              f"val_loss {summary['val_loss']:.4f}, val_bpb {summary['val_bpb']:.4f}")
+    else:
+        print(f"done: {summary['step']} steps, {summary['tokens']:,} tokens in {summary['train_time_s']:.0f}s")
+    return EXIT_OK
+
+
+def _cmd_config_show(args: argparse.Namespace) -> int:
+    from bigtrain.config import load_config
+
+    print(load_config(args.config, args.overrides).to_yaml(), end="")
+    return EXIT_OK
+
+
+def _cmd_data_demo(args: argparse.Namespace) -> int:
+    from bigtrain.data.demo import prepare_demo
+
+    prepare_demo(args.out_dir, vocab_size=args.vocab_size, force=args.force)
+    return EXIT_OK
+
+
+def _cmd_data_prepare(args: argparse.Namespace) -> int:
+    from bigtrain.data.prepare import prepare_corpus
+
+    prepare_corpus(args.inputs, args.out_dir, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+                   val_fraction=args.val_fraction, text_key=args.text_key, seed=args.seed)
+    return EXIT_OK
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from bigtrain.generate import generate, load_for_generation
+
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
+    model, tokenizer = load_for_generation(args.run_dir, device=device)
+    for i in range(args.num_samples):
+        text = generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
+                        temperature=args.temperature, top_k=args.top_k, device=device, seed=args.seed + i)
+        if args.num_samples > 1:
+            print(f"--- sample {i + 1}")
+        print(args.prompt + text)
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bigtrain", description="Pretrain decoder-only Transformers.")
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+
+    p = verbs.add_parser("train", help="train a model from a YAML config")
+    p.add_argument("config", help="YAML config, e.g. configs/debug.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-3 model.num_layers=4")
+    p.set_defaults(func=_cmd_train)
+
+    p = verbs.add_parser("config", help="inspect configs")
+    cfg_verbs = p.add_subparsers(dest="config_verb", metavar="ACTION", required=True)
+    q = cfg_verbs.add_parser("show", help="print the resolved config (defaults + file + overrides)")
+    q.add_argument("config")
+    q.add_argument("overrides", nargs="*")
+    q.set_defaults(func=_cmd_config_show)
+
+    p = verbs.add_parser("data", help="prepare training data")
+    data_verbs = p.add_subparsers(dest="data_verb", metavar="ACTION", required=True)
+    q = data_verbs.add_parser("demo", help="download the Shakespeare demo corpus, train a tokenizer, write shards")
+    q.add_argument("--out-dir", default="data/demo")
+    q.add_argument("--vocab-size", type=int, default=4096)
+    q.add_argument("--force", action="store_true", help="rebuild even if present")
+    q.set_defaults(func=_cmd_data_demo)
+    q = data_verbs.add_parser("prepare", help="tokenize local text/jsonl/parquet files into shards")
+    q.add_argument("inputs", nargs="+", help="files, directories or globs")
+    q.add_argument("--out-dir", required=True)
+    q.add_argument("--tokenizer", default=None, help="tokenizer.json to use (default: train a byte-level BPE)")
+    q.add_argument("--vocab-size", type=int, default=32000, help="vocabulary of a freshly trained tokenizer")
+    q.add_argument("--val-fraction", type=float, default=0.01, help="fraction of documents held out for validation")
+    q.add_argument("--text-key", default="text", help="jsonl field / parquet column holding the text")
+    q.add_argument("--seed", type=int, default=0)
+    q.set_defaults(func=_cmd_data_prepare)
+
+    p = verbs.add_parser("generate", help="sample text from a run's latest checkpoint")
+    p.add_argument("run_dir", help="run folder (run.out_dir) or checkpoint folder")
+    p.add_argument("--prompt", default="")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.set_defaults(func=_cmd_generate)
+    return parser
+
+
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)  # argparse exits with status 2 on bad usage, as a user error should
+    try:
+        return args.func(args)
+    except UserError as exc:
+        print(f"bigtrain: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("bigtrain: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Data: tokenizer, token shards, demo corpus, preparation and the training loader."""

@@ -1,0 +1,122 @@
+"""Model configuration (the ``model`` section), named sizes, parameter and FLOP counts."""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Any
+
+from bigtrain.sections import ConfigError, Section, doc_field
+
+# Named sizes. A config selects one with ``model.preset`` and may override any field.
+PRESETS: dict[str, dict[str, Any]] = {
+    # ~3M parameters: trains on a laptop CPU in minutes (the `make train` demo).
+    "debug": dict(vocab_size=4096, dim=256, num_layers=4, num_heads=4, num_kv_heads=4,
+                  ffn_hidden_dim=0, max_seq_len=256, tie_embeddings=True, rope_theta=10000.0),
+    # GPT-2 small shape with Llama-style blocks; SwiGLU hidden = 8/3 dim keeps the parameter count.
+    "gpt2-124m": dict(vocab_size=50304, dim=768, num_layers=12, num_heads=12, num_kv_heads=12,
+                      ffn_hidden_dim=2048, max_seq_len=1024, tie_embeddings=True, rope_theta=10000.0),
+    "gpt2-350m": dict(vocab_size=50304, dim=1024, num_layers=24, num_heads=16, num_kv_heads=16,
+                      ffn_hidden_dim=2816, max_seq_len=1024, tie_embeddings=True, rope_theta=10000.0),
+    # Llama 3.2 1B shape.
+    "llama-1b": dict(vocab_size=128256, dim=2048, num_layers=16, num_heads=32, num_kv_heads=8,
+                     ffn_hidden_dim=8192, max_seq_len=2048, tie_embeddings=True, rope_theta=500000.0),
+    "llama3-8b": dict(vocab_size=128256, dim=4096, num_layers=32, num_heads=32, num_kv_heads=8,
+                      ffn_hidden_dim=14336, max_seq_len=8192, tie_embeddings=False, rope_theta=500000.0),
+    "llama3-70b": dict(vocab_size=128256, dim=8192, num_layers=80, num_heads=64, num_kv_heads=8,
+                       ffn_hidden_dim=28672, max_seq_len=8192, tie_embeddings=False, rope_theta=500000.0),
+}
+
+
+@dataclass(frozen=True)
+class ModelConfig(Section):
+    """Decoder-only Transformer shape (pre-norm, RMSNorm, RoPE, SwiGLU, grouped-query attention)."""
+
+    preset: str | None = doc_field(None, "Named size to start from (debug, gpt2-124m, gpt2-350m, llama-1b, llama3-8b, llama3-70b); other keys override it.")
+    vocab_size: int = doc_field(4096, "Embedding rows; must be >= the tokenizer's vocabulary (round up to a multiple of 64 for speed).")
+    dim: int = doc_field(256, "Hidden size of the residual stream.")
+    num_layers: int = doc_field(4, "Number of Transformer blocks.")
+    num_heads: int = doc_field(4, "Attention query heads; dim must be divisible by it.")
+    num_kv_heads: int | None = doc_field(None, "Key/value heads for grouped-query attention (null = num_heads); must divide num_heads.")
+    ffn_hidden_dim: int = doc_field(0, "SwiGLU hidden size; 0 = 8/3 * dim rounded up to ffn_multiple_of.")
+    ffn_multiple_of: int = doc_field(64, "Rounding for the automatic SwiGLU hidden size.")
+    max_seq_len: int = doc_field(256, "Longest sequence the rotary tables are built for; data.seq_len must not exceed it.")
+    rope_theta: float = doc_field(10000.0, "Rotary embedding base frequency.")
+    norm_eps: float = doc_field(1e-5, "RMSNorm epsilon.")
+    tie_embeddings: bool = doc_field(True, "Share the input embedding and output projection weights.")
+    init_std: float = doc_field(0.02, "Std of the normal init; residual output projections are scaled by 1/sqrt(2 * num_layers).")
+
+    @classmethod
+    def preprocess(cls, data: dict[str, Any], path: str) -> dict[str, Any]:
+        preset = data.get("preset")
+        if preset is None:
+            return data
+        if preset not in PRESETS:
+            close = difflib.get_close_matches(str(preset), list(PRESETS), n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(
+                f"{path}.preset: unknown model preset {preset!r}.{hint} Known presets: {', '.join(PRESETS)}."
+            )
+        return {**PRESETS[preset], **data}
+
+    def validate(self, path: str) -> None:
+        for name in ("vocab_size", "dim", "num_layers", "num_heads", "max_seq_len", "ffn_multiple_of"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{path}.{name}: must be positive, got {getattr(self, name)}.")
+        if self.dim % self.num_heads:
+            raise ConfigError(
+                f"{path}.dim: {self.dim} is not divisible by {path}.num_heads={self.num_heads}; "
+                f"choose dim as a multiple of num_heads (e.g. {self.num_heads * max(1, round(self.dim / self.num_heads))})."
+            )
+        if self.head_dim % 2:
+            raise ConfigError(f"{path}.dim: head dim {self.head_dim} (dim / num_heads) must be even for rotary embeddings.")
+        kv = self.kv_heads
+        if kv <= 0 or self.num_heads % kv:
+            raise ConfigError(
+                f"{path}.num_kv_heads: {self.num_kv_heads} does not divide {path}.num_heads={self.num_heads}; "
+                f"use a divisor of num_heads (e.g. {', '.join(str(d) for d in range(1, self.num_heads + 1) if self.num_heads % d == 0)})."
+            )
+        if self.ffn_hidden_dim < 0:
+            raise ConfigError(f"{path}.ffn_hidden_dim: must be >= 0 (0 = automatic), got {self.ffn_hidden_dim}.")
+        if self.norm_eps <= 0 or self.init_std <= 0 or self.rope_theta <= 0:
+            raise ConfigError(f"{path}: norm_eps, init_std and rope_theta must be positive.")
+
+    # ------------------------------------------------------------------ derived sizes
+    @property
+    def kv_heads(self) -> int:
+        return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @property
+    def ffn_dim(self) -> int:
+        if self.ffn_hidden_dim:
+            return self.ffn_hidden_dim
+        hidden = int(8 * self.dim / 3)
+        m = self.ffn_multiple_of
+        return m * ((hidden + m - 1) // m)
+
+
+def count_parameters(cfg: ModelConfig, *, include_embedding: bool = True) -> int:
+    """Number of trainable parameters, counting a tied embedding once."""
+    d, hd = cfg.dim, cfg.head_dim
+    attn = d * cfg.num_heads * hd + 2 * d * cfg.kv_heads * hd + cfg.num_heads * hd * d
+    mlp = 3 * d * cfg.ffn_dim
+    norms = 2 * d
+    per_block = attn + mlp + norms
+    total = cfg.num_layers * per_block + d  # + final norm
+    if include_embedding:
+        total += cfg.vocab_size * d * (1 if cfg.tie_embeddings else 2)
+    elif not cfg.tie_embeddings:
+        total += cfg.vocab_size * d  # the output projection is a real matmul
+    return total
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6N (forward + backward matmuls) + 12·L·H·Q·T (attention scores).
+
+    N counts a tied embedding once (the PaLM / nanoGPT convention used for MFU).
+    """
+    n = count_parameters(cfg)
+    return 6.0 * n + 12.0 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len

@@ -1,0 +1,1 @@
+"""Optimizer construction (parameter groups) and learning-rate schedules."""

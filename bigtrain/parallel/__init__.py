@@ -1,0 +1,1 @@
+"""Process groups and sharding strategies (applied from outside the model)."""

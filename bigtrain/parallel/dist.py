@@ -1,0 +1,51 @@
+"""Process-group facts: rank, world size, device. Single-process runs need no process group."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
+    """``auto`` picks the local CUDA device when present, else the CPU."""
+    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        from bigtrain.errors import UserError
+
+        raise UserError("run.device=cuda but no CUDA device is visible; use run.device=auto or cpu.")
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
+def env_world() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) from the torchrun / srun environment (0, 0, 1 when absent)."""
+    return (
+        int(os.environ.get("RANK", 0)),
+        int(os.environ.get("LOCAL_RANK", 0)),
+        int(os.environ.get("WORLD_SIZE", 1)),
+    )
+
+
+def init(requested_device: str = "auto") -> DistInfo:
+    """Describe this process; a process group is only created by multi-rank strategies."""
+    rank, local_rank, world = env_world()
+    return DistInfo(rank, local_rank, world, resolve_device(requested_device, local_rank))
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()

@@ -1,0 +1,93 @@
+"""The Strategy interface: everything the trainer needs from a parallelism backend.
+
+The trainer calls only these methods, so switching single ↔ DDP ↔ FSDP2 ↔ ZeRO never
+touches the loop or the model. Backends live in their own modules; :func:`build_strategy`
+picks one from ``parallel.strategy``.
+"""
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from typing import Any, Callable, ContextManager, Iterator
+
+import torch
+from torch import nn
+
+from bigtrain.parallel.config import ParallelConfig
+from bigtrain.parallel.dist import DistInfo
+
+OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
+
+
+class Strategy(ABC):
+    """How a model is placed, wrapped, stepped and checkpointed across processes."""
+
+    def __init__(self, info: DistInfo, precision: str) -> None:
+        self.info = info
+        self.device = info.device
+        self.compute_dtype = resolve_precision(precision, info.device)
+
+    # -- setup ---------------------------------------------------------------------
+    @abstractmethod
+    def wrap(self, model: nn.Module, make_optimizer: OptimizerFactory, seed: int) -> tuple[nn.Module, torch.optim.Optimizer]:
+        """Take a meta-device model; shard/wrap it, materialize and init it, build the optimizer."""
+
+    # -- step ----------------------------------------------------------------------
+    def autocast(self) -> ContextManager[Any]:
+        """Mixed-precision context for forward passes (a no-op in fp32)."""
+        if self.compute_dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.compute_dtype)
+
+    @contextlib.contextmanager
+    def no_sync(self, model: nn.Module) -> Iterator[None]:
+        """Skip gradient synchronization during accumulation micro-steps (no-op by default)."""
+        yield
+
+    @abstractmethod
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    @abstractmethod
+    def clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor:
+        """Global gradient norm (before clipping); clips when max_norm > 0."""
+
+    @abstractmethod
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Apply the update and clear gradients."""
+
+    def reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
+        """Average a scalar over data-parallel ranks (identity for one process)."""
+        return value
+
+    # -- checkpoint ------------------------------------------------------------------
+    @abstractmethod
+    def state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]: ...
+
+    @abstractmethod
+    def load_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None: ...
+
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        """The plain model inside any wrapper (for generation and export)."""
+        return model
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
+    """auto → bf16 on CUDA devices that support it, fp32 elsewhere."""
+    if precision == "fp32":
+        return torch.float32
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        return torch.float16
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def build_strategy(cfg: ParallelConfig, info: DistInfo, precision: str) -> Strategy:
+    """Pick the backend named by ``parallel.strategy``."""
+    if cfg.strategy == "single":
+        from bigtrain.parallel.single import SingleStrategy
+
+        return SingleStrategy(info, precision)
+    raise ValueError(f"unknown strategy {cfg.strategy!r}")  # config validation rejects this earlier

@@ -1,0 +1,252 @@
+"""Config machinery: strict, typed, round-trippable sections (RunConfig lives in bigtrain.config).
+
+A run is configured by one YAML file plus dotted command-line overrides
+(``train.lr=1e-3``). Each component owns a small frozen dataclass (a *section*) next to
+its code; :class:`RunConfig` only composes them. Loading is strict: an unknown key, a
+value of the wrong type or an inconsistent combination stops with the key path, the bad
+value and a hint, as a :class:`ConfigError` (a :class:`~bigtrain.errors.UserError`).
+
+Field documentation lives in ``field(metadata={"doc": ...})`` via :func:`doc_field`, so
+the configuration reference can be generated from the code.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence, TypeVar, Union
+
+import yaml
+
+from bigtrain.errors import UserError
+
+T = TypeVar("T")
+
+
+class ConfigError(UserError):
+    """A configuration mistake: the message names the key path, the bad value and a hint."""
+
+
+def doc_field(default: Any = dataclasses.MISSING, doc: str = "", **kwargs: Any) -> Any:
+    """A dataclass field with a one-line docstring (used by errors and the config reference)."""
+    if isinstance(default, (list, dict, set)):
+        value = default
+        return field(default_factory=lambda: type(value)(value), metadata={"doc": doc}, **kwargs)
+    return field(default=default, metadata={"doc": doc}, **kwargs)
+
+
+class Section:
+    """Base class for config sections: strict construction from dicts and validation hooks."""
+
+    def validate(self, path: str) -> None:
+        """Check values that types alone cannot; raise ConfigError with the key path."""
+
+    @classmethod
+    def preprocess(cls, data: dict[str, Any], path: str) -> dict[str, Any]:
+        """Hook to expand raw values (e.g. a named preset) before strict parsing."""
+        return data
+
+
+S = TypeVar("S", bound=Section)
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    if origin in (list, tuple, Sequence):
+        args = typing.get_args(tp)
+        return f"list of {_type_name(args[0])}" if args else "list"
+    if origin in (dict, Mapping):
+        return "mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    """Convert a YAML value to the declared type, or raise ConfigError."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value in choices:
+            return value
+        hint = ""
+        if isinstance(value, str):
+            close = difflib.get_close_matches(value, [str(c) for c in choices], n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(
+            f"{path}: {value!r} is not a valid choice; expected one of "
+            f"{', '.join(repr(c) for c in choices)}.{hint}"
+        )
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, path)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise ConfigError(f"{path}: {value!r} has the wrong type; expected {_type_name(tp)}.")
+    if origin in (list, tuple, Sequence):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list ({_type_name(tp)}), got {value!r}.")
+        (item_tp, *_) = typing.get_args(tp) or (Any,)
+        items = [_coerce(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin in (dict, Mapping):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}.")
+        return dict(value)
+    if isinstance(tp, type) and issubclass(tp, Section):
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping of {tp.__name__} keys, got {value!r}.")
+        return parse_section(tp, value, path)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{path}: expected true or false, got {value!r}.")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{path}: expected an integer, got {value!r}.")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string; accept it.
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{path}: expected a number, got {value!r}.")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{path}: expected a string, got {value!r}.")
+    raise TypeError(f"unsupported config type {tp!r} at {path}")  # programmer error
+
+
+def parse_section(cls: type[S], data: Mapping[str, Any], path: str = "") -> S:
+    """Build section ``cls`` from a mapping, rejecting unknown keys and wrong types."""
+    data = cls.preprocess(dict(data), path)
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
+    for key in data:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
+            hint = f" Did you mean {_join(path, close[0])!r}?" if close else ""
+            raise ConfigError(
+                f"{_join(path, str(key))}: unknown key.{hint} "
+                f"Valid keys here: {', '.join(sorted(fields))}."
+            )
+    kwargs = {}
+    for name, f in fields.items():
+        if name in data:
+            kwargs[name] = _coerce(data[name], hints[name], _join(path, name))
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{_join(path, name)}: required key is missing ({f.metadata.get('doc', '')}).")
+    section = cls(**kwargs)
+    section.validate(path)
+    return section
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def to_dict(section: Any) -> Any:
+    """Plain-data (YAML/JSON-able) form of a section, recursively."""
+    if dataclasses.is_dataclass(section):
+        return {f.name: to_dict(getattr(section, f.name)) for f in dataclasses.fields(section)}
+    if isinstance(section, (list, tuple)):
+        return [to_dict(v) for v in section]
+    if isinstance(section, dict):
+        return {k: to_dict(v) for k, v in section.items()}
+    return section
+
+
+# --------------------------------------------------------------------------- overrides
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``a.b.c=value`` into a key path and a YAML-parsed value."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key.path=value (e.g. train.lr=1e-3).")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {text!r}: empty key path component.")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc}).") from None
+    return parts, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply dotted overrides to a raw config mapping (validation happens afterwards)."""
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = data
+        for depth, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(
+                    f"override {text!r}: {'.'.join(parts[: depth + 1])} is a value, not a section."
+                )
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config file into a mapping, with clear errors for missing/malformed files."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(
+            f"config file {str(p)!r} does not exist. Pass a path to a YAML file, e.g. configs/debug.yaml "
+            f"(shipped configs: {', '.join(sorted(x.name for x in Path('configs').glob('*.yaml'))) or 'none found here'})."
+        )
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {exc}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections, got {type(data).__name__}.")
+    return data
+
+
+def config_hash(data: Mapping[str, Any]) -> str:
+    """Short stable hash of a plain-data config."""
+    blob = json.dumps(data, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def dump_yaml(data: Mapping[str, Any]) -> str:
+    return yaml.safe_dump(dict(data), sort_keys=False, default_flow_style=False)

@@ -1,0 +1,31 @@
+"""Shared test set-up: offline, deterministic, small thread counts; the demo corpus fixture."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+for key, value in {
+    "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled",
+    "TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR": "cpu",
+}.items():
+    os.environ.setdefault(key, value)
+
+
+@pytest.fixture(scope="session")
+def demo_data() -> Path:
+    """The demo corpus under REPO/data/demo (built once, reused by later runs and `make train`)."""
+    from bigtrain.data.demo import prepare_demo
+
+    return prepare_demo(REPO / "data" / "demo", vocab_size=4096, log=lambda *_: None)
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m bigtrain ...` in a subprocess and capture its output."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "2", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "bigtrain", *args], cwd=cwd or REPO, capture_output=True,
+                          text=True, timeout=timeout, env=full_env)
