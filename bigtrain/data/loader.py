@@ -125,13 +125,19 @@ class TrainLoader:
 
 def eval_batches(stream: TokenStream, *, seq_len: int, micro_batch_size: int, max_batches: int,
                  rank: int = 0, world_size: int = 1) -> Iterator[Batch]:
-    """Fixed, non-overlapping validation windows from the start of the split (same every time)."""
+    """Fixed, non-overlapping validation windows (the same every evaluation).
+
+    With ``max_batches`` the windows are spread evenly over the whole split, so a partial
+    evaluation still sees every held-out document rather than only the first one.
+    """
     num_windows = (stream.num_tokens - 1) // seq_len
     total = num_windows // micro_batch_size
     if max_batches:
         total = min(total, max_batches)
+    picked = total * micro_batch_size
+    windows = [i * num_windows // picked for i in range(picked)] if picked else []
     for b in range(rank, total, world_size):
-        rows = [stream.read(w * seq_len, seq_len + 1) for w in range(b * micro_batch_size, (b + 1) * micro_batch_size)]
+        rows = [stream.read(w * seq_len, seq_len + 1) for w in windows[b * micro_batch_size: (b + 1) * micro_batch_size]]
         arr = torch.from_numpy(np.stack(rows))
         yield Batch(arr[:, :-1], arr[:, 1:])
 

@@ -1,0 +1,101 @@
+"""Trainer overhead: bigtrain's Trainer.fit against a minimal hand-written PyTorch loop.
+
+Both train the same model (configs/debug.yaml by default) on the same demo shards with the
+same batch, AdamW and clipping, in one process on this machine. Runs alternate (plain,
+bigtrain, plain, ...) so drift in machine speed hits both; the table reports the median
+per-step time of each and the ratio. Target: bigtrain <= 1.05x the plain loop.
+
+    python bench/overhead.py [--config configs/debug.yaml] [--steps 20] [--repeats 3] [--out bench/results/overhead-cpu.md]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import io
+import platform
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bigtrain.config import load_config
+from bigtrain.data.shards import Shard, list_shards
+from bigtrain.model import build_on_meta, materialize
+
+
+def plain_loop(cfg, steps: int) -> float:
+    """The loop a researcher writes by hand: random windows, forward, backward, clip, step."""
+    torch.manual_seed(cfg.run.seed)
+    tokens = np.concatenate([Shard(p).tokens for p in list_shards(cfg.data.train_path)]).astype(np.int64)
+    model = materialize(build_on_meta(cfg.model), "cpu", seed=cfg.run.seed)
+    t = cfg.train
+    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay, foreach=True)
+    seq, micro = cfg.data.seq_len, t.micro_batch_size
+    accum = t.global_batch_tokens // (seq * micro)
+    rng = np.random.default_rng(0)
+    start = time.perf_counter()
+    for _ in range(steps):
+        for _ in range(accum):
+            idx = rng.integers(0, len(tokens) - seq - 1, micro)
+            batch = torch.from_numpy(np.stack([tokens[i: i + seq + 1] for i in idx]))
+            loss = model(batch[:, :-1], batch[:, 1:])
+            (loss / accum).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    loss.item()
+    return (time.perf_counter() - start) / steps
+
+
+def bigtrain_loop(config: str, steps: int) -> float:
+    from bigtrain.train.trainer import Trainer
+
+    with tempfile.TemporaryDirectory() as out:
+        cfg = load_config(config, [f"run.out_dir={out}", f"train.max_steps={steps}", "eval.every_steps=0",
+                                   "eval.at_end=false", "checkpoint.at_end=false", "log.sample_at_end=false",
+                                   "log.console=false"])
+        trainer = Trainer(cfg, echo=lambda *_: None)
+        summary = trainer.fit()
+    return summary["train_time_s"] / steps
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="configs/debug.yaml")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    ap.add_argument("--out", default=None, help="also write the table as markdown here")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = load_config(args.config)
+    plain, ours = [], []
+    for r in range(args.repeats):
+        plain.append(plain_loop(cfg, args.steps))
+        ours.append(bigtrain_loop(args.config, args.steps))
+        print(f"repeat {r + 1}/{args.repeats}: plain {plain[-1] * 1000:.0f} ms/step, bigtrain {ours[-1] * 1000:.0f} ms/step", flush=True)
+    p, b = statistics.median(plain), statistics.median(ours)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    out = io.StringIO()
+    out.write(f"# Trainer overhead ({args.config})\n\n")
+    out.write(f"- date: {dt.date.today()}  commit: {commit}\n")
+    out.write(f"- device: CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}\n")
+    out.write(f"- {args.steps} steps x {args.repeats} alternating repeats, {cfg.train.global_batch_tokens} tokens/step, median shown\n\n")
+    out.write("| loop | ms/step | tokens/s | ratio vs plain |\n|---|---:|---:|---:|\n")
+    for name, v in (("plain PyTorch", p), ("bigtrain Trainer", b)):
+        out.write(f"| {name} | {v * 1000:.1f} | {cfg.train.global_batch_tokens / v:,.0f} | {v / p:.3f} |\n")
+    verdict = "meets" if b / p <= 1.05 else "MISSES"
+    out.write(f"\nbigtrain / plain = {b / p:.3f} ({verdict} the <= 1.05 target)\n")
+    print(out.getvalue())
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(out.getvalue())
+
+
+if __name__ == "__main__":
+    main()

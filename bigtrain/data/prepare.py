@@ -1,0 +1,375 @@
+"""`bigtrain data prepare`: turn local text files into tokenizer + train/val token shards.
+
+Output directory layout (shared with the demo corpus; see docs/data.md, and
+bigtrain.data.shards.read_manifest / verify_prepared to check one):
+
+    OUT/tokenizer.json         the tokenizer the shards were written with
+    OUT/train/shard_00000.bin  token shards (bigtrain.data.shards format)
+    OUT/val/shard_00000.bin    held-out whole documents
+    OUT/manifest.json          what was built from what; written last (its presence = complete)
+
+Everything is built in a sibling temporary directory and renamed into place at the end, so
+an error or a kill never leaves a half-written OUT behind.
+"""
+from __future__ import annotations
+
+import glob
+import gzip
+import json
+import os
+import re
+import shutil
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+
+from bigtrain.data.shards import MANIFEST_FORMAT, bigtrain_version, dtype_for_vocab, write_manifest, write_shard
+from bigtrain.data.tokenizer import Tokenizer
+from bigtrain.errors import UserError
+
+SUFFIXES = (".txt", ".jsonl", ".json", ".parquet", ".txt.gz", ".jsonl.gz", ".json.gz")
+_SURROGATES = re.compile("[\ud800-\udfff]")
+_BATCH_CHARS = 8 << 20  # text per encode_batch call: big enough to keep Rust busy, small in RAM
+_BATCH_DOCS = 1024
+
+
+@dataclass
+class ScanStats:
+    """What a pass over the inputs found (filled by the first pass only)."""
+
+    num_docs: int = 0
+    num_bytes: int = 0
+    num_empty: int = 0
+    num_invalid_utf8: int = 0
+
+
+# --------------------------------------------------------------------------- inputs
+def _suffix_ok(p: Path) -> bool:
+    return p.name.lower().endswith(SUFFIXES)
+
+
+def resolve_inputs(inputs: Sequence[str]) -> list[Path]:
+    """Expand files, directories (recursively) and globs into a de-duplicated list of input files."""
+    if not inputs:
+        raise UserError("No input files given. Pass text files, directories or globs (e.g. 'corpus/*.jsonl').")
+    files: list[Path] = []
+    for spec in inputs:
+        p = Path(spec).expanduser()
+        if p.is_file():
+            if not _suffix_ok(p):
+                raise UserError(f"Input {spec} has an unsupported type. Supported: {', '.join(SUFFIXES)}.")
+            found = [p]
+        elif p.is_dir():
+            found = sorted(x for x in p.rglob("*")
+                           if x.is_file() and _suffix_ok(x) and not x.name.startswith("."))
+        elif glob.has_magic(spec):
+            found = sorted(Path(m) for m in glob.glob(str(p), recursive=True)
+                           if Path(m).is_file() and _suffix_ok(Path(m)))
+        else:
+            raise UserError(f"Input {spec} does not exist. Check the path "
+                            "(files, directories and globs are accepted).")
+        if not found:
+            raise UserError(
+                f"Input {spec} matches no input files. Supported types: {', '.join(SUFFIXES)} "
+                "(.txt = one document per file, .jsonl/.json/.parquet = one document per record)."
+            )
+        files.extend(found)
+    seen: set[Path] = set()
+    # The same file named twice would put copies of a document into both train and val.
+    return [f for f in files if not (f.resolve() in seen or seen.add(f.resolve()))]
+
+
+def _open(path: Path) -> IO[bytes]:
+    return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
+
+
+def _decode(raw: bytes, stats: ScanStats | None) -> str:
+    """UTF-8 decode with replacement, counting the invalid sequences that were replaced."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = raw.decode("utf-8", errors="replace")
+        if stats is not None:
+            # Genuine U+FFFD in the input (EF BF BD) are not errors; everything else is.
+            stats.num_invalid_utf8 += text.count("\ufffd") - raw.count(b"\xef\xbf\xbd")
+        return text
+
+
+def _record_text(rec: Any, where: str, text_key: str) -> str | None:
+    """The document text of one JSON record, or UserError if the record does not have one."""
+    if isinstance(rec, str):
+        return rec
+    if not isinstance(rec, dict):
+        raise UserError(f"{where}: expected a JSON object with a {text_key!r} field, found {type(rec).__name__}.")
+    if text_key not in rec:
+        keys = ", ".join(list(rec)[:10]) or "none"
+        raise UserError(
+            f"{where}: record has no {text_key!r} field (its fields: {keys}). "
+            "Pass the name of the text field with --text-key."
+        )
+    value = rec[text_key]
+    if value is not None and not isinstance(value, str):
+        raise UserError(f"{where}: field {text_key!r} is a {type(value).__name__}, expected a string.")
+    return value
+
+
+def _iter_raw(path: Path, text_key: str, stats: ScanStats | None) -> Iterator[str | None]:
+    """Yield the raw document texts of one input file (None for null records)."""
+    name = path.name.lower()
+    if name.endswith((".txt", ".txt.gz")):
+        with _open(path) as f:
+            yield _decode(f.read(), stats)
+    elif name.endswith(".parquet"):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            pf = pq.ParquetFile(path)
+        except Exception as e:  # pyarrow raises several types for unreadable files
+            raise UserError(f"Cannot read {path} as Parquet ({e}). Check the file.") from None
+        names = pf.schema_arrow.names
+        if text_key not in names:
+            raise UserError(f"{path} has no column {text_key!r} (columns: {', '.join(names)}). Use --text-key.")
+        if not pa.types.is_string(t := pf.schema_arrow.field(text_key).type) and not pa.types.is_large_string(t):
+            raise UserError(f"{path}: column {text_key!r} has type {t}, expected a string column.")
+        for batch in pf.iter_batches(batch_size=1024, columns=[text_key]):
+            yield from batch.column(0).to_pylist()
+    else:
+        with _open(path) as f:
+            first = f.read(1 << 10).lstrip()
+            f.seek(0)
+            if first.startswith(b"["):  # a .json file holding one array of records
+                try:
+                    records = json.loads(_decode(f.read(), stats))
+                except ValueError as e:
+                    raise UserError(f"{path} is not valid JSON ({e}).") from None
+                for i, rec in enumerate(records):
+                    yield _record_text(rec, f"{path} record {i}", text_key)
+                return
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(_decode(line, stats))
+                except ValueError as e:
+                    raise UserError(f"{path}:{lineno} is not valid JSON ({e}). "
+                                    "Expected one JSON object per line.") from None
+                yield _record_text(rec, f"{path}:{lineno}", text_key)
+
+
+def iter_documents(files: Sequence[Path], text_key: str, stats: ScanStats | None = None) -> Iterator[tuple[str, int]]:
+    """Yield (text, utf8_bytes) of each non-empty document, in a fixed order (files, then records)."""
+    for path in files:
+        for text in _iter_raw(path, text_key, stats):
+            if text is None or not text.strip():
+                if stats is not None:
+                    stats.num_empty += 1
+                continue
+            try:
+                nbytes = len(text.encode("utf-8"))
+            except UnicodeEncodeError:  # lone surrogates from JSON "\ud800" escapes
+                if stats is not None:
+                    stats.num_invalid_utf8 += len(_SURROGATES.findall(text))
+                text = _SURROGATES.sub("\ufffd", text)
+                nbytes = len(text.encode("utf-8"))
+            if stats is not None:
+                stats.num_docs += 1
+                stats.num_bytes += nbytes
+            yield text, nbytes
+
+
+# --------------------------------------------------------------------------- output
+class ShardWriter:
+    """Streams documents (each followed by EOS) into shards of at most `shard_tokens` tokens.
+
+    A document is never split across shards unless it alone exceeds `shard_tokens`; a shard's
+    num_docs/num_bytes count the documents that *end* in it.
+    """
+
+    def __init__(self, out_dir: Path, tokenizer: Tokenizer, shard_tokens: int, source: str | None):
+        self.out_dir, self.tok, self.shard_tokens, self.source = out_dir, tokenizer, shard_tokens, source
+        self.dtype = np.dtype(dtype_for_vocab(tokenizer.vocab_size))
+        self.buf: list[np.ndarray] = []
+        self.buf_tokens = self.buf_docs = self.buf_bytes = 0
+        self.shards: list[Path] = []
+        self.num_docs = self.num_tokens = self.num_bytes = 0
+
+    def add(self, ids: Sequence[int], nbytes: int) -> None:
+        """Append one document's ids (EOS is added here)."""
+        arr = np.empty(len(ids) + 1, dtype=self.dtype)
+        arr[:-1] = ids
+        arr[-1] = self.tok.eos_id
+        if self.buf_tokens and self.buf_tokens + len(arr) > self.shard_tokens:
+            self._flush()
+        while len(arr) > self.shard_tokens:  # an oversized document: full shards of its head
+            self.buf.append(arr[: self.shard_tokens])
+            self.buf_tokens = self.shard_tokens
+            self._flush()
+            arr = arr[self.shard_tokens :]
+        self.buf.append(arr)
+        self.buf_tokens += len(arr)
+        self.buf_docs += 1
+        self.buf_bytes += nbytes
+
+    def _flush(self) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        path = self.out_dir / f"shard_{len(self.shards):05d}.bin"
+        tokens = np.concatenate(self.buf)
+        write_shard(path, tokens, num_docs=self.buf_docs, num_bytes=self.buf_bytes, vocab_size=self.tok.vocab_size,
+                    eos_id=self.tok.eos_id, tokenizer_fingerprint=self.tok.fingerprint, source=self.source)
+        self.shards.append(path)
+        self.num_docs += self.buf_docs
+        self.num_tokens += len(tokens)
+        self.num_bytes += self.buf_bytes
+        self.buf, self.buf_tokens, self.buf_docs, self.buf_bytes = [], 0, 0, 0
+
+    def close(self, root: Path) -> dict[str, Any]:
+        """Write the last shard; return the split summary (shard paths relative to `root`)."""
+        if self.buf:
+            self._flush()
+        return {"num_docs": self.num_docs, "num_tokens": self.num_tokens, "num_bytes": self.num_bytes,
+                "shards": [p.relative_to(root).as_posix() for p in self.shards]}
+
+
+def tokenize_to_shards(docs: Iterable[tuple[str, int, str]], tokenizer: Tokenizer, root: Path, *,
+                       shard_tokens: int, source: str | None = None, total_bytes: int | None = None,
+                       ) -> dict[str, dict[str, Any]]:
+    """Encode (text, utf8_bytes, split) documents in batches into `root/<split>/shard_*.bin`."""
+    from tqdm import tqdm
+
+    writers: dict[str, ShardWriter] = {}
+    batch: list[tuple[str, int, str]] = []
+
+    def encode_batch() -> None:
+        for (_, nbytes, split), ids in zip(batch, tokenizer.encode_batch([b[0] for b in batch])):
+            if split not in writers:
+                writers[split] = ShardWriter(root / split, tokenizer, shard_tokens,
+                                             f"{source} ({split})" if source else split)
+            writers[split].add(ids, nbytes)
+        bar.update(sum(b[1] for b in batch))
+        batch.clear()
+
+    with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing", file=sys.stderr,
+              disable=None, leave=False) as bar:
+        chars = 0
+        for doc in docs:
+            batch.append(doc)
+            chars += len(doc[0])
+            if len(batch) >= _BATCH_DOCS or chars >= _BATCH_CHARS:
+                encode_batch()
+                chars = 0
+        if batch:
+            encode_batch()
+    return {split: w.close(root) for split, w in sorted(writers.items())}
+
+
+def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    """Refuse to replace a non-empty directory unless asked: it may hold the user's data."""
+    if out_dir.exists() and not overwrite and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise UserError(f"Output directory {out_dir} already exists and is not empty. "
+                        "Choose a new --out-dir, or delete the directory first.")
+
+
+@contextmanager
+def atomic_output_dir(out_dir: Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling of `out_dir` to build in; rename it to `out_dir` on success only."""
+    _check_out_dir(out_dir, overwrite)
+    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        old = out_dir.with_name(f"{out_dir.name}.old-{os.getpid()}")
+        if out_dir.exists():
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- entry point
+def prepare_corpus(
+    inputs: Sequence[str],
+    out_dir: str | Path,
+    *,
+    tokenizer: str | None = None,
+    vocab_size: int = 32000,
+    val_fraction: float = 0.01,
+    text_key: str = "text",
+    shard_tokens: int = 100_000_000,
+    seed: int = 0,
+    overwrite: bool = False,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Tokenize local documents into `out_dir` (tokenizer.json, train/, val/, manifest.json).
+
+    Whole documents are held out for validation (`val_fraction` of them, chosen with `seed`;
+    at least one when there are two or more). Without `tokenizer`, a byte-level BPE of
+    `vocab_size` tokens is trained on the training documents only.
+    """
+    out = Path(out_dir)
+    if not 0.0 <= val_fraction < 1.0:
+        raise UserError(f"val_fraction={val_fraction} must be in [0, 1), e.g. 0.01 to hold out 1% of documents.")
+    if shard_tokens < 1:
+        raise UserError(f"shard_tokens={shard_tokens} must be positive (e.g. 100000000).")
+    files = resolve_inputs(inputs)
+    tok = Tokenizer.from_file(tokenizer) if tokenizer is not None else None
+    _check_out_dir(out, overwrite)  # before the (long) scan, not only when the build starts
+    log(f"prepare: scanning {len(files)} input file(s)")
+    stats = ScanStats()
+    for _ in iter_documents(files, text_key, stats):
+        pass
+    if stats.num_docs == 0:
+        raise UserError(f"The inputs ({', '.join(inputs)}) contain no non-empty documents "
+                        f"({stats.num_empty} empty ones skipped). Check the files and --text-key.")
+    if stats.num_invalid_utf8:
+        log(f"prepare: replaced {stats.num_invalid_utf8} invalid UTF-8 sequence(s) with U+FFFD")
+    n = stats.num_docs
+    n_val = 0 if n < 2 or val_fraction == 0 else min(n - 1, max(1, round(n * val_fraction)))
+    is_val = np.zeros(n, dtype=bool)
+    is_val[np.random.default_rng(seed).choice(n, size=n_val, replace=False)] = True
+    log(f"prepare: {n} documents, {stats.num_bytes / 1e6:.1f} MB ({stats.num_empty} empty skipped); "
+        f"{n_val} held out for validation (seed {seed})")
+
+    def split_docs() -> Iterator[tuple[str, int, str]]:
+        for i, (text, nbytes) in enumerate(iter_documents(files, text_key)):
+            yield text, nbytes, "val" if is_val[i] else "train"
+
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        if tok is None:
+            log(f"prepare: training byte-level BPE tokenizer (vocab {vocab_size}) on {n - n_val} train documents")
+            tok = Tokenizer.train_bpe_from_iterator(
+                (text for text, _, split in split_docs() if split == "train"), vocab_size)
+        tok.save(tmp / "tokenizer.json")
+        log(f"prepare: tokenizer vocab {tok.vocab_size}, eos {tok.eos_id}, fingerprint {tok.fingerprint}")
+        splits = tokenize_to_shards(split_docs(), tok, tmp, shard_tokens=shard_tokens, total_bytes=stats.num_bytes,
+                                    source="bigtrain data prepare")
+        splits.setdefault("val", {"num_docs": 0, "num_tokens": 0, "num_bytes": 0, "shards": []})
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "format_version": 1,
+            "created_by": f"bigtrain {bigtrain_version()}",
+            "tokenizer": {"file": "tokenizer.json", "vocab_size": tok.vocab_size, "eos_id": tok.eos_id,
+                          "bos_id": tok.bos_id, "fingerprint": tok.fingerprint,
+                          "source": str(tokenizer) if tokenizer else f"trained byte-level BPE (vocab {vocab_size})"},
+            "splits": splits,
+            "inputs": [str(i) for i in inputs],
+            "num_input_files": len(files),
+            "text_key": text_key,
+            "val_fraction": val_fraction,
+            "seed": seed,
+            "shard_tokens": shard_tokens,
+            "num_empty_docs_skipped": stats.num_empty,
+            "num_invalid_utf8": stats.num_invalid_utf8,
+        }
+        write_manifest(tmp, manifest)
+    for split, info in splits.items():
+        log(f"prepare: {split}: {info['num_docs']} docs, {info['num_tokens']:,} tokens "
+            f"in {len(info['shards'])} shard(s)")
+    log(f"prepare: done -> {out}")
+    return out

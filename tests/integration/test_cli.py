@@ -1,0 +1,156 @@
+"""The CLI end to end on the demo corpus: train, resume exactly, generate, config show, bad input."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, run_cli
+
+# A short, cheap version of the demo run.
+QUICK = ["train.max_steps=6", "train.global_batch_tokens=2048", "train.micro_batch_size=4",
+         "train.lr_warmup_steps=2", "eval.every_steps=3", "eval.max_batches=2", "log.every_steps=2",
+         "log.sample_tokens=12", "run.num_threads=2"]
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_user_error(proc, *needles: str) -> None:
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    for needle in needles:
+        assert needle in proc.stderr, proc.stderr
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory: pytest.TempPathFactory, demo_data: Path) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("run") / "debug"
+    proc = run_cli("train", "configs/debug.yaml", f"run.out_dir={out}", "checkpoint.every_steps=3",
+                   "checkpoint.keep_last=5", *QUICK)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return out, proc.stdout
+
+
+def test_train_writes_run_folder(trained_run: tuple[Path, str]) -> None:
+    out, stdout = trained_run
+    assert (out / "config.yaml").is_file()
+    records = read_metrics(out)
+    train = [r for r in records if r["kind"] == "train"]
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r["step"] for r in train] == [1, 2, 4, 6]
+    for r in train:
+        assert {"step", "loss", "lr", "grad_norm", "tokens_per_s"} <= r.keys()
+        assert r["loss"] > 0 and r["tokens_per_s"] > 0
+    assert [r["step"] for r in evals] == [3, 6]
+    assert all(0 < r["val_bpb"] < 10 and r["val_loss"] > 0 for r in evals)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step_000003", "step_000006"]
+    # The console shows the log line fields, the evaluation and a sample.
+    assert "tok/s" in stdout and "mfu n/a" in stdout and "val_bpb" in stdout and "sample:" in stdout
+
+
+def test_resume_continues_exactly(trained_run: tuple[Path, str], tmp_path: Path) -> None:
+    out, _ = trained_run
+    resumed = tmp_path / "resumed"
+    shutil.copytree(out, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_000006")
+    (resumed / "checkpoints" / "latest").write_text("step_000003\n")
+    (resumed / "metrics.jsonl").write_text("")
+    proc = run_cli("train", "configs/debug.yaml", f"run.out_dir={resumed}", "checkpoint.every_steps=3",
+                   "checkpoint.keep_last=5", "checkpoint.resume=auto", *QUICK)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "resumed from" in proc.stdout
+    original = {r["step"]: r["loss"] for r in read_metrics(out) if r["kind"] == "train"}
+    again = {r["step"]: r["loss"] for r in read_metrics(resumed) if r["kind"] == "train"}
+    assert sorted(again) == [4, 6]
+    for step in again:
+        assert again[step] == original[step], step  # bit-identical: weights, optimizer, data, RNG restored
+
+
+def test_generate_from_run(trained_run: tuple[Path, str]) -> None:
+    out, _ = trained_run
+    proc = run_cli("generate", str(out), "--prompt", "ROMEO:", "--max-new-tokens", "10", "--num-samples", "2")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("ROMEO:") == 2 and "--- sample 2" in proc.stdout
+
+
+def test_python_m_and_config_show() -> None:
+    proc = run_cli("config", "show", "configs/debug.yaml", "train.lr=0.01")
+    assert proc.returncode == 0, proc.stderr
+    assert "lr: 0.01" in proc.stdout and "preset: debug" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "args,needles",
+    [
+        (["train", "configs/nope.yaml"], ["does not exist"]),
+        (["train", "configs/debug.yaml", "train.lrr=1"], ["train.lrr", "Did you mean 'train.lr'"]),
+        (["train", "configs/debug.yaml", "model.preset=llama9"], ["unknown model preset"]),
+        (["train", "configs/debug.yaml", "model.dim=100"], ["model.dim", "num_heads"]),
+        (["config", "show", "configs/debug.yaml", "data.seq_len=abc"], ["data.seq_len", "integer"]),
+        (["generate", "/nonexistent/run"], ["does not exist"]),
+        (["data", "prepare", "/nonexistent/*.txt", "--out-dir", "/tmp/bigtrain-never"], ["/nonexistent"]),
+    ],
+)
+def test_bad_input_exit_2(args: list[str], needles: list[str]) -> None:
+    assert_user_error(run_cli(*args), *needles)
+
+
+def test_malformed_config(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {dim: [1, 2\n")
+    assert_user_error(run_cli("train", str(bad)), "not valid YAML")
+
+
+def test_missing_corpus_leaves_nothing_behind(tmp_path: Path, demo_data: Path) -> None:
+    out = tmp_path / "run"
+    proc = run_cli("train", "configs/debug.yaml", f"run.out_dir={out}", f"data.train_path={tmp_path}/missing")
+    assert_user_error(proc, "missing")
+    assert not out.exists()
+
+
+def test_empty_corpus_is_rejected(tmp_path: Path) -> None:
+    (tmp_path / "empty.txt").write_text("")
+    proc = run_cli("data", "prepare", str(tmp_path / "empty.txt"), "--out-dir", str(tmp_path / "out"))
+    assert_user_error(proc)
+    assert not (tmp_path / "out").exists()
+
+
+def test_tokenizer_larger_than_model_vocab(tmp_path: Path, demo_data: Path) -> None:
+    out = tmp_path / "run"
+    proc = run_cli("train", "configs/debug.yaml", f"run.out_dir={out}", "model.vocab_size=1024")
+    assert_user_error(proc, "model.vocab_size", "4096")
+    assert not out.exists()
+
+
+def test_unwritable_run_folder(tmp_path: Path, demo_data: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    proc = run_cli("train", "configs/debug.yaml", f"run.out_dir={blocker}/run")
+    assert_user_error(proc, "run.out_dir")
+
+
+def test_tokenizer_from_other_corpus_is_rejected(tmp_path: Path, demo_data: Path) -> None:
+    from bigtrain.data.tokenizer import Tokenizer
+
+    other = tmp_path / "tok.json"
+    Tokenizer.byte_level().save(other)
+    proc = run_cli("train", "configs/debug.yaml", f"run.out_dir={tmp_path}/run", f"data.tokenizer={other}")
+    assert_user_error(proc, "tokenizer")
+
+
+def test_unknown_verb_is_usage_error() -> None:
+    assert run_cli("trian").returncode == 2
+
+
+def test_import_does_not_pull_heavy_optional_modules() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, bigtrain, bigtrain.cli, bigtrain.config, bigtrain.model, bigtrain.train.trainer; "
+            "bad = [m for m in ('deepspeed', 'wandb', 'datasets', 'triton') if m in sys.modules]; print(bad)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert proc.stdout.strip() == "[]", proc.stdout + proc.stderr
