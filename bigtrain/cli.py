@@ -33,6 +33,13 @@ def _cmd_config_show(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_config_docs(args: argparse.Namespace) -> int:
+    from bigtrain.config import reference_markdown
+
+    print(reference_markdown(), end="")
+    return EXIT_OK
+
+
 def _cmd_data_demo(args: argparse.Namespace) -> int:
     from bigtrain.data.demo import prepare_demo
 
@@ -79,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("config")
     q.add_argument("overrides", nargs="*")
     q.set_defaults(func=_cmd_config_show)
+    q = cfg_verbs.add_parser("docs", help="print the configuration reference (markdown)")
+    q.set_defaults(func=_cmd_config_docs)
 
     p = verbs.add_parser("data", help="prepare training data")
     data_verbs = p.add_subparsers(dest="data_verb", metavar="ACTION", required=True)

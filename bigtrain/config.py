@@ -114,3 +114,38 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RunCo
 def config_from_dict(data: dict[str, Any]) -> RunConfig:
     """Rebuild a RunConfig from its plain-data form (e.g. a run folder's config.yaml)."""
     return parse_section(RunConfig, data, "")
+
+
+def reference_markdown() -> str:
+    """The configuration reference (docs/configuration.md), generated from the field docs."""
+    import dataclasses
+    import typing
+
+    from bigtrain.model.config import PRESETS
+    from bigtrain.sections import _type_name
+
+    lines = [
+        "# Configuration reference",
+        "",
+        "Generated from the config dataclasses by `bigtrain config docs > docs/configuration.md`;",
+        "a test fails when this file is stale. Every key can be set in the YAML file or overridden on",
+        "the command line as `section.key=value` (values are parsed as YAML).",
+        "",
+    ]
+    for top in dataclasses.fields(RunConfig):
+        section_cls = typing.get_type_hints(RunConfig)[top.name]
+        default = getattr(RunConfig(), top.name)
+        lines += [f"## `{top.name}`", "", (section_cls.__doc__ or "").strip(), "",
+                  "| key | type | default | meaning |", "|---|---|---|---|"]
+        hints = typing.get_type_hints(section_cls)
+        for f in dataclasses.fields(section_cls):
+            value = getattr(default, f.name)
+            shown = "null" if value is None else repr(value) if isinstance(value, str) else str(value).lower() if isinstance(value, bool) else value
+            doc = f.metadata.get("doc", "").replace("|", "\\|")
+            lines.append(f"| `{top.name}.{f.name}` | {_type_name(hints[f.name]).replace('|', 'or')} | `{shown}` | {doc} |")
+        lines.append("")
+    lines += ["## Model presets (`model.preset`)", "", "| preset | " + " | ".join(next(iter(PRESETS.values()))) + " |",
+              "|---" * (1 + len(next(iter(PRESETS.values())))) + "|"]
+    for name, values in PRESETS.items():
+        lines.append(f"| `{name}` | " + " | ".join(str(v) for v in values.values()) + " |")
+    return "\n".join(lines) + "\n"

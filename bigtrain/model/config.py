@@ -9,7 +9,7 @@ from bigtrain.sections import ConfigError, Section, doc_field
 
 # Named sizes. A config selects one with ``model.preset`` and may override any field.
 PRESETS: dict[str, dict[str, Any]] = {
-    # ~3M parameters: trains on a laptop CPU in minutes (the `make train` demo).
+    # ~4.3M parameters: trains on a laptop CPU in minutes (the `make train` demo).
     "debug": dict(vocab_size=4096, dim=256, num_layers=4, num_heads=4, num_kv_heads=4,
                   ffn_hidden_dim=0, max_seq_len=256, tie_embeddings=True, rope_theta=10000.0),
     # GPT-2 small shape with Llama-style blocks; SwiGLU hidden = 8/3 dim keeps the parameter count.

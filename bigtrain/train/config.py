@@ -51,10 +51,11 @@ class EvalConfig(Section):
     every_steps: int = doc_field(200, "Evaluate every N optimizer steps (0 = only at the end).")
     max_batches: int = doc_field(20, "Micro-batches per evaluation (0 = the whole validation split).")
     at_end: bool = doc_field(True, "Also evaluate after the last step.")
+    final_max_batches: int = doc_field(0, "Micro-batches for the evaluation after the last step (0 = the whole validation split).")
 
     def validate(self, path: str) -> None:
-        if self.every_steps < 0 or self.max_batches < 0:
-            raise ConfigError(f"{path}: every_steps and max_batches must be >= 0.")
+        if self.every_steps < 0 or self.max_batches < 0 or self.final_max_batches < 0:
+            raise ConfigError(f"{path}: every_steps, max_batches and final_max_batches must be >= 0.")
 
 
 @dataclass(frozen=True)

@@ -173,8 +173,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float] | None:
-        """Mean loss and bits-per-byte on the validation split."""
+    def evaluate(self, max_batches: int | None = None) -> dict[str, float] | None:
+        """Mean loss and bits-per-byte on the validation split (``max_batches`` defaults to eval.max_batches)."""
         if self.val_stream is None:
             return None
         t0 = time.perf_counter()
@@ -184,7 +184,7 @@ class Trainer:
         nbytes = torch.zeros((), dtype=torch.float64, device=self.info.device)
         for batch in eval_batches(self.val_stream, seq_len=self.cfg.data.seq_len,
                                   micro_batch_size=self.cfg.train.micro_batch_size,
-                                  max_batches=self.cfg.eval.max_batches,
+                                  max_batches=self.cfg.eval.max_batches if max_batches is None else max_batches,
                                   rank=self.info.rank, world_size=self.info.world_size):
             inputs = batch.inputs.to(self.info.device)
             targets = batch.targets.to(self.info.device)
@@ -242,7 +242,7 @@ class Trainer:
                 t_window = time.perf_counter()
         train_time = time.perf_counter() - t_start
         if cfg.eval.at_end:
-            last_eval = self.evaluate() or last_eval
+            last_eval = self.evaluate(cfg.eval.final_max_batches) or last_eval
         if cfg.checkpoint.at_end:
             self.save_checkpoint()
         if cfg.log.sample_at_end and self.info.is_main and cfg.log.sample_tokens:

@@ -113,3 +113,10 @@ def test_batch_layout_derives_accumulation() -> None:
     assert cfg.batch_layout(2) == (32, 4)
     with pytest.raises(ConfigError):
         cfg.batch_layout(3)
+
+
+def test_committed_config_reference_is_fresh() -> None:
+    from bigtrain.config import reference_markdown
+
+    committed = (REPO / "docs" / "configuration.md").read_text()
+    assert committed == reference_markdown(), "run: bigtrain config docs > docs/configuration.md"
