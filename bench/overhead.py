@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import io
+import os
 import platform
 import statistics
 import subprocess
@@ -63,6 +64,17 @@ def bigtrain_loop(config: str, steps: int) -> float:
     return summary["train_time_s"] / steps
 
 
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (platform.processor() is empty on Linux)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/debug.yaml")
@@ -84,7 +96,7 @@ def main() -> None:
     out = io.StringIO()
     out.write(f"# Trainer overhead ({args.config})\n\n")
     out.write(f"- date: {dt.date.today()}  commit: {commit}\n")
-    out.write(f"- device: CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}\n")
+    out.write(f"- device: CPU {cpu_name()} ({os.cpu_count()} cores), {torch.get_num_threads()} threads, torch {torch.__version__}\n")
     out.write(f"- {args.steps} steps x {args.repeats} alternating repeats, {cfg.train.global_batch_tokens} tokens/step, median shown\n\n")
     out.write("| loop | ms/step | tokens/s | ratio vs plain |\n|---|---:|---:|---:|\n")
     for name, v in (("plain PyTorch", p), ("bigtrain Trainer", b)):
