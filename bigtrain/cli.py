@@ -14,15 +14,21 @@ from bigtrain.errors import EXIT_OK, EXIT_USER_ERROR, UserError
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from bigtrain.config import load_config
+    from bigtrain.parallel import dist
     from bigtrain.train.trainer import Trainer
 
     cfg = load_config(args.config, args.overrides)
-    summary = Trainer(cfg).fit()
+    try:
+        trainer = Trainer(cfg)
+        summary = trainer.fit()
+    finally:
+        dist.destroy_process_group()
+    if not trainer.info.is_main:
+        return EXIT_OK
+    line = f"done: {summary['step']} steps, {summary['tokens']:,} tokens in {summary['train_time_s']:.0f}s"
     if "val_bpb" in summary:
-        print(f"done: {summary['step']} steps, {summary['tokens']:,} tokens in {summary['train_time_s']:.0f}s; "
-              f"val_loss {summary['val_loss']:.4f}, val_bpb {summary['val_bpb']:.4f}")
-    else:
-        print(f"done: {summary['step']} steps, {summary['tokens']:,} tokens in {summary['train_time_s']:.0f}s")
+        line += f"; val_loss {summary['val_loss']:.4f}, val_bpb {summary['val_bpb']:.4f}"
+    print(line)
     return EXIT_OK
 
 

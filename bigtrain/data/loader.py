@@ -134,6 +134,7 @@ def eval_batches(stream: TokenStream, *, seq_len: int, micro_batch_size: int, ma
     total = num_windows // micro_batch_size
     if max_batches:
         total = min(total, max_batches)
+    total -= total % world_size  # every rank runs the same number of forwards (sharded models need it)
     picked = total * micro_batch_size
     windows = [i * num_windows // picked for i in range(picked)] if picked else []
     for b in range(rank, total, world_size):

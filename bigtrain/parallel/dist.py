@@ -49,3 +49,31 @@ def init(requested_device: str = "auto") -> DistInfo:
 
 def is_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
+
+
+def resolve_backend(requested: str, device: torch.device) -> str:
+    """auto → nccl for CUDA devices, gloo for CPU; nccl on a CPU run is a user error."""
+    if requested == "auto":
+        return "nccl" if device.type == "cuda" else "gloo"
+    if requested == "nccl" and device.type != "cuda":
+        from bigtrain.errors import UserError
+
+        raise UserError("parallel.backend=nccl needs CUDA devices; this run is on the CPU. Use parallel.backend=auto or gloo.")
+    return requested
+
+
+def init_process_group(info: DistInfo, backend: str, timeout_s: int) -> None:
+    """Join the default process group of a multi-process launch (torchrun / srun set the env)."""
+    import datetime
+
+    if info.world_size <= 1 or is_initialized():
+        return
+    kwargs = {}
+    if backend == "nccl":
+        kwargs["device_id"] = info.device  # eager NCCL init, bound to this rank's GPU
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+
+
+def destroy_process_group() -> None:
+    if is_initialized():
+        dist.destroy_process_group()

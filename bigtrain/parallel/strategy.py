@@ -56,12 +56,25 @@ class Strategy(ABC):
         """Apply the update and clear gradients."""
 
     def reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
-        """Average a scalar over data-parallel ranks (identity for one process)."""
-        return value
+        """Average a tensor over all ranks (identity for one process). gloo has no AVG, so SUM / world."""
+        if self.info.world_size == 1 or not torch.distributed.is_initialized():
+            return value
+        out = value.detach().clone()
+        torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.SUM)
+        return out / self.info.world_size
+
+    def barrier(self) -> None:
+        """Wait for every rank (no-op for one process)."""
+        if self.info.world_size > 1 and torch.distributed.is_initialized():
+            torch.distributed.barrier()
 
     # -- checkpoint ------------------------------------------------------------------
     @abstractmethod
-    def state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]: ...
+    def state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """{"model": ..., "optimizer": ...}: full (unsharded) states, complete at least on rank 0.
+
+        Called on every rank (gathering may be collective); only rank 0 writes it for now.
+        """
 
     @abstractmethod
     def load_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None: ...
@@ -85,9 +98,16 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
 
 
 def build_strategy(cfg: ParallelConfig, info: DistInfo, precision: str) -> Strategy:
-    """Pick the backend named by ``parallel.strategy``."""
+    """Pick the backend named by ``parallel.strategy`` (each imported only when chosen)."""
     if cfg.strategy == "single":
+        if info.world_size > 1:
+            from bigtrain.errors import UserError
+
+            raise UserError(
+                f"parallel.strategy=single runs one process, but this launch has {info.world_size} processes; "
+                f"use parallel.strategy=ddp, fsdp or zero, or launch one process."
+            )
         from bigtrain.parallel.single import SingleStrategy
 
         return SingleStrategy(info, precision)
-    raise ValueError(f"unknown strategy {cfg.strategy!r}")  # config validation rejects this earlier
+    raise ValueError(f"strategy {cfg.strategy!r} is not available in this build")

@@ -25,6 +25,7 @@ class TrainConfig(Section):
     adam_eps: float = doc_field(1e-8, "AdamW epsilon.")
     grad_clip: float = doc_field(1.0, "Clip the global gradient norm to this value (0 = no clipping).")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = doc_field("auto", "auto = bf16 autocast on GPUs that support it, fp32 on CPU.")
+    compile: bool = doc_field(False, "torch.compile each Transformer block (applied before sharding).")
 
     def validate(self, path: str) -> None:
         for name in ("max_steps", "global_batch_tokens", "micro_batch_size"):

@@ -73,6 +73,8 @@ class Trainer:
         self.run_dir = Path(cfg.run.out_dir)
         self.resume_from = resolve_resume(cfg.checkpoint.resume, self.run_dir)
         self._prepare_run_dir()
+        dist.init_process_group(self.info, dist.resolve_backend(cfg.parallel.backend, self.info.device),
+                                cfg.parallel.timeout_s)
 
         # --- Model: built on meta, placed/sharded/initialized by the strategy.
         self.strategy = build_strategy(cfg.parallel, self.info, cfg.train.precision)
@@ -142,9 +144,14 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> Path:
+        """Gather the state (collective) and write it from rank 0; every rank waits for the commit."""
         t0 = time.perf_counter()
-        path = self.checkpoints.save(self.step, self.state_dict(), config_hash=self.cfg.hash())
-        self.echo(f"saved checkpoint {path} ({time.perf_counter() - t0:.1f}s)")
+        state = self.state_dict()
+        path = self.checkpoints.root / f"step_{self.step:06d}"
+        if self.info.is_main:
+            path = self.checkpoints.save(self.step, state, config_hash=self.cfg.hash())
+            self.echo(f"saved checkpoint {path} ({time.perf_counter() - t0:.1f}s)")
+        self.strategy.barrier()
         return path
 
     # ------------------------------------------------------------------ the step
@@ -245,10 +252,11 @@ class Trainer:
             last_eval = self.evaluate(cfg.eval.final_max_batches) or last_eval
         if cfg.checkpoint.at_end:
             self.save_checkpoint()
-        if cfg.log.sample_at_end and self.info.is_main and cfg.log.sample_tokens:
+        if cfg.log.sample_at_end and cfg.log.sample_tokens:
             self._print_sample()
         for logger in self.loggers:
             logger.close()
+        self.strategy.barrier()
         return {"step": self.step, "tokens": self.tokens_seen, "train_time_s": train_time,
                 "loss": last_train.get("loss"), **(last_eval or {})}
 
@@ -276,10 +284,12 @@ class Trainer:
         )
 
     def _print_sample(self) -> None:
+        """Every rank generates (sharded models need every rank in each forward); rank 0 prints."""
         from bigtrain.generate import generate
 
         text = generate(self.strategy.unwrap(self.model), self.tokenizer, self.cfg.log.sample_prompt,
                         max_new_tokens=self.cfg.log.sample_tokens, temperature=0.8, top_k=50,
                         device=self.info.device, seed=self.cfg.run.seed)
-        self.echo("sample:\n" + self.cfg.log.sample_prompt + text)
+        if self.info.is_main:
+            self.echo("sample:\n" + self.cfg.log.sample_prompt + text)
 
