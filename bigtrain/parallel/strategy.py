@@ -79,6 +79,12 @@ class Strategy(ABC):
     @abstractmethod
     def load_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None: ...
 
+    def held_state_bytes(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
+        """Bytes of parameters, gradients and optimizer state this rank really holds (local shards only)."""
+        from bigtrain.parallel.memory import held_state_bytes
+
+        return held_state_bytes(model, optimizer)
+
     def unwrap(self, model: nn.Module) -> nn.Module:
         """The plain model inside any wrapper (for generation and export)."""
         return model
