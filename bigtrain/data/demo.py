@@ -18,7 +18,7 @@ from pathlib import Path, PurePosixPath
 from typing import Callable, Iterator
 
 from bigtrain.data.prepare import tokenize_to_shards
-from bigtrain.data.shards import MANIFEST, MANIFEST_FORMAT, bigtrain_version, verify_prepared, write_manifest
+from bigtrain.data.shards import MANIFEST, manifest_head, verify_prepared, write_manifest
 from bigtrain.data.tokenizer import Tokenizer
 from bigtrain.errors import UserError
 
@@ -163,12 +163,7 @@ def prepare_demo(out_dir: str | Path = "data/demo", *, vocab_size: int = 4096, f
                                         source=DEMO_PACKAGE)
             splits["train"]["docs"], splits["val"]["docs"] = train, val
             manifest = {
-                "format": MANIFEST_FORMAT,
-                "format_version": 1,
-                "created_by": f"bigtrain {bigtrain_version()}",
-                "tokenizer": {"file": "tokenizer.json", "vocab_size": tok.vocab_size, "eos_id": tok.eos_id,
-                              "bos_id": tok.bos_id, "fingerprint": tok.fingerprint,
-                              "source": f"byte-level BPE trained on the train plays (vocab {vocab_size})"},
+                **manifest_head(tok, f"byte-level BPE trained on the train plays (vocab {vocab_size})"),
                 "splits": splits,
                 "demo": {
                     "package": DEMO_PACKAGE,

@@ -27,7 +27,7 @@ from typing import IO, Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from bigtrain.data.shards import MANIFEST_FORMAT, bigtrain_version, dtype_for_vocab, write_manifest, write_shard
+from bigtrain.data.shards import dtype_for_vocab, manifest_head, write_manifest, write_shard
 from bigtrain.data.tokenizer import Tokenizer
 from bigtrain.errors import UserError
 
@@ -351,12 +351,7 @@ def prepare_corpus(
                                     source="bigtrain data prepare")
         splits.setdefault("val", {"num_docs": 0, "num_tokens": 0, "num_bytes": 0, "shards": []})
         manifest = {
-            "format": MANIFEST_FORMAT,
-            "format_version": 1,
-            "created_by": f"bigtrain {bigtrain_version()}",
-            "tokenizer": {"file": "tokenizer.json", "vocab_size": tok.vocab_size, "eos_id": tok.eos_id,
-                          "bos_id": tok.bos_id, "fingerprint": tok.fingerprint,
-                          "source": str(tokenizer) if tokenizer else f"trained byte-level BPE (vocab {vocab_size})"},
+            **manifest_head(tok, str(tokenizer) if tokenizer else f"trained byte-level BPE (vocab {vocab_size})"),
             "splits": splits,
             "inputs": [str(i) for i in inputs],
             "num_input_files": len(files),

@@ -24,11 +24,14 @@ import os
 import struct
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
 from bigtrain.errors import UserError
+
+if TYPE_CHECKING:
+    from bigtrain.data.tokenizer import Tokenizer
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "bigtrain-data"
@@ -274,6 +277,17 @@ def validate_tokens(shard: Shard, vocab_size: int, chunk: int = 1 << 22) -> None
 
 
 # --------------------------------------------------------------------------- data directories
+def manifest_head(tok: "Tokenizer", tokenizer_source: str) -> dict:
+    """The fields every prepared-data manifest starts with: format and the tokenizer's identity."""
+    return {
+        "format": MANIFEST_FORMAT,
+        "format_version": 1,
+        "created_by": f"bigtrain {bigtrain_version()}",
+        "tokenizer": {"file": "tokenizer.json", "vocab_size": tok.vocab_size, "eos_id": tok.eos_id,
+                      "bos_id": tok.bos_id, "fingerprint": tok.fingerprint, "source": tokenizer_source},
+    }
+
+
 def write_manifest(out_dir: Path, manifest: dict[str, Any]) -> None:
     """Write manifest.json atomically; it is the last file written (its presence = complete)."""
     tmp = out_dir / (MANIFEST + ".tmp")
