@@ -35,7 +35,7 @@ test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow" tests
 
 bench: demo-data
-	$(BIN)/python bench/overhead.py
+	$(BIN)/python bench/overhead.py --out bench/results/overhead-cpu-2core.md
 
 clean:
 	rm -rf $(VENV) runs *.egg-info .pytest_cache
