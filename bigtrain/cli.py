@@ -77,6 +77,24 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from bigtrain.config import load_config
+    from bigtrain.plan import STRATEGIES, format_plan
+
+    if args.world_size < 1:
+        raise UserError(f"--world-size must be >= 1, got {args.world_size}.")
+    if args.gpu_memory_gib <= 0:
+        raise UserError(f"--gpu-memory-gib must be positive, got {args.gpu_memory_gib}.")
+    cfg = load_config(args.config, args.overrides)
+    strategies = list(STRATEGIES) if args.strategy == "all" else [args.strategy]
+    if args.strategy == "single" and args.world_size != 1:
+        raise UserError("--strategy single runs one process; use --world-size 1 or another strategy.")
+    device = args.device or ("cpu" if cfg.run.device == "cpu" else "cuda")
+    print(format_plan(cfg, args.world_size, strategies, device=device, gpu_memory_gib=args.gpu_memory_gib,
+                      source=args.config), end="")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bigtrain", description="Pretrain decoder-only Transformers.")
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
@@ -122,6 +140,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.set_defaults(func=_cmd_generate)
+
+    p = verbs.add_parser("plan", help="per-rank memory of a config for each parallelism backend (nothing is allocated)")
+    p.add_argument("config", help="YAML config, e.g. configs/llama3-8b.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.activation_checkpointing=full")
+    p.add_argument("--world-size", type=int, required=True, help="number of ranks (GPUs) to plan for")
+    p.add_argument("--strategy", default="all", choices=["all", "single", "ddp", "fsdp", "zero1", "zero2", "zero3"],
+                   help="one backend, or all (default; single is shown as the 1-rank reference)")
+    p.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory per GPU to check against (default 80)")
+    p.add_argument("--device", choices=["cuda", "cpu"], default=None,
+                   help="what train.precision=auto resolves on: cuda = bf16, cpu = fp32 (default: run.device, auto = cuda)")
+    p.set_defaults(func=_cmd_plan)
     return parser
 
 

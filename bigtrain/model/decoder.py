@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bigtrain.model.config import ModelConfig
+from bigtrain.model.init import Filler, seeded_filler
 
 
 class RMSNorm(nn.Module):
@@ -120,24 +121,26 @@ class Decoder(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
 
     @torch.no_grad()
-    def init_weights(self, seed: int | None = None) -> None:
-        """(Re)initialize every parameter and buffer in place; works after ``to_empty``."""
-        gen = None
-        if seed is not None:
-            gen = torch.Generator(device=self.tok_embeddings.weight.device).manual_seed(seed)
+    def init_weights(self, seed: int | None = None, fill: Filler | None = None) -> None:
+        """(Re)initialize every parameter and buffer in place; works after ``to_empty``.
+
+        ``fill(param, std, name)`` draws normal weights; the default fills whole tensors from
+        per-(seed, name, block) generators, so a sharding-aware filler reproduces the same weights.
+        """
+        fill = fill or seeded_filler(seed)
         std = self.cfg.init_std
         residual_std = std / math.sqrt(2 * self.cfg.num_layers)
-        nn.init.normal_(self.tok_embeddings.weight, 0.0, std, generator=gen)
-        for block in self.layers.values():
-            for lin in (block.attn.wq, block.attn.wk, block.attn.wv, block.ffn.w1, block.ffn.w3):
-                nn.init.normal_(lin.weight, 0.0, std, generator=gen)
-            for lin in (block.attn.wo, block.ffn.w2):
-                nn.init.normal_(lin.weight, 0.0, residual_std, generator=gen)
+        fill(self.tok_embeddings.weight, std, "tok_embeddings.weight")
+        for i, block in self.layers.items():
+            for mod, lin in (("attn", "wq"), ("attn", "wk"), ("attn", "wv"), ("ffn", "w1"), ("ffn", "w3")):
+                fill(getattr(getattr(block, mod), lin).weight, std, f"layers.{i}.{mod}.{lin}.weight")
+            fill(block.attn.wo.weight, residual_std, f"layers.{i}.attn.wo.weight")
+            fill(block.ffn.w2.weight, residual_std, f"layers.{i}.ffn.w2.weight")
             block.attn_norm.reset_parameters()
             block.ffn_norm.reset_parameters()
         self.norm.reset_parameters()
         if self.output is not None:
-            nn.init.normal_(self.output.weight, 0.0, std, generator=gen)
+            fill(self.output.weight, std, "output.weight")
         cos, sin = rotary_tables(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta, device=self.rope_cos.device)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)

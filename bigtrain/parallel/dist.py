@@ -77,3 +77,20 @@ def init_process_group(info: DistInfo, backend: str, timeout_s: int) -> None:
 def destroy_process_group() -> None:
     if is_initialized():
         dist.destroy_process_group()
+
+
+def ensure_process_group(info: DistInfo, backend: str, timeout_s: int) -> None:
+    """Make sure a process group exists; a one-process run gets a private one-rank group.
+
+    DDP and FSDP2 need a process group even for one process (e.g. FSDP2 CPU offload on one GPU);
+    an in-memory store avoids needing MASTER_ADDR or a free port.
+    """
+    import datetime
+
+    if is_initialized():
+        return
+    if info.world_size > 1:
+        init_process_group(info, backend, timeout_s)
+        return
+    dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=timeout_s))

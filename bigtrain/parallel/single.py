@@ -6,11 +6,22 @@ from typing import Any
 import torch
 from torch import nn
 
+from bigtrain.parallel.apply import parallelize
+from bigtrain.parallel.config import ParallelConfig
+from bigtrain.parallel.dist import DistInfo
+from bigtrain.parallel.grads import clip_grad_norm_
 from bigtrain.parallel.strategy import OptimizerFactory, Strategy
 
 
 class SingleStrategy(Strategy):
+    def __init__(self, info: DistInfo, precision: str, cfg: ParallelConfig | None = None, *,
+                 compile: bool = False) -> None:
+        super().__init__(info, precision)
+        self.cfg = cfg or ParallelConfig()
+        self.compile = compile
+
     def wrap(self, model: nn.Module, make_optimizer: OptimizerFactory, seed: int) -> tuple[nn.Module, torch.optim.Optimizer]:
+        parallelize(model, self.cfg, compile=self.compile)
         model.to_empty(device=self.device)
         model.init_weights(seed)  # type: ignore[operator]
         return model, make_optimizer(model)
@@ -19,11 +30,7 @@ class SingleStrategy(Strategy):
         loss.backward()
 
     def clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor:
-        params = [p for p in model.parameters() if p.grad is not None]
-        if max_norm > 0:
-            return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
-        return torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True) if hasattr(
-            torch.nn.utils, "get_total_norm") else torch.nn.utils.clip_grad_norm_(params, float("inf"))
+        return clip_grad_norm_(model.parameters(), max_norm)
 
     def step(self, optimizer: torch.optim.Optimizer) -> None:
         optimizer.step()

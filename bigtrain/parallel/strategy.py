@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from typing import Any, Callable, ContextManager, Iterator
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator
 
 import torch
 from torch import nn
 
 from bigtrain.parallel.config import ParallelConfig
 from bigtrain.parallel.dist import DistInfo
+
+if TYPE_CHECKING:
+    from bigtrain.train.config import TrainConfig
 
 OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
 
@@ -103,8 +106,13 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def build_strategy(cfg: ParallelConfig, info: DistInfo, precision: str) -> Strategy:
-    """Pick the backend named by ``parallel.strategy`` (each imported only when chosen)."""
+def build_strategy(cfg: ParallelConfig, info: DistInfo, precision: str, *, train: "TrainConfig | None" = None,
+                   accum_steps: int = 1) -> Strategy:
+    """Pick the backend named by ``parallel.strategy`` (each imported only when chosen).
+
+    ``train.compile`` is applied, with activation checkpointing, by :func:`bigtrain.parallel.apply.parallelize`.
+    """
+    compile = bool(train.compile) if train is not None else False
     if cfg.strategy == "single":
         if info.world_size > 1:
             from bigtrain.errors import UserError
@@ -115,5 +123,18 @@ def build_strategy(cfg: ParallelConfig, info: DistInfo, precision: str) -> Strat
             )
         from bigtrain.parallel.single import SingleStrategy
 
-        return SingleStrategy(info, precision)
+        return SingleStrategy(info, precision, cfg, compile=compile)
+    if cfg.strategy == "ddp":
+        from bigtrain.parallel.ddp import DDPStrategy
+
+        return DDPStrategy(info, precision, cfg, compile=compile)
+    if cfg.strategy == "fsdp":
+        from bigtrain.parallel.fsdp import FSDPStrategy
+
+        return FSDPStrategy(info, precision, cfg, compile=compile)
+    if cfg.strategy == "zero":
+        from bigtrain.parallel.zero import ZeroStrategy
+        from bigtrain.train.config import TrainConfig as _TrainConfig
+
+        return ZeroStrategy(info, precision, cfg.zero, train or _TrainConfig(), accum_steps)
     raise ValueError(f"strategy {cfg.strategy!r} is not available in this build")

@@ -77,7 +77,8 @@ class Trainer:
                                 cfg.parallel.timeout_s)
 
         # --- Model: built on meta, placed/sharded/initialized by the strategy.
-        self.strategy = build_strategy(cfg.parallel, self.info, cfg.train.precision)
+        self.strategy = build_strategy(cfg.parallel, self.info, cfg.train.precision,
+                                       train=cfg.train, accum_steps=self.accum_steps)
         t = cfg.train
         self.model, self.optimizer = self.strategy.wrap(
             build_on_meta(cfg.model),

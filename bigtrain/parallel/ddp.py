@@ -1,0 +1,52 @@
+"""DistributedDataParallel: every rank holds the whole model; gradients are all-reduced."""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from bigtrain.parallel import dist
+from bigtrain.parallel.apply import parallelize
+from bigtrain.parallel.config import ParallelConfig
+from bigtrain.parallel.dist import DistInfo
+from bigtrain.parallel.single import SingleStrategy
+from bigtrain.parallel.strategy import OptimizerFactory
+
+
+class DDPStrategy(SingleStrategy):
+    """Replicated model and optimizer; the step math is the single-process one on averaged gradients."""
+
+    def __init__(self, info: DistInfo, precision: str, cfg: ParallelConfig, *, compile: bool = False) -> None:
+        super().__init__(info, precision, cfg, compile=compile)
+
+    def wrap(self, model: nn.Module, make_optimizer: OptimizerFactory, seed: int) -> tuple[nn.Module, torch.optim.Optimizer]:
+        dist.ensure_process_group(self.info, dist.resolve_backend(self.cfg.backend, self.device), self.cfg.timeout_s)
+        parallelize(model, self.cfg, compile=self.compile)
+        model.to_empty(device=self.device)
+        model.init_weights(seed)  # type: ignore[operator]
+        ddp = DistributedDataParallel(
+            model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            broadcast_buffers=False,  # the only buffers (rotary tables) are derived, equal on every rank
+            gradient_as_bucket_view=True,
+        )
+        return ddp, make_optimizer(model)
+
+    @contextlib.contextmanager
+    def no_sync(self, model: nn.Module) -> Iterator[None]:
+        with model.no_sync():  # type: ignore[operator]
+            yield
+
+    def clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor:
+        return super().clip_grad_norm(self.unwrap(model), max_norm)
+
+    def state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        return super().state_dict(self.unwrap(model), optimizer)
+
+    def load_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+        super().load_state_dict(self.unwrap(model), optimizer, state)
+
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        return model.module if isinstance(model, DistributedDataParallel) else model

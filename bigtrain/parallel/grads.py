@@ -1,0 +1,43 @@
+"""The global gradient norm and clipping, the same for every backend (plain or DTensor gradients).
+
+Per-tensor norms are accumulated in fp64: an fp32 norm of a million-element gradient is only
+good to ~1e-5 relative and its error depends on how the tensor is split, so fp32 norms of
+sharded and unsharded gradients would disagree; fp64 makes them agree to ~1e-9.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+
+def _dtensor_type() -> type | None:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch < 2.4
+        try:
+            from torch.distributed._tensor import DTensor  # type: ignore[no-redef]
+        except ImportError:
+            return None
+    return DTensor
+
+
+def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Global L2 norm of the gradients (fp32 scalar, before clipping); clips in place when max_norm > 0.
+
+    Sharded (DTensor) gradients give the norm of the full gradient: partial norms are reduced
+    over the device mesh.
+    """
+    params = [p for p in parameters if p.grad is not None]
+    if not params:
+        return torch.zeros(())
+    grads = [p.grad for p in params]
+    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, 2.0, dtype=torch.float64) for g in grads]))
+    dtensor = _dtensor_type()
+    if dtensor is not None and isinstance(total, dtensor):
+        total = total.full_tensor()
+    total = total.float()
+    if max_norm > 0:
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        torch._foreach_mul_(grads, coef)
+    return total

@@ -1,0 +1,59 @@
+"""Initialization of sharded (DTensor) parameters that reproduces the unsharded weights exactly.
+
+:mod:`bigtrain.model.init` draws each parameter in fixed-size blocks of its flattened full
+tensor; here a rank computes where its local shard sits in that flat tensor and draws only the
+blocks overlapping it. Only dim-0 sharding (what FSDP2 does, possibly uneven) is supported.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from bigtrain.model.init import Filler, normal_range, seeded_filler
+
+
+def local_row_range(param: torch.Tensor) -> tuple[int, int]:
+    """(first row, number of rows) of this rank's shard of a DTensor sharded on dim 0.
+
+    Shard(0) follows ``torch.chunk``: chunks of ceil(rows / n), the last ones shorter or empty.
+    Several Shard(0) mesh dimensions (e.g. nested sharding) split the range one after another.
+    """
+    mesh, placements = param.device_mesh, param.placements  # type: ignore[attr-defined]
+    coordinate = mesh.get_coordinate()
+    start, length = 0, param.shape[0]
+    if coordinate is None:  # this rank is not part of the mesh
+        return 0, 0
+    for mesh_dim, placement in enumerate(placements):
+        if placement.is_replicate():
+            continue
+        if not (placement.is_shard() and placement.dim == 0) or type(placement).__name__ != "Shard":
+            raise NotImplementedError(f"sharded init supports Shard(0) and Replicate placements, got {placement}")
+        chunk = math.ceil(length / mesh.size(mesh_dim))
+        lo = min(coordinate[mesh_dim] * chunk, length)
+        hi = min(lo + chunk, length)
+        start, length = start + lo, hi - lo
+    return start, length
+
+
+def sharded_filler(seed: int) -> Filler:
+    """A filler that accepts DTensor parameters (and plain tensors) and draws only the local shard."""
+    plain = seeded_filler(seed)
+
+    @torch.no_grad()
+    def fill(param: torch.Tensor, std: float, name: str) -> None:
+        try:
+            from torch.distributed.tensor import DTensor
+        except ImportError:  # torch < 2.4
+            from torch.distributed._tensor import DTensor  # type: ignore[no-redef]
+        if not isinstance(param, DTensor):
+            plain(param, std, name)
+            return
+        local = param.to_local()
+        first_row, rows = local_row_range(param)
+        assert rows == (local.shape[0] if local.ndim else 1), (name, rows, tuple(local.shape))
+        row_numel = math.prod(param.shape[1:])
+        values = normal_range(param.numel(), first_row * row_numel, rows * row_numel, std, seed, name, local.device)
+        local.copy_(values.view(local.shape))
+
+    return fill

@@ -1,0 +1,339 @@
+"""DeepSpeed ZeRO stages 0/1/2/3 behind the :class:`Strategy` interface.
+
+This is the only module that imports ``deepspeed`` (lazily, inside :meth:`ZeroStrategy.wrap`).
+Users never write a DeepSpeed JSON: :func:`deepspeed_config` generates it from ``parallel.zero``
+and the ``train`` section, then merges ``parallel.zero.extra`` on top.
+
+How the trainer's loop maps onto the DeepSpeed engine:
+
+* The trainer divides each micro-batch loss by the number of micro-batches itself, so
+  ``engine.backward`` is called with ``scale_wrt_gas=False`` (no second division); DeepSpeed
+  averages gradients over data-parallel ranks, exactly like DDP.
+* The accumulation boundary is set explicitly: ``no_sync`` marks the micro-batches inside it as
+  non-boundary, the last one (outside ``no_sync``) is the boundary, and ``step`` calls
+  ``engine.step()`` once per optimizer step.
+* DeepSpeed clips inside ``engine.step()`` (``gradient_clipping``), but the trainer asks for the
+  norm before ``step``: :meth:`clip_grad_norm` returns a scalar tensor that :meth:`step` fills
+  with ``engine.get_global_grad_norm()`` (the global pre-clip norm); the trainer reads it later.
+* The LR schedule stays bigtrain's: the trainer writes ``group["lr"]`` into the returned
+  optimizer's ``param_groups``, which for ZeRO are the wrapped torch optimizer's own groups.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+from typing import TYPE_CHECKING, Any, Iterator
+
+import torch
+from torch import nn
+
+from bigtrain.parallel.config import ZeroConfig
+from bigtrain.parallel.dist import DistInfo
+from bigtrain.parallel.strategy import OptimizerFactory, Strategy
+
+if TYPE_CHECKING:
+    from bigtrain.train.config import TrainConfig
+
+# DeepSpeed prints progress every ``steps_per_print`` steps; bigtrain's loggers do that already.
+_NEVER = 1 << 30
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """Recursive dict merge; values in ``extra`` win."""
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def deepspeed_config(zero: ZeroConfig, *, compute_dtype: torch.dtype, micro_batch_size: int, accum_steps: int,
+                     world_size: int, grad_clip: float, on_cuda: bool) -> dict[str, Any]:
+    """The DeepSpeed config dict for this run (``zero.extra`` merged last, so it overrides)."""
+    zero_opt: dict[str, Any] = {"stage": zero.stage}
+    if zero.offload_optimizer:
+        zero_opt["offload_optimizer"] = {"device": "cpu", "pin_memory": on_cuda}
+    if zero.offload_params:
+        zero_opt["offload_param"] = {"device": "cpu", "pin_memory": on_cuda}
+    cfg: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": accum_steps,
+        "train_batch_size": micro_batch_size * accum_steps * world_size,
+        "gradient_clipping": grad_clip,
+        "zero_optimization": zero_opt,
+        # bigtrain's own torch AdamW (with its decay / no-decay groups) is the optimizer.
+        "zero_force_ds_cpu_optimizer": False,
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": _NEVER,
+        "wall_clock_breakdown": False,
+    }
+    if compute_dtype == torch.bfloat16:
+        cfg["bf16"] = {"enabled": True}
+    elif compute_dtype == torch.float16:
+        cfg["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
+    return _merge(cfg, zero.extra)
+
+
+def _import_deepspeed() -> Any:
+    """Import deepspeed, selecting its CPU accelerator when no GPU is visible (must precede the import)."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import logging
+
+    import deepspeed  # noqa: PLC0415 - optional heavy dependency, imported only when chosen
+    from deepspeed.utils import logger as ds_logger
+
+    ds_logger.setLevel(logging.WARNING)
+    return deepspeed
+
+
+class ZeroStrategy(Strategy):
+    """Data parallel with DeepSpeed ZeRO: stage 1 shards optimizer state, 2 also gradients, 3 also parameters."""
+
+    def __init__(self, info: DistInfo, precision: str, zero: ZeroConfig, train: "TrainConfig", accum_steps: int) -> None:
+        super().__init__(info, precision)
+        self.zero = zero
+        self.grad_clip = float(train.grad_clip)
+        self.ds_config = deepspeed_config(
+            zero, compute_dtype=self.compute_dtype, micro_batch_size=train.micro_batch_size,
+            accum_steps=accum_steps, world_size=info.world_size, grad_clip=self.grad_clip,
+            on_cuda=info.device.type == "cuda",
+        )
+        self.engine: Any = None
+        self._order: list[nn.Parameter] = []  # parameters in bigtrain's optimizer order (checkpoint indices)
+        self._group_sizes: list[int] = []  # sizes of bigtrain's param groups (decay, no-decay)
+        self._norm: torch.Tensor | None = None
+
+    # -- setup ---------------------------------------------------------------------
+    def _ensure_process_group(self) -> None:
+        """DeepSpeed needs a process group even for one process (torchrun-less ``zero`` debug runs)."""
+        import torch.distributed as tdist
+
+        if not tdist.is_initialized():
+            for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}.items():
+                os.environ.setdefault(key, value)  # DeepSpeed's sanity checks read these
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            tdist.init_process_group(backend, store=tdist.HashStore(), rank=0, world_size=1)
+
+    def wrap(self, model: nn.Module, make_optimizer: OptimizerFactory, seed: int) -> tuple[nn.Module, torch.optim.Optimizer]:
+        deepspeed = _import_deepspeed()
+        self._ensure_process_group()
+        # Every rank materializes and initializes the full model with the same seed (bit-identical
+        # to SingleStrategy), then deepspeed.initialize partitions it. For stage 3 this means one
+        # full fp32 copy per rank during set-up: fine up to models that fit one device, which is
+        # what this first version supports; deepspeed.zero.Init (partition at construction) is
+        # the follow-up for models that do not.
+        model.to_empty(device=self.device)
+        model.init_weights(seed)  # type: ignore[operator]
+        optimizer = make_optimizer(model)
+        self._order = [p for group in optimizer.param_groups for p in group["params"]]
+        self._group_sizes = [len(group["params"]) for group in optimizer.param_groups]
+        if self.info.is_main:
+            print("deepspeed config: " + json.dumps(self.ds_config, separators=(",", ":"), sort_keys=True), flush=True)
+        engine, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config)
+        self.engine = engine
+        engine.set_gradient_accumulation_boundary(True)
+        return engine, ds_optimizer
+
+    @property
+    def _zero_optimizer(self) -> Any | None:
+        """DeepSpeed's ZeRO optimizer wrapper (None at stage 0, where the torch optimizer is used as is)."""
+        return self.engine.optimizer if self.engine.zero_optimization() else None
+
+    def _inner_optimizer(self) -> torch.optim.Optimizer:
+        """The torch AdamW doing the math (on ZeRO's flat fp32 partitions for stages 1-3)."""
+        zopt = self._zero_optimizer
+        return zopt.optimizer if zopt is not None else self.engine.optimizer
+
+    # -- step ----------------------------------------------------------------------
+    @contextlib.contextmanager
+    def no_sync(self, model: nn.Module) -> Iterator[None]:
+        """Micro-batches inside are not the accumulation boundary (no reduction, no step)."""
+        self.engine.set_gradient_accumulation_boundary(False)
+        try:
+            yield
+        finally:
+            self.engine.set_gradient_accumulation_boundary(True)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # The trainer already divided by the number of micro-batches: no second division here.
+        self.engine.backward(loss, scale_wrt_gas=False)
+
+    def clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor:
+        if max_norm != self.grad_clip:
+            raise ValueError(f"ZeroStrategy clips at train.grad_clip={self.grad_clip} (set in the DeepSpeed config); "
+                             f"got max_norm={max_norm}")
+        if self._zero_optimizer is None and not (self.engine.bfloat16_enabled() or self.engine.fp16_enabled()):
+            # Stage 0 in fp32: gradients are already all-reduced at the boundary backward, and
+            # DeepSpeed's fp32 path clips without recording the norm, so compute it here.
+            grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+            self._norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+            return self._norm
+        # Filled in by step(): DeepSpeed computes the global pre-clip norm inside engine.step().
+        self._norm = torch.full((), float("nan"), device=self.device)
+        return self._norm
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        if self._norm is not None and norm is not None:
+            self._norm.fill_(float(norm))
+        self._norm = None
+
+    # -- checkpoint ------------------------------------------------------------------
+    def state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """Full fp32 weights and AdamW state in torch's format, gathered from the partitions (collective)."""
+        if self._zero_optimizer is None:
+            return {"model": self.engine.module.state_dict(), "optimizer": self.engine.optimizer.state_dict()}
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        module = self.engine.module
+        full_model: dict[str, torch.Tensor] = {}
+        for name, p in module.named_parameters():
+            full_model[name] = safe_get_full_fp32_param(p).detach().reshape(p.ds_shape if hasattr(p, "ds_shape") else p.shape).clone()
+        for name, buf in module.state_dict().items():  # persistent buffers (not partitioned by ZeRO)
+            full_model.setdefault(name, buf.detach().clone())
+
+        inner = self._inner_optimizer()
+        sample = next((inner.state[p] for g in inner.param_groups for p in g["params"] if p in inner.state), None)
+        state: dict[int, dict[str, Any]] = {}
+        if sample:  # no state before the first step
+            self._relink_optimizer_state()
+            per_element = [k for k, v in sample.items() if isinstance(v, torch.Tensor) and v.ndim > 0]
+            scalars = {k: (v.detach().clone() if isinstance(v, torch.Tensor) else v)
+                       for k, v in sample.items() if k not in per_element}
+            for idx, p in enumerate(self._order):
+                entry = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in scalars.items()}
+                for key in per_element:
+                    entry[key] = safe_get_full_optimizer_state(p, key).detach().reshape(
+                        p.ds_shape if hasattr(p, "ds_shape") else p.shape).clone()
+                state[idx] = entry
+        groups, start = [], 0
+        for group, n in zip(inner.param_groups, self._group_sizes):
+            groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": list(range(start, start + n))})
+            start += n
+        return {"model": full_model, "optimizer": {"state": state, "param_groups": groups}}
+
+    def load_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+        if self._zero_optimizer is None:
+            self.engine.module.load_state_dict(state["model"])
+            self.engine.optimizer.load_state_dict(state["optimizer"])
+            return
+        import deepspeed
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        module = self.engine.module
+        weights = state["model"]
+        params = list(module.parameters())
+        # The working (possibly bf16, possibly partitioned) weights...
+        gather = (deepspeed.zero.GatheredParameters(params, modifier_rank=0) if self.zero.stage == 3
+                  else contextlib.nullcontext())
+        with gather, torch.no_grad():
+            module.load_state_dict(weights)
+        # ...and the fp32 master partitions the optimizer updates.
+        for name, p in module.named_parameters():
+            if p.requires_grad:
+                safe_set_full_fp32_param(p, weights[name].to(self.device, torch.float32))
+
+        saved = state["optimizer"]["state"]
+        if not saved:
+            return
+        inner = self._inner_optimizer()
+        self._prime_optimizer_state(inner)
+        first = saved[next(iter(saved))]
+        for idx, p in enumerate(self._order):
+            for key, value in saved[idx].items():
+                if isinstance(value, torch.Tensor) and value.ndim > 0:
+                    safe_set_full_optimizer_state(p, value.to(self.device, torch.float32), key)
+        for group in inner.param_groups:
+            for flat in group["params"]:
+                st = inner.state.get(flat)
+                if st is None:
+                    continue
+                for key, value in first.items():
+                    if not (isinstance(value, torch.Tensor) and value.ndim > 0):
+                        st[key] = value.clone().to(st[key].device) if isinstance(value, torch.Tensor) else value
+
+    def _prime_optimizer_state(self, inner: torch.optim.Optimizer) -> None:
+        """Create AdamW's (lazy) state on ZeRO's flat partitions so it can be overwritten.
+
+        One step with zero gradients and lr=0 leaves every weight bit-identical
+        (AdamW: p*(1-0*wd) + 0*m/(sqrt(v)+eps)) and allocates exp_avg / exp_avg_sq.
+        """
+        missing = [p for g in inner.param_groups for p in g["params"] if p.numel() and p not in inner.state]
+        if missing:
+            lrs = [g["lr"] for g in inner.param_groups]
+            for g in inner.param_groups:
+                g["lr"] = 0.0
+            for p in missing:
+                p.grad = torch.zeros_like(p)
+            inner.step()
+            for p in missing:
+                p.grad = None
+            for g, lr in zip(inner.param_groups, lrs):
+                g["lr"] = lr
+        self._relink_optimizer_state()
+
+    def _relink_optimizer_state(self) -> None:
+        """Stages 1/2: (re)create the per-parameter views into AdamW's flat state that safe_*_optimizer_state use.
+
+        DeepSpeed links them once, right after the first param group's first step, when later
+        groups (bigtrain's no-decay group) have no state yet; relinking fixes those views.
+        """
+        zopt = self._zero_optimizer
+        if hasattr(zopt, "_lazy_init_hp_params_optimizer_state"):
+            zopt._hp_optimizer_states_linked = False
+            zopt._lazy_init_hp_params_optimizer_state()
+
+    # -- introspection ---------------------------------------------------------------
+    def held_state_bytes(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
+        """Bytes this rank holds: working params (stage 3: its partitions), grads, fp32 masters + AdamW moments."""
+        from bigtrain.parallel.memory import _count, _optimizer_tensors
+
+        seen: set[tuple[str, int]] = set()
+        module = self.engine.module
+        zopt = self._zero_optimizer
+        params: list[torch.Tensor] = []
+        for p in module.parameters():
+            params.append(p)  # stage 3: an empty placeholder (skipped) unless gathered or persistent
+            if hasattr(p, "ds_tensor"):
+                params.append(p.ds_tensor)
+        n_params = _count(params, seen)
+
+        grads: list[torch.Tensor] = [p.grad for p in module.parameters() if p.grad is not None]
+        if zopt is not None:
+            for attr in ("averaged_gradients", "grad_partitions_flat_buffer", "_DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition"):
+                value = getattr(zopt, attr, None)
+                if isinstance(value, torch.Tensor):
+                    grads.append(value)
+                elif isinstance(value, dict):
+                    for v in value.values():
+                        grads.extend(v if isinstance(v, list) else [v])
+                elif isinstance(value, list):
+                    grads.extend(v for v in value if isinstance(v, torch.Tensor))
+            for flat in self._masters():
+                if flat.grad is not None:
+                    grads.append(flat.grad)
+        n_grads = _count((g for g in grads if isinstance(g, torch.Tensor)), seen)
+
+        inner = self._inner_optimizer()
+        n_optim = _count(list(self._masters()) + list(_optimizer_tensors(inner)), seen)
+        return {"params": n_params, "grads": n_grads, "optimizer": n_optim, "total": n_params + n_grads + n_optim}
+
+    def _masters(self) -> list[torch.Tensor]:
+        """The fp32 master partitions the inner optimizer steps (shared with the params when no copy is needed)."""
+        zopt = self._zero_optimizer
+        if zopt is None:
+            return []
+        for attr in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"):
+            value = getattr(zopt, attr, None)
+            if value:
+                return [t for t in value if isinstance(t, torch.Tensor)]
+        return []
+
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        return self.engine.module

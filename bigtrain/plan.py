@@ -1,0 +1,342 @@
+"""Memory planning: how many bytes each rank needs for a config, per parallelism backend.
+
+    plan = plan_memory(load_config("configs/llama3-8b.yaml"), world_size=64, strategy="fsdp")
+    plan.total / 2**30   # GiB per rank
+
+The model is built on the meta device (no allocation) and its real parameter shapes are
+read, so the numbers follow the code (tied weights, FSDP2's dim-0 padding), not a formula
+of the config. Parameters, gradients and optimizer state are what
+:func:`bigtrain.parallel.memory.held_state_bytes` measures on a real run (the tests hold the
+two within 10% on CPU); communication buffers and activations are estimates.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from bigtrain.config import RunConfig
+from bigtrain.errors import UserError
+from bigtrain.model import ModelConfig, build_on_meta, count_parameters, flops_per_token
+
+# Row order of the table: replicated → most sharded.
+STRATEGIES: tuple[str, ...] = ("single", "ddp", "zero1", "zero2", "zero3", "fsdp")
+LABELS = {"single": "single", "ddp": "ddp", "fsdp": "fsdp", "zero1": "zero-1", "zero2": "zero-2", "zero3": "zero-3"}
+GIB = 2**30
+_DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Bytes one rank needs, by component. ``params + grads + optimizer`` is what a run measures."""
+
+    strategy: str
+    world_size: int
+    shard_size: int  # ranks parameter/grad/optimizer shards are split over (1 = replicated)
+    compute_dtype: str  # dtype of matmuls and activations (fp32 | bf16 | fp16)
+    params: int  # parameters held on the device (local shard for sharded backends)
+    grads: int  # gradients held between backward and the optimizer step
+    optimizer: int  # AdamW moments (2 x fp32) + step counters + DeepSpeed's fp32 master partition
+    buffers: int  # communication buffers: DDP buckets, FSDP/ZeRO-3 gathered (unsharded) layers
+    activations: int  # estimate for one micro-batch (micro_batch_size x seq_len tokens)
+    host: int = 0  # bytes kept in host memory instead (FSDP cpu_offload, ZeRO offload)
+    setup: int = 0  # transient device bytes while the strategy sets up (ZeRO: the whole fp32 model per rank)
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def state(self) -> int:
+        """params + grads + optimizer: the part :func:`held_state_bytes` measures."""
+        return self.params + self.grads + self.optimizer
+
+    @property
+    def total(self) -> int:
+        return self.state + self.buffers + self.activations
+
+    @property
+    def peak(self) -> int:
+        """The larger of the training-step total and the set-up transient."""
+        return max(self.total, self.setup)
+
+    def fits(self, gpu_memory_gib: float) -> bool:
+        return self.peak <= gpu_memory_gib * GIB
+
+    def as_dict(self) -> dict[str, int]:
+        return {"params": self.params, "grads": self.grads, "optimizer": self.optimizer,
+                "buffers": self.buffers, "activations": self.activations, "state": self.state, "total": self.total, "setup": self.setup}
+
+
+# --------------------------------------------------------------------------- model shapes
+
+
+@dataclass(frozen=True)
+class _Shapes:
+    """Parameter shapes of the meta-built model, grouped as FSDP wraps them."""
+
+    all: tuple[tuple[int, ...], ...]  # every distinct parameter (tied counted once)
+    block: tuple[tuple[int, ...], ...]  # one Transformer block's parameters
+    root: tuple[tuple[int, ...], ...]  # the rest: embedding, final norm, output projection
+
+
+@functools.lru_cache(maxsize=8)
+def _shapes(mcfg: ModelConfig) -> _Shapes:
+    model = build_on_meta(mcfg)
+    assert all(p.is_meta for p in model.parameters()), "planning must not allocate parameters"
+    in_blocks: set[int] = set()
+    block: list[tuple[int, ...]] = []
+    for i, blk in enumerate(model.layers.values()):
+        for p in blk.parameters():
+            in_blocks.add(id(p))
+            if i == 0:
+                block.append(tuple(p.shape))
+    every = tuple(tuple(p.shape) for p in model.parameters())
+    root = tuple(tuple(p.shape) for p in model.parameters() if id(p) not in in_blocks)
+    return _Shapes(every, tuple(block), root)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    return math.prod(shape)
+
+
+def _dim0_shard(shape: tuple[int, ...], n: int) -> int:
+    """Elements of the largest FSDP2 shard: dim 0 split in ceil(dim0 / n) rows (FSDP2 pads to it)."""
+    if not shape:
+        return 1
+    return math.ceil(shape[0] / n) * _numel(shape[1:])
+
+
+# --------------------------------------------------------------------------- activations
+
+
+def activation_bytes(cfg: RunConfig, compute_bytes: int, residual_bytes: int = 4) -> int:
+    """Estimated activation memory of one micro-batch (forward saved tensors at the start of backward).
+
+    Per token and block, for this code's Llama block with SDPA (flash / memory-efficient, so no
+    seq x seq score matrix is kept), ``a`` = compute bytes, ``h`` = dim, ``f`` = SwiGLU hidden:
+      2 RMSNorms: fp32 input + fp32 normalized + output in compute dtype = 2 (8 + a) h
+      attention: q, k, v after GQA repeat (saved by SDPA) + SDPA output + wo input = 5 a h
+      SwiGLU: w1 out, w3 out, silu(w1 out), their product = 4 a f
+    plus the final norm and the loss: fp32 log-softmax of the logits + the logits = (4 + a) V per token.
+    Activation checkpointing keeps only each checkpointed block's input (``residual_bytes`` h) and
+    recomputes one block at a time in backward. Not counted: allocator fragmentation, temporary
+    gradient buffers of backward, the CUDA context (~0.5-1 GiB), compile workspaces.
+    """
+    m = cfg.model
+    a, h, f = compute_bytes, m.dim, m.ffn_dim
+    per_block = 2 * (8 + a) * h + 5 * a * h + 4 * a * f
+    blocks = m.num_layers
+    mode = cfg.parallel.activation_checkpointing
+    if mode == "full":
+        ckpt = blocks
+    elif mode == "every_k":
+        ckpt = blocks // cfg.parallel.activation_checkpointing_every  # blocks k, 2k, ... (see parallel.apply)
+    else:
+        ckpt = 0
+    per_token = (blocks - ckpt) * per_block + ckpt * residual_bytes * h
+    if ckpt:
+        per_token += per_block  # the block being recomputed during backward
+    per_token += (8 + a) * h + (4 + a) * m.vocab_size
+    return per_token * cfg.train.micro_batch_size * cfg.data.seq_len
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+def resolve_compute_dtype(precision: str, device: str) -> str:
+    """What ``train.precision`` means on ``device``: auto = bf16 on CUDA GPUs, fp32 on CPU."""
+    if precision != "auto":
+        return precision
+    return "bf16" if device == "cuda" else "fp32"
+
+
+def _normalize(strategy: str, cfg: RunConfig) -> str:
+    if strategy == "zero":
+        stage = cfg.parallel.zero.stage
+        return "ddp" if stage == 0 else f"zero{stage}"
+    if strategy not in STRATEGIES:
+        raise UserError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}, zero or all.")
+    return strategy
+
+
+def plan_memory(cfg: RunConfig, world_size: int, strategy: str, *, device: str | None = None,
+                ddp_bucket_view: bool = True) -> MemoryPlan:
+    """Per-rank bytes for ``cfg`` on ``world_size`` ranks with ``strategy``.
+
+    ``strategy``: single, ddp, fsdp, zero1, zero2, zero3 (or zero = the config's stage).
+    ``ddp_bucket_view``: DDP built with ``gradient_as_bucket_view=True`` (bigtrain's DDPStrategy), so the
+    gradients are the all-reduce buckets; False adds the buckets as a second gradient copy.
+    ``device``: cuda or cpu (default: from run.device, auto = cuda) decides what
+    ``train.precision=auto`` means. Raises UserError for a world size that cannot run the
+    config (also the global batch not splitting over it, via :meth:`RunConfig.batch_layout`).
+    """
+    if world_size < 1:
+        raise UserError(f"world size must be >= 1, got {world_size}.")
+    strategy = _normalize(strategy, cfg)
+    if strategy == "single" and world_size != 1:
+        raise UserError(f"strategy single runs one process; it cannot plan for {world_size} ranks.")
+    cfg.batch_layout(world_size)  # raises ConfigError when the batch does not split
+    device = device or ("cpu" if cfg.run.device == "cpu" else "cuda")
+    compute = resolve_compute_dtype(cfg.train.precision, device)
+    a = _DTYPE_BYTES[compute]
+    shapes = _shapes(cfg.model)
+    n_all = sum(_numel(s) for s in shapes.all)
+    n_block = sum(_numel(s) for s in shapes.block)
+    n_root = sum(_numel(s) for s in shapes.root)
+    n_tensors = len(shapes.all)
+    fp32 = 4
+    notes: list[str] = []
+    host = setup = 0
+    buffers = 0
+    residual = fp32
+
+    if strategy in ("single", "ddp"):
+        shard = 1
+        params = grads = fp32 * n_all  # fp32 master weights; autocast computes in `compute`
+        optimizer = 2 * fp32 * n_all + fp32 * n_tensors  # exp_avg, exp_avg_sq (+ a step scalar each)
+        if strategy == "ddp":
+            if ddp_bucket_view:  # what bigtrain's DDPStrategy uses
+                notes.append("ddp: gradients are views into DDP's all-reduce buckets (gradient_as_bucket_view): no extra copy")
+            else:
+                buffers = grads  # the reducer's buckets hold a second copy of every gradient
+                notes.append("ddp: gradient buckets = one more fp32 gradient copy (gradient_as_bucket_view=False)")
+    elif strategy == "fsdp":
+        fcfg = cfg.parallel.fsdp
+        if world_size % fcfg.replicate_degree:
+            raise UserError(f"parallel.fsdp.replicate_degree={fcfg.replicate_degree} does not divide the world "
+                            f"size {world_size}; HSDP needs world_size = replicate_degree x shard group size.")
+        shard = world_size // fcfg.replicate_degree
+        local = sum(_dim0_shard(s, shard) for s in shapes.all)  # padded dim-0 shards
+        params = grads = fp32 * local  # sharded fp32 params; grads reduce-scattered then kept in fp32
+        optimizer = 2 * fp32 * local + fp32 * n_tensors
+        param_dtype = compute if fcfg.param_dtype == "auto" else fcfg.param_dtype
+        p = _DTYPE_BYTES[param_dtype]
+        residual = p
+        # Gathered (unsharded) params: the root unit (embedding, norm, output) stays gathered through
+        # forward and backward; a block and the prefetched next one; one block's unsharded grads.
+        buffers = p * n_root + 2 * p * n_block + _DTYPE_BYTES[fcfg.reduce_dtype] * n_block if shard > 1 else 0
+        if fcfg.cpu_offload:
+            host, params, grads, optimizer = params + grads + optimizer, 0, 0, 0
+            notes.append("fsdp: cpu_offload keeps sharded params, grads and optimizer state in host memory")
+    else:  # DeepSpeed ZeRO 1/2/3
+        stage = int(strategy[-1])
+        zcfg = cfg.parallel.zero
+        shard = world_size
+        p = a  # DeepSpeed casts the module to the training dtype (bf16/fp16 config), fp32 otherwise
+        residual = p
+        part = math.ceil(n_all / shard)  # flat groups padded to a multiple of the world size
+        if stage == 3:
+            part = sum(math.ceil(_numel(s) / shard) for s in shapes.all)
+            # Parameters under stage3_param_persistence_threshold elements stay whole on every rank
+            # (next to their partition): norm gains on big models, most matrices on tiny ones.
+            zopt = zcfg.extra.get("zero_optimization", {}) if isinstance(zcfg.extra, dict) else {}
+            threshold = int(zopt.get("stage3_param_persistence_threshold", 100_000))
+            persistent = sum(_numel(s) for s in shapes.all if _numel(s) < threshold)
+            params = p * (part + persistent)
+            grads = p * part
+            biggest = max(n_block, max(_numel(s) for s in shapes.all))
+            buffers = 2 * p * biggest if shard > 1 else 0  # gathered current + prefetched module
+        else:
+            params = p * n_all
+            # Stage 1 reduces gradients to partitions only after backward, so full gradients are held at
+            # its end; stage 2 reduce-scatters bucket by bucket during backward.
+            grads = p * (part if stage == 2 else n_all)
+        # DeepSpeed 0.19 clones an fp32 master partition at every stage, even from fp32 weights (stage 3's
+        # "reuse fp32 partitions" check compares a torch.device with a string and never matches).
+        master = fp32 * part
+        optimizer = master + 2 * fp32 * part + fp32 * 2  # moments + a step scalar per flat group
+        # bigtrain's ZeroStrategy materializes the whole fp32 model on every rank, then DeepSpeed partitions it.
+        setup = fp32 * n_all
+        notes.append("zero: set-up materializes the whole fp32 model on every rank before DeepSpeed partitions it "
+                     "(deepspeed.zero.Init is not used yet); 'fits' counts that")
+        if zcfg.offload_optimizer:
+            host, optimizer = optimizer, 0
+            notes.append("zero: offload_optimizer keeps optimizer state and master weights in host memory")
+        if stage == 3 and zcfg.offload_params:
+            host, params = host + params, 0
+            notes.append("zero: offload_params keeps parameter partitions in host memory")
+    return MemoryPlan(strategy=strategy, world_size=world_size, shard_size=shard, compute_dtype=compute,
+                      params=params, grads=grads, optimizer=optimizer, buffers=buffers,
+                      activations=activation_bytes(cfg, a, residual), host=host, setup=setup, notes=tuple(notes))
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _count(n: float) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
+def _gib(n: int) -> str:
+    return f"{n / GIB:.2f}"
+
+
+def format_plan(cfg: RunConfig, world_size: int, strategies: Sequence[str], *, device: str,
+                gpu_memory_gib: float, source: str = "") -> str:
+    """The ``bigtrain plan`` report: header, per-backend table, verdict."""
+    strategies = [_normalize(s, cfg) for s in strategies]
+    seqs, accum = cfg.batch_layout(world_size)
+    rows = [plan_memory(cfg, 1 if s == "single" else world_size, s, device=device) for s in strategies]
+    m, t = cfg.model, cfg.train
+    n = count_parameters(m)
+    compute = rows[0].compute_dtype
+    ckpt = cfg.parallel.activation_checkpointing
+    if ckpt == "every_k":
+        ckpt += f" (every {cfg.parallel.activation_checkpointing_every})"
+    lines = [
+        f"bigtrain plan: {source or cfg.run.name} on {world_size} rank{'s' if world_size > 1 else ''}"
+        f" ({gpu_memory_gib:g} GiB per {'GPU' if device == 'cuda' else 'process'})",
+        f"  model        {_count(n)} params ({m.num_layers} layers, dim {m.dim}, {m.num_heads} heads / {m.kv_heads} kv, "
+        f"ffn {m.ffn_dim}, vocab {m.vocab_size}{', tied' if m.tie_embeddings else ''})",
+        f"  compute      {flops_per_token(m, cfg.data.seq_len) / 1e9:.2f} GFLOP/token at seq_len {cfg.data.seq_len}",
+        f"  batch        {t.global_batch_tokens:,} tokens/step = {seqs} x {cfg.data.seq_len}; micro_batch_size "
+        f"{t.micro_batch_size} x {world_size} ranks -> grad accum {accum}",
+        f"  precision    train.precision={t.precision} -> {compute} compute on {device}"
+        f"{' (assumed: --device cpu for fp32)' if t.precision == 'auto' and device == 'cuda' else ''}; "
+        f"fp32 master weights; AdamW: 2 fp32 moments per parameter",
+        f"  activations  estimate for one micro-batch ({t.micro_batch_size} x {cfg.data.seq_len} tokens), "
+        f"activation_checkpointing={ckpt}",
+        "",
+    ]
+    header = ["backend", "shards", "params", "grads", "optim", "buffers", "activ.", "total GiB", "fits"]
+    table = [header]
+    for r in rows:
+        label = LABELS[r.strategy] + (" (1 rank)" if r.strategy == "single" and world_size != 1 else "")
+        table.append([label, str(r.shard_size), _gib(r.params), _gib(r.grads), _gib(r.optimizer), _gib(r.buffers),
+                      _gib(r.activations), _gib(r.total), "yes" if r.fits(gpu_memory_gib) else "NO"])
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for j, row in enumerate(table):
+        cells = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:-1], widths[1:-1])] + [row[-1].ljust(widths[-1])]
+        lines.append(("  " + "  ".join(cells)).rstrip())
+        if j == 0:
+            lines.append("  " + "  ".join("-" * w for w in widths))
+    lines.append("")
+    lines.append("  per rank, GiB. shards = ranks the state is split over; optim = AdamW moments + step counters"
+                 " (+ DeepSpeed's fp32 master partition);")
+    lines.append("  buffers = DDP gradient buckets / gathered FSDP & ZeRO-3 layers (estimate). Not counted: CUDA context,"
+                 " allocator fragmentation.")
+    for note in sorted({note for r in rows for note in r.notes}):
+        lines.append(f"  note: {note}")
+    for r in rows:
+        if r.setup > r.total:
+            lines.append(f"  note: {LABELS[r.strategy]} needs {_gib(r.setup)} GiB per rank during set-up (more than in training)")
+        if r.host:
+            lines.append(f"  note: {LABELS[r.strategy]} also needs {_gib(r.host)} GiB of host memory per rank (offload)")
+    fits = [LABELS[r.strategy] for r in rows if r.fits(gpu_memory_gib) and r.strategy != "single"]
+    misses = [LABELS[r.strategy] for r in rows if not r.fits(gpu_memory_gib) and r.strategy != "single"]
+    lines.append("")
+    if fits:
+        best = min((r for r in rows if r.fits(gpu_memory_gib) and r.strategy != "single"), key=lambda r: r.peak)
+        lines.append(f"verdict: fits in {gpu_memory_gib:g} GiB on {world_size} ranks with {', '.join(fits)}"
+                     f" (lowest: {LABELS[best.strategy]}, {_gib(best.peak)} GiB/rank)"
+                     + (f"; does not fit with {', '.join(misses)}." if misses else "."))
+    elif misses:
+        best = min(rows, key=lambda r: r.peak)
+        lines.append(f"verdict: does NOT fit in {gpu_memory_gib:g} GiB on {world_size} ranks with any of "
+                     f"{', '.join(misses)} (lowest: {LABELS[best.strategy]}, {_gib(best.peak)} GiB/rank). "
+                     f"Try more ranks, parallel.activation_checkpointing=full, a smaller micro_batch_size or offload.")
+    else:  # only the single reference row was asked for
+        r = rows[0]
+        lines.append(f"verdict: single {'fits' if r.fits(gpu_memory_gib) else 'does NOT fit'} in {gpu_memory_gib:g} GiB "
+                     f"({_gib(r.total)} GiB).")
+    return "\n".join(lines) + "\n"
+
