@@ -5,6 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.bigtrain-installed
+DEV_STAMP := $(VENV)/.bigtrain-dev-installed
 CONFIG ?= configs/debug.yaml
 # Threads for CPU runs; tests pin their own.
 export HF_DATASETS_OFFLINE ?= 1
@@ -12,15 +13,22 @@ export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= disabled
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo-data train test test-fast bench clean
+.PHONY: setup setup-dev demo-data train test test-fast bench clean
 
 setup: $(STAMP)
+setup-dev: $(DEV_STAMP)
 
+# `make train` needs only the product's dependencies; `make test` adds the test tools
+# (Triton's CPU interpreter, transformers, torchao, tensorboard, pytest).
 $(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "bigtrain needs Python >= 3.10, found " + sys.version' 
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e .
 	touch $(STAMP)
+
+$(DEV_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	touch $(DEV_STAMP)
 
 demo-data: setup
 	$(BIN)/bigtrain data demo
@@ -28,10 +36,10 @@ demo-data: setup
 train: demo-data
 	$(BIN)/bigtrain train $(CONFIG)
 
-test: setup
+test: setup-dev
 	$(BIN)/python -m pytest -q tests
 
-test-fast: setup
+test-fast: setup-dev
 	$(BIN)/python -m pytest -q -m "not slow" tests
 
 bench: demo-data

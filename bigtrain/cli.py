@@ -13,16 +13,34 @@ from bigtrain.errors import EXIT_OK, EXIT_USER_ERROR, UserError
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from bigtrain.sections import apply_overrides, load_yaml
+    from bigtrain.train.loggers import early_wandb_check
+
+    # Fail fast (before torch loads) when W&B is set to online without credentials.
+    early_wandb_check(apply_overrides(load_yaml(args.config), args.overrides))
+
     from bigtrain.config import load_config
     from bigtrain.parallel import dist
     from bigtrain.train.trainer import Trainer
+
+    from bigtrain.train.failures import EXIT_NONFINITE, NonFiniteError, report_rank_failure
+    from bigtrain.train.signals import StopRequest
 
     cfg = load_config(args.config, args.overrides)
     try:
         trainer = Trainer(cfg)
         summary = trainer.fit()
+    except NonFiniteError as exc:  # every rank raises it (they see the same global values); one prints
+        if dist.env_world()[0] == 0:
+            print(f"bigtrain: error: {exc}", file=sys.stderr)
+        return EXIT_NONFINITE
+    except Exception as exc:
+        report_rank_failure(exc)  # which rank, where; then the traceback
+        raise
     finally:
         dist.destroy_process_group()
+    if summary.get("stopped_by"):  # SIGUSR1/SIGTERM/SIGINT: checkpoint saved, distinct status (launch/README.md)
+        return StopRequest.exit_status(summary["stopped_by"])
     if not trainer.info.is_main:
         return EXIT_OK
     line = f"done: {summary['step']} steps, {summary['tokens']:,} tokens in {summary['train_time_s']:.0f}s"
@@ -57,7 +75,23 @@ def _cmd_data_prepare(args: argparse.Namespace) -> int:
     from bigtrain.data.prepare import prepare_corpus
 
     prepare_corpus(args.inputs, args.out_dir, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
-                   val_fraction=args.val_fraction, text_key=args.text_key, seed=args.seed)
+                   val_fraction=args.val_fraction, text_key=args.text_key, seed=args.seed,
+                   num_workers=args.num_workers, overwrite=args.overwrite)
+    return EXIT_OK
+
+
+def _cmd_data_inspect(args: argparse.Namespace) -> int:
+    from bigtrain.data.inspect import inspect_path
+
+    inspect_path(args.path, tokenizer=args.tokenizer, sample_tokens=args.sample_tokens, check=args.check)
+    return EXIT_OK
+
+
+def _cmd_data_tokenizer_train(args: argparse.Namespace) -> int:
+    from bigtrain.data.tokenizer import train_tokenizer_files
+
+    tok = train_tokenizer_files(args.files, args.vocab_size, args.out, text_key=args.text_key)
+    print(f"tokenizer: vocab {tok.vocab_size}, eos {tok.eos_id}, fingerprint {tok.fingerprint} -> {args.out}")
     return EXIT_OK
 
 
@@ -95,6 +129,51 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from bigtrain.plot import plot_runs
+
+    out = plot_runs(args.run_dirs, args.output, smooth=args.smooth)
+    print(f"wrote {out}")
+    return EXIT_OK
+
+
+def _cmd_runs(args: argparse.Namespace) -> int:
+    from bigtrain.runs import list_runs
+
+    print(list_runs(args.dir, as_json=args.json), end="")
+    return EXIT_OK
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from bigtrain.checkpoint.export import export_checkpoint
+
+    export_checkpoint(args.checkpoint, args.to, args.out)
+    return EXIT_OK
+
+
+def _cmd_ckpt_ls(args: argparse.Namespace) -> int:
+    from bigtrain.checkpoint.inspect import list_checkpoints
+
+    print(list_checkpoints(args.run_dir), end="")
+    return EXIT_OK
+
+
+def _cmd_ckpt_verify(args: argparse.Namespace) -> int:
+    from bigtrain.checkpoint.inspect import verify_checkpoints
+
+    report, ok = verify_checkpoints(args.checkpoint)
+    print(report, end="")
+    return EXIT_OK if ok else 1
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from bigtrain.doctor import run_doctor
+
+    if args.probe_seconds <= 0:
+        raise UserError(f"--probe-seconds must be positive, got {args.probe_seconds}.")
+    return run_doctor(args.config, args.overrides, probe_s=args.probe_seconds)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bigtrain", description="Pretrain decoder-only Transformers.")
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
@@ -128,7 +207,23 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--val-fraction", type=float, default=0.01, help="fraction of documents held out for validation")
     q.add_argument("--text-key", default="text", help="jsonl field / parquet column holding the text")
     q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--num-workers", type=int, default=0, help="tokenizer processes (0 = one per CPU core)")
+    q.add_argument("--overwrite", action="store_true", help="replace a non-empty --out-dir")
     q.set_defaults(func=_cmd_data_prepare)
+    q = data_verbs.add_parser("inspect", help="token/document counts, per-source stats and a decoded sample")
+    q.add_argument("path", help="prepared data directory, shard file/directory/glob, or a YAML run config")
+    q.add_argument("--tokenizer", default=None, help="tokenizer.json for decoding ('' = byte-level)")
+    q.add_argument("--sample-tokens", type=int, default=64, help="tokens of the decoded sample (0 = none)")
+    q.add_argument("--check", action="store_true", help="also scan every token against the tokenizer")
+    q.set_defaults(func=_cmd_data_inspect)
+    q = data_verbs.add_parser("tokenizer", help="tokenizer tools")
+    tok_verbs = q.add_subparsers(dest="tokenizer_verb", metavar="ACTION", required=True)
+    r = tok_verbs.add_parser("train", help="train a byte-level BPE tokenizer on text/jsonl/parquet files")
+    r.add_argument("files", nargs="+", help="files, directories or globs (jsonl/parquet: field 'text')")
+    r.add_argument("--vocab-size", type=int, required=True, help="vocabulary size, EOS included (>= 257)")
+    r.add_argument("--out", required=True, help="tokenizer.json to write (or a directory)")
+    r.add_argument("--text-key", default="text", help="jsonl field / parquet column holding the text")
+    r.set_defaults(func=_cmd_data_tokenizer_train)
 
     p = verbs.add_parser("generate", help="sample text from a run's latest checkpoint")
     p.add_argument("run_dir", help="run folder (run.out_dir) or checkpoint folder")
@@ -141,6 +236,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.set_defaults(func=_cmd_generate)
 
+    p = verbs.add_parser("export", help="write a checkpoint as a Hugging Face Llama folder or one torch state dict")
+    p.add_argument("checkpoint", help="checkpoint folder (…/checkpoints/step_N) or run folder (its latest checkpoint)")
+    p.add_argument("--to", choices=["hf", "torch"], default="hf",
+                   help="hf: config.json + model.safetensors (+ tokenizer); torch: one .pt state dict (default hf)")
+    p.add_argument("out", help="output folder (hf) or file (torch)")
+    p.set_defaults(func=_cmd_export)
+
+    p = verbs.add_parser("ckpt", help="list and verify checkpoints")
+    ckpt_verbs = p.add_subparsers(dest="ckpt_verb", metavar="ACTION", required=True)
+    q = ckpt_verbs.add_parser("ls", help="checkpoints of a run folder: step, ranks, size, which one resume picks")
+    q.add_argument("run_dir", help="run folder (run.out_dir)")
+    q.set_defaults(func=_cmd_ckpt_ls)
+    q = ckpt_verbs.add_parser("verify", help="check a checkpoint's files against its manifest (sizes, CRC32); exit 1 if corrupt")
+    q.add_argument("checkpoint", help="checkpoint folder, or a run folder to check all of its checkpoints")
+    q.set_defaults(func=_cmd_ckpt_verify)
+
     p = verbs.add_parser("plan", help="per-rank memory of a config for each parallelism backend (nothing is allocated)")
     p.add_argument("config", help="YAML config, e.g. configs/llama3-8b.yaml")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.activation_checkpointing=full")
@@ -151,6 +262,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["cuda", "cpu"], default=None,
                    help="what train.precision=auto resolves on: cuda = bf16, cpu = fp32 (default: run.device, auto = cuda)")
     p.set_defaults(func=_cmd_plan)
+
+    p = verbs.add_parser("doctor", help="check versions, devices, env, matmul and all-reduce speed, and whether a config "
+                                        "fits; run it under the training launcher (e.g. torchrun ... -m bigtrain doctor)")
+    p.add_argument("config", nargs="?", default=None, help="optional YAML config whose memory plan is checked")
+    p.add_argument("overrides", nargs="*", help="dotted overrides for the config")
+    p.add_argument("--probe-seconds", type=float, default=1.0, help="duration of the matmul probe (default 1)")
+    p.set_defaults(func=_cmd_doctor)
+
+    p = verbs.add_parser("plot", help="plot loss, validation, lr, throughput and grad norm of runs (overlaid) to an image")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders (run.out_dir)")
+    p.add_argument("-o", "--output", default="plot.png", help="image to write (.png, .pdf, .svg; default plot.png)")
+    p.add_argument("--smooth", type=float, default=0.8, help="EMA weight for loss and grad-norm trend lines (0 = off)")
+    p.set_defaults(func=_cmd_plot)
+
+    p = verbs.add_parser("runs", help="table of runs: status, step, tokens, last loss/val bpb, checkpoint, wall time")
+    p.add_argument("dir", nargs="?", default="runs", help="folder holding run folders, or one run folder (default runs)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=_cmd_runs)
     return parser
 
 

@@ -82,6 +82,9 @@ class RunConfig(Section):
                 f"{seq}, not divisible by train.micro_batch_size={micro}; make the global batch a multiple of "
                 f"micro_batch_size * seq_len = {micro * seq} tokens."
             )
+        if self.train.on_nonfinite == "skip" and self.parallel.strategy == "zero":
+            raise ConfigError("train.on_nonfinite: skip does not work with parallel.strategy=zero (DeepSpeed computes the "
+                              "gradient norm inside its optimizer step, too late to skip it); use train.on_nonfinite=stop.")
 
     def batch_layout(self, world_size: int) -> tuple[int, int]:
         """(sequences per step across ranks, gradient-accumulation steps) for ``world_size`` ranks."""
@@ -116,13 +119,39 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
     return parse_section(RunConfig, data, "")
 
 
+def _reference_rows(prefix: str, section_cls: type, default: Any) -> list[str]:
+    """Table rows for a section's keys; a nested section (e.g. ``log.wandb``) gets a row of its own
+    and then one row per sub-key (``log.wandb.mode``), so every settable key is listed."""
+    import dataclasses
+    import typing
+
+    from bigtrain.sections import _type_name
+
+    rows = []
+    hints = typing.get_type_hints(section_cls)
+    for f in dataclasses.fields(section_cls):
+        value, tp = getattr(default, f.name), hints[f.name]
+        doc = f.metadata.get("doc", "").replace("|", "\\|")
+        if isinstance(tp, type) and issubclass(tp, Section):
+            rows.append(f"| `{prefix}.{f.name}` | section | | {doc} |")
+            rows += _reference_rows(f"{prefix}.{f.name}", tp, value)
+            continue
+        item = (typing.get_args(tp) or (None,))[0] if typing.get_origin(tp) is list else None
+        if isinstance(item, type) and issubclass(item, Section):  # a list of sub-sections, e.g. data.sources
+            rows.append(f"| `{prefix}.{f.name}` | list of {item.__name__} | `{value}` | {doc} |")
+            rows += _reference_rows(f"{prefix}.{f.name}[]", item, item())
+            continue
+        shown = "null" if value is None else repr(value) if isinstance(value, str) else str(value).lower() if isinstance(value, bool) else value
+        rows.append(f"| `{prefix}.{f.name}` | {_type_name(tp).replace('|', 'or')} | `{shown}` | {doc} |")
+    return rows
+
+
 def reference_markdown() -> str:
     """The configuration reference (docs/configuration.md), generated from the field docs."""
     import dataclasses
     import typing
 
     from bigtrain.model.config import PRESETS
-    from bigtrain.sections import _type_name
 
     lines = [
         "# Configuration reference",
@@ -137,12 +166,7 @@ def reference_markdown() -> str:
         default = getattr(RunConfig(), top.name)
         lines += [f"## `{top.name}`", "", (section_cls.__doc__ or "").strip(), "",
                   "| key | type | default | meaning |", "|---|---|---|---|"]
-        hints = typing.get_type_hints(section_cls)
-        for f in dataclasses.fields(section_cls):
-            value = getattr(default, f.name)
-            shown = "null" if value is None else repr(value) if isinstance(value, str) else str(value).lower() if isinstance(value, bool) else value
-            doc = f.metadata.get("doc", "").replace("|", "\\|")
-            lines.append(f"| `{top.name}.{f.name}` | {_type_name(hints[f.name]).replace('|', 'or')} | `{shown}` | {doc} |")
+        lines += _reference_rows(top.name, section_cls, default)
         lines.append("")
     lines += ["## Model presets (`model.preset`)", "", "| preset | " + " | ".join(next(iter(PRESETS.values()))) + " |",
               "|---" * (1 + len(next(iter(PRESETS.values())))) + "|"]

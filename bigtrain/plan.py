@@ -240,9 +240,10 @@ def plan_memory(cfg: RunConfig, world_size: int, strategy: str, *, device: str |
             # Stage 1 reduces gradients to partitions only after backward, so full gradients are held at
             # its end; stage 2 reduce-scatters bucket by bucket during backward.
             grads = p * (part if stage == 2 else n_all)
-        # DeepSpeed 0.19 clones an fp32 master partition at every stage, even from fp32 weights (stage 3's
-        # "reuse fp32 partitions" check compares a torch.device with a string and never matches).
-        master = fp32 * part
+        # The optimizer steps an fp32 master partition. In bf16/fp16 it is a real extra copy; in an fp32
+        # run (not offloaded) ZeroStrategy makes it share storage with the working partition.
+        shares_master = compute == "fp32" and not zcfg.offload_optimizer and not zcfg.offload_params
+        master = 0 if shares_master else fp32 * part
         optimizer = master + 2 * fp32 * part + fp32 * 2  # moments + a step scalar per flat group
         # bigtrain's ZeroStrategy materializes the whole fp32 model on every rank, then DeepSpeed partitions it.
         setup = fp32 * n_all

@@ -1,41 +1,66 @@
-"""Save, find and load whole-training-state checkpoints in a run folder.
+"""Save, find, verify and load whole-training-state checkpoints of a run folder.
 
-Layout::
+Layout of one checkpoint (every rank writes its own files; nothing is gathered to rank 0)::
 
-    RUN_DIR/checkpoints/step_000123/state.pt       model, optimizer, data, RNG, counters, config
-    RUN_DIR/checkpoints/step_000123/manifest.json  step, config hash, file sizes
-    RUN_DIR/checkpoints/latest                     name of the newest committed checkpoint
+    RUN_DIR/checkpoints/step_000123/
+        manifest.json          step, tokens, world size, backend, config (+hash), every file's size and CRC32
+        dcp/                   model + optimizer: torch.distributed.checkpoint shards   (single, ddp, fsdp)
+        ds/state/              model + optimizer: DeepSpeed's own checkpoint            (zero)
+        rank/rank_00000.pt     per-rank data-pipeline state and RNG states (python, numpy, torch, cuda)
+    RUN_DIR/checkpoints/latest  name of the newest committed checkpoint
 
-Commit is atomic: a checkpoint is written into ``step_000123.tmp/``, fsynced, renamed, and only
-then is ``latest`` replaced; a crash at any moment leaves the previous checkpoint selected.
-(The checkpointing issue replaces ``state.pt`` with per-rank DCP shards behind the same API.)
+Commit protocol (a crash at any point leaves the previous checkpoint intact and selected):
+write everything into ``step_000123.tmp/``; every rank checksums and fsyncs a share of the files;
+rank 0 writes ``manifest.json`` (fsynced), renames the folder to ``step_000123``, and only then
+replaces ``latest``. Resume trusts ``latest`` and what is older: a folder newer than ``latest``
+is a save that crashed before its commit point.
+
+Async saves (``checkpoint.async_save``) pay only the device→host copy into reused host buffers in
+the step loop; DCP writes, checksums and the commit run in one background thread, over a dedicated gloo process group so
+they never interleave with the training collectives. At most one save is in flight: the next
+save, :meth:`CheckpointManager.wait` and the end of ``fit`` wait for it.
 """
 from __future__ import annotations
 
-import json
 import os
 import random
 import shutil
+import signal
+import sys
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
 
+from bigtrain.checkpoint import dcp_io
+from bigtrain.checkpoint.config import CheckpointConfig
+from bigtrain.checkpoint.manifest import (LATEST_FILE, MANIFEST_FILE, Manifest, ManifestError, check_files,
+                                          checksum_files, fsync_dir, list_files, read_manifest, step_dirname,
+                                          step_of, write_manifest)
 from bigtrain.errors import UserError
 
-STATE_FILE = "state.pt"
-MANIFEST_FILE = "manifest.json"
-LATEST_FILE = "latest"
+if TYPE_CHECKING:
+    from bigtrain.parallel.dist import DistInfo
+
+Print = Callable[[str], None]
+RANK_DIR = "rank"
+DCP_DIR = "dcp"
+DS_DIR = "ds"
+# Test hook: "before_manifest", "before_rename" or "before_latest", optionally "@STEP": SIGKILL this
+# process at that point of the commit (tests/distributed/test_resume_kill.py proves recovery).
+KILL_ENV = "BIGTRAIN_CHECKPOINT_KILL_AT"
 
 
-def step_dirname(step: int) -> str:
-    return f"step_{step:06d}"
+def rank_file(rank: int) -> str:
+    return f"{RANK_DIR}/rank_{rank:05d}.pt"
 
 
 def capture_rng() -> dict[str, Any]:
-    """Every RNG that can affect the next step."""
+    """Every RNG that can affect the next step (this process)."""
     state: dict[str, Any] = {
         "python": random.getstate(),
         "numpy": np.random.get_state(),
@@ -54,85 +79,381 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def reseed_rng(seed: int, step: int, rank: int) -> None:
+    """RNG for a rank that did not exist when the checkpoint was saved: a fresh stream per (seed, step, rank)."""
+    mixed = (seed * 1_000_003 + step * 65_537 + rank) % (2**32)
+    random.seed(mixed)
+    np.random.seed(mixed)
+    torch.manual_seed(mixed)
+
+
+def _kill_point(point: str, step: int) -> None:
+    want = os.environ.get(KILL_ENV, "")
+    if not want:
+        return
+    name, _, at = want.partition("@")
+    if name == point and (not at or int(at) == step):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _rank0_print(msg: str) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(msg, file=sys.stderr, flush=True)
+
+
+@dataclass
+class Resumed:
+    """What a resume restored, for the trainer's counters."""
+
+    path: Path
+    step: int
+    tokens_seen: int
+    data_state: dict[str, Any]
 
 
 class CheckpointManager:
-    """Checkpoints of one run folder."""
+    """The checkpoints of one run folder: save (sync or async), retention, selection, verification, load."""
 
-    def __init__(self, run_dir: str | Path, keep_last: int = 2) -> None:
+    def __init__(self, run_dir: str | Path, cfg: CheckpointConfig | None = None, *, info: "DistInfo | None" = None,
+                 echo: Print | None = None, keep_last: int | None = None) -> None:
         self.root = Path(run_dir) / "checkpoints"
-        self.keep_last = keep_last
+        self.cfg = cfg or CheckpointConfig()
+        self.keep_last = keep_last if keep_last is not None else self.cfg.keep_last
+        self.rank = info.rank if info else 0
+        self.world_size = info.world_size if info else 1
+        self.echo = echo or print
+        self._pg: Any = None
+        self._pg_ready = False
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._staging: dict[str, torch.Tensor] = {}  # host buffers reused by every async save
+
+    # ------------------------------------------------------------------ collectives (dedicated group)
+    def _group(self) -> Any | None:
+        """A gloo group of all ranks for checkpoint traffic (None for one process); created on first use, on every rank."""
+        if not self._pg_ready:
+            import torch.distributed as dist
+
+            if self.world_size > 1 and dist.is_available() and dist.is_initialized():
+                self._pg = dist.new_group(backend="gloo")
+            self._pg_ready = True
+        return self._pg
+
+    def _barrier(self) -> None:
+        if self._pg is not None:
+            import torch.distributed as dist
+
+            dist.barrier(group=self._pg)
+
+    def _gather(self, obj: Any) -> list[Any]:
+        """``obj`` of every rank on every rank (world of one: [obj])."""
+        if self._pg is None:
+            return [obj]
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=self._pg)
+        return out
 
     # ------------------------------------------------------------------ save
-    def save(self, step: int, state: dict[str, Any], *, config_hash: str) -> Path:
-        """Atomically write ``state`` as the checkpoint of ``step`` and select it as latest."""
-        self.root.mkdir(parents=True, exist_ok=True)
+    def save(self, step: int, *, strategy: Any, model: Any, optimizer: Any, rank_state: dict[str, Any],
+             tokens_seen: int, config: dict[str, Any], config_hash: str, blocking: bool | None = None) -> Path:
+        """Checkpoint ``step`` on every rank (collective). Returns when the step loop may continue:
+        after the host copy for async DCP saves, after the commit otherwise."""
+        self.wait()  # at most one save in flight; surfaces a failed background save
+        pg = self._group()
         final = self.root / step_dirname(step)
         tmp = self.root / (step_dirname(step) + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        state_path = tmp / STATE_FILE
-        with open(state_path, "wb") as fh:
-            torch.save(state, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        manifest = {
-            "step": step,
-            "config_hash": config_hash,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "files": {STATE_FILE: state_path.stat().st_size},
-        }
-        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
-        _fsync_dir(tmp)
-        if final.exists():  # re-saving the same step (e.g. after a resume) replaces it
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        latest_tmp = self.root / (LATEST_FILE + ".tmp")
-        latest_tmp.write_text(final.name + "\n")
-        os.replace(latest_tmp, self.root / LATEST_FILE)
-        _fsync_dir(self.root)
-        self._prune()
+        if self.rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            (tmp / RANK_DIR).mkdir(parents=True)
+        self._barrier()
+        meta = {"step": step, "tokens_seen": tokens_seen, "config": config, "config_hash": config_hash,
+                "backend": strategy.checkpoint_format, "strategy": str(config.get("parallel", {}).get("strategy", "")),
+                "extra": {}}
+        use_async = self.cfg.async_save if blocking is None else not blocking
+        if strategy.checkpoint_format == "deepspeed":
+            # DeepSpeed writes synchronously (its own files, its own collectives on the training group).
+            meta["extra"] = strategy.save_native(model, optimizer, tmp / DS_DIR)
+            self._finish(tmp, final, rank_state, meta)
+            return final
+        state = strategy.checkpoint_state(model, optimizer)
+        if not use_async:
+            dcp_io.save(state, tmp / DCP_DIR, pg)
+            self._finish(tmp, final, rank_state, meta)
+            return final
+        staged = dcp_io.stage(state, self._staging)  # the only part the step loop waits for
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the non-blocking device-to-host copies have landed
+        rank_state = _host_copy(rank_state)
+        self._thread = threading.Thread(target=self._run_background, args=(tmp, final, rank_state, meta, staged),
+                                        name=f"bigtrain-checkpoint-{step}", daemon=False)
+        self._thread.start()
         return final
 
-    def _prune(self) -> None:
-        for old in self.list()[: -self.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+    def _run_background(self, tmp: Path, final: Path, rank_state: dict[str, Any], meta: dict[str, Any],
+                        staged: dict[str, Any]) -> None:
+        try:
+            dcp_io.save(staged, tmp / DCP_DIR, self._pg)
+            self._finish(tmp, final, rank_state, meta)
+        except BaseException as exc:  # re-raised in the main thread by wait()
+            self._error = exc
 
-    # ------------------------------------------------------------------ find / load
+    def _finish(self, tmp: Path, final: Path, rank_state: dict[str, Any], meta: dict[str, Any]) -> None:
+        """Per-rank files, distributed checksums, then rank 0 commits (manifest → rename → latest → prune)."""
+        rank_path = tmp / rank_file(self.rank)
+        with open(rank_path, "wb") as fh:
+            torch.save(rank_state, fh)
+        self._barrier()  # every rank's files are written
+        names = list_files(tmp)
+        sums = checksum_files(tmp, names[self.rank::self.world_size])  # also fsyncs this rank's share
+        files: dict[str, dict[str, Any]] = {}
+        for part in self._gather(sums):
+            files.update(part)
+        if self.rank == 0:
+            self._commit(tmp, final, files, meta)
+        self._barrier()  # the commit is visible to every rank before its wait() returns
+
+    def _commit(self, tmp: Path, final: Path, files: dict[str, dict[str, Any]], meta: dict[str, Any]) -> None:
+        step = int(meta["step"])
+        _kill_point("before_manifest", step)
+        manifest = Manifest(step=step, tokens_seen=int(meta["tokens_seen"]), world_size=self.world_size,
+                            backend=meta["backend"], strategy=meta["strategy"], config_hash=meta["config_hash"],
+                            config=meta["config"], files=files, created=time.strftime("%Y-%m-%dT%H:%M:%S"),
+                            extra=meta["extra"])
+        for sub in {Path(name).parent for name in files}:
+            fsync_dir(tmp / sub)
+        write_manifest(tmp, manifest)
+        _kill_point("before_rename", step)
+        if final.exists():  # re-saving a step (after resuming from an older checkpoint) replaces it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        fsync_dir(self.root)
+        _kill_point("before_latest", step)
+        latest_tmp = self.root / (LATEST_FILE + ".tmp")
+        with open(latest_tmp, "w") as fh:
+            fh.write(final.name + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(latest_tmp, self.root / LATEST_FILE)
+        fsync_dir(self.root)
+        self.prune(current=step)
+
+    def wait(self) -> None:
+        """Block until the in-flight save (if any) is committed; re-raise its error here."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise RuntimeError(f"the background checkpoint save failed: {error}") from error
+
+    @property
+    def in_flight(self) -> bool:
+        """An async save was started and not yet waited for (it may already have finished)."""
+        return self._thread is not None
+
+    # ------------------------------------------------------------------ retention
+    def prune(self, current: int) -> list[Path]:
+        """Delete committed checkpoints beyond ``keep_last`` that are not ``keep_every_steps`` milestones,
+        and leftovers of crashed saves; never the one just committed. Returns what was deleted."""
+        committed = self.list()
+        keep = {p for p in committed[-self.keep_last:]}
+        every = self.cfg.keep_every_steps
+        deleted = []
+        for path in committed:
+            step = step_of(path)
+            if path in keep or step == current or (every and step is not None and step % every == 0):
+                continue
+            shutil.rmtree(path, ignore_errors=True)
+            deleted.append(path)
+        for stale in self.root.glob("step_*.tmp"):
+            if stale.name != step_dirname(current) + ".tmp":
+                shutil.rmtree(stale, ignore_errors=True)
+        return deleted
+
+    # ------------------------------------------------------------------ find
     def list(self) -> list[Path]:
-        """Committed checkpoints, oldest first."""
+        """Folders that look committed (final name + manifest), oldest first."""
         if not self.root.is_dir():
             return []
-        dirs = [p for p in self.root.iterdir() if p.is_dir() and p.name.startswith("step_")
-                and not p.name.endswith(".tmp") and (p / MANIFEST_FILE).is_file()]
-        return sorted(dirs, key=lambda p: p.name)
+        dirs = [p for p in self.root.iterdir() if p.is_dir() and step_of(p) is not None and (p / MANIFEST_FILE).is_file()]
+        return sorted(dirs, key=lambda p: step_of(p) or 0)
 
-    def latest(self) -> Path | None:
+    def latest_pointer(self) -> Path | None:
         pointer = self.root / LATEST_FILE
-        if pointer.is_file():
-            candidate = self.root / pointer.read_text().strip()
-            if (candidate / MANIFEST_FILE).is_file():
-                return candidate
-        found = self.list()
-        return found[-1] if found else None
+        if not pointer.is_file():
+            return None
+        name = pointer.read_text().strip()
+        return self.root / name if name else None
+
+    def candidates(self) -> list[Path]:
+        """Committed checkpoints a resume may use, newest first: ``latest`` and older ones.
+
+        A folder newer than ``latest`` lost its save before the commit point and is ignored.
+        """
+        pointer = self.latest_pointer()
+        limit = step_of(pointer) if pointer is not None else None
+        dirs = [p for p in self.root.iterdir() if p.is_dir() and step_of(p) is not None] if self.root.is_dir() else []
+        if limit is not None:
+            dirs = [p for p in dirs if (step_of(p) or 0) <= limit]
+        return sorted(dirs, key=lambda p: step_of(p) or 0, reverse=True)
+
+    def latest(self, *, checksums: bool = False, report: Print | None = None) -> Path | None:
+        """Newest candidate whose manifest and files check out (sizes; with ``checksums`` also CRC32)."""
+        for path in self.candidates():
+            manifest, problems = _verify(path, checksums=checksums)
+            if not problems:
+                return path
+            if report:
+                report(f"checkpoint {path} skipped: " + "; ".join(problems))
+        return None
+
+    # ------------------------------------------------------------------ load
+    def verify_distributed(self, path: Path) -> tuple[Manifest | None, list[str]]:
+        """Full check (sizes + CRC32) with the files split over the ranks (collective when distributed)."""
+        try:
+            manifest = read_manifest(path)
+        except ManifestError as exc:
+            return None, [str(exc)]
+        names = sorted(manifest.files)
+        mine = check_files(path, manifest.files, names[self.rank::self.world_size])
+        problems = [p for part in self._gather(mine) for p in part]
+        return manifest, problems
+
+    def load(self, path: Path, *, strategy: Any, model: Any, optimizer: Any, current_config: dict[str, Any],
+             seed: int, auto: bool) -> Resumed | None:
+        """Verify ``path`` (falling back to older checkpoints when ``auto``), check the config, restore
+        model/optimizer/RNG; return the counters and data state (None: nothing usable, start fresh)."""
+        self._group()
+        chain = [path] + ([p for p in self.candidates() if (step_of(p) or 0) < (step_of(path) or 0)] if auto else [])
+        for candidate in chain:
+            manifest, problems = self.verify_distributed(candidate)
+            if not problems and manifest is not None:
+                break
+            message = f"checkpoint {candidate} is corrupt or incomplete: " + "; ".join(problems)
+            if not auto:
+                raise UserError(message + ". Pass another checkpoint to checkpoint.resume (see `bigtrain ckpt ls`).")
+            if self.rank == 0:
+                self.echo(f"warning: {message}; skipping it")
+        else:
+            if self.rank == 0:
+                self.echo("warning: no checkpoint verified; starting from scratch")
+            return None
+        assert manifest is not None
+        check_config(candidate, manifest.config, current_config, echo=self.echo if self.rank == 0 else None)
+        if manifest.backend != strategy.checkpoint_format:
+            raise UserError(
+                f"cannot resume from {candidate}: it was saved by parallel.strategy={manifest.strategy} "
+                f"({manifest.backend} format) and this run uses parallel.strategy={current_config['parallel']['strategy']} "
+                f"({strategy.checkpoint_format} format). Resume with parallel.strategy={manifest.strategy}, or export it "
+                f"(`bigtrain export {candidate} --to hf OUT`) and start a new run with model.init_from=OUT."
+            )
+        if manifest.backend == "deepspeed":
+            strategy.load_native(model, optimizer, candidate / DS_DIR, saved_world_size=manifest.world_size,
+                                 scratch=candidate / "universal")
+        else:
+            template = strategy.checkpoint_state(model, optimizer)
+            dcp_io.load(template, candidate / DCP_DIR, self._pg)
+            strategy.load_checkpoint_state(model, optimizer, template)
+        same_world = manifest.world_size == self.world_size
+        own = candidate / rank_file(self.rank)
+        data_source = own if same_world else candidate / rank_file(0)
+        data_state = torch.load(data_source, map_location="cpu", weights_only=False)["data"]
+        if self.rank < manifest.world_size:
+            restore_rng(torch.load(own, map_location="cpu", weights_only=False)["rng"])
+        else:
+            reseed_rng(seed, manifest.step, self.rank)
+        return Resumed(candidate, manifest.step, manifest.tokens_seen, data_state)
+
+
+def _host_copy(obj: Any) -> Any:
+    """Detach tensors of a small nested state (RNG, data) from anything the step loop may mutate."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _host_copy(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_host_copy(v) for v in obj]
+    return obj
+
+
+def _verify(path: Path, *, checksums: bool) -> tuple[Manifest | None, list[str]]:
+    try:
+        manifest = read_manifest(path)
+    except ManifestError as exc:
+        return None, [str(exc)]
+    return manifest, check_files(path, manifest.files, checksums=checksums)
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        if isinstance(value, dict) and key != "extra":
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _not_architecture() -> set[str]:
+    """Model keys that do not change the weights' meaning (preset name, where the weights came from,
+    kernel choice, ...): a run may resume with other values."""
+    from bigtrain.model import config as model_config
+
+    runtime = getattr(model_config, "RUNTIME_FIELDS", frozenset({"preset"}))
+    return {f"model.{k}" for k in runtime} | {"model.preset", "model.init_from"}
+
+
+# Sections whose changes are allowed on resume, with a warning.
+_WARN_SECTIONS = ("train.", "data.", "optim.")
+
+
+def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """(architecture differences, optimizer/LR/data differences) as 'key: old -> new' lines."""
+    a, b = _flatten(saved), _flatten(current)
+    arch, soft = [], []
+    ignored = _not_architecture()
+    for key in sorted(set(a) | set(b)):
+        if a.get(key) == b.get(key) or key in ignored:
+            continue
+        line = f"{key}: {a.get(key, '<absent>')!r} -> {b.get(key, '<absent>')!r}"
+        if key.startswith("model."):
+            arch.append(line)
+        elif key.startswith(_WARN_SECTIONS):
+            soft.append(line)
+    return arch, soft
+
+
+def check_config(path: Path, saved: dict[str, Any], current: dict[str, Any], echo: Print | None) -> None:
+    """Refuse a changed architecture (listing the keys); warn about changed optimizer/LR/data settings."""
+    arch, soft = config_changes(saved, current)
+    if arch:
+        raise UserError(f"cannot resume from {path}: the model architecture changed:\n  " + "\n  ".join(arch) +
+                        "\nUse the checkpoint's model settings, or start a new run folder "
+                        "(optionally from its weights: `bigtrain export` + model.init_from).")
+    if soft and echo is not None:
+        echo("warning: resuming with changed settings (the new values apply from here on):\n  " + "\n  ".join(soft))
 
 
 def resolve_resume(resume: str, run_dir: Path) -> Path | None:
-    """Turn ``checkpoint.resume`` (auto | never | PATH) into a checkpoint folder or None."""
+    """Turn ``checkpoint.resume`` (auto | never | PATH) into a checkpoint folder or None.
+
+    This is the cheap pass (manifest + file sizes) every rank runs before the process group
+    exists; the trainer's resume then verifies checksums, split over the ranks.
+    """
     if resume == "never":
         return None
     if resume == "auto":
-        return CheckpointManager(run_dir).latest()
+        return CheckpointManager(run_dir).latest(report=_rank0_print)
     path = Path(resume).expanduser()
     if (path / MANIFEST_FILE).is_file():
         return path
-    found = CheckpointManager(path).latest() if path.is_dir() else None
+    if path.is_dir() and step_of(path) is not None:
+        raise UserError(f"checkpoint.resume={resume!r}: {path / MANIFEST_FILE} is missing, so this checkpoint was "
+                        f"never committed (or was damaged). Pass an older checkpoint or the run folder.")
+    found = CheckpointManager(path).latest(report=_rank0_print) if path.is_dir() else None
     if found is None:
         raise UserError(
             f"checkpoint.resume={resume!r}: no checkpoint there. Give a checkpoint folder (…/checkpoints/step_N), "
@@ -141,9 +462,23 @@ def resolve_resume(resume: str, run_dir: Path) -> Path | None:
     return found
 
 
+def load_model_weights(path: Path) -> tuple[dict[str, torch.Tensor], Manifest]:
+    """Full fp32 model weights of any checkpoint (DCP or DeepSpeed), in one CPU process, and its manifest."""
+    try:
+        manifest = read_manifest(path)
+    except ManifestError as exc:
+        raise UserError(f"{exc}; pass a committed checkpoint folder (…/checkpoints/step_N) or a run folder.") from None
+    if manifest.backend == "deepspeed":
+        from bigtrain.parallel.zero import consolidate_zero_checkpoint
+
+        weights = consolidate_zero_checkpoint(path / DS_DIR)
+    else:
+        weights = dcp_io.read_full(path / DCP_DIR, "model")
+    return {k: v.float() if v.is_floating_point() else v for k, v in weights.items()}, manifest
+
+
 def load_state(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint's full state (weights_only=False: it holds RNG states and config dicts we wrote)."""
-    state_path = path / STATE_FILE
-    if not state_path.is_file():
-        raise UserError(f"checkpoint {path} has no {STATE_FILE}; it is incomplete or not a bigtrain checkpoint.")
-    return torch.load(state_path, map_location=map_location, weights_only=False)
+    """{"model": full weights, "config": resolved config} of a checkpoint (for generation)."""
+    weights, manifest = load_model_weights(path)
+    return {"model": {k: v.to(map_location) for k, v in weights.items()}, "config": manifest.config,
+            "trainer": {"step": manifest.step, "tokens_seen": manifest.tokens_seen}}

@@ -1,17 +1,13 @@
-"""Training and validation batches cut from memory-mapped token shards.
+"""Token shards as one stream (:class:`TokenStream`), the :class:`Batch` type, and validation batches.
 
-Order is a pure function of (seed, global sample index): sample ``i`` is window
-``perm_e[i % W]`` of epoch ``e = i // W``, where ``W`` windows of ``seq_len + 1`` tokens
-tile the concatenated shards and ``perm_e`` is a seeded permutation. Optimizer step ``s``
-consumes global samples ``[s*G, (s+1)*G)``; rank ``r`` of ``R`` takes the ``r``-th contiguous
-slice. So the token stream does not depend on the world size, and the whole loader state is
-one integer: the next global sample index.
+Training batches come from :class:`bigtrain.data.pipeline.DataPipeline`, which reads shard
+sources through :class:`TokenStream`; validation uses :func:`eval_batches` on the val shards.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -32,9 +28,14 @@ class TokenStream:
         self.num_tokens = int(self.offsets[-1])
 
     @classmethod
-    def open(cls, path: str, *, vocab_size: int, tokenizer_fingerprint: str | None, what: str) -> "TokenStream":
-        """Open and check every shard under ``path`` (dir, file or glob)."""
-        shards = [Shard(p) for p in list_shards(path)]
+    def open(cls, path: str | Sequence[str], *, vocab_size: int, tokenizer_fingerprint: str | None,
+             what: str) -> "TokenStream":
+        """Open and check every shard under ``path`` (dir, file or glob, or a list of them)."""
+        specs = [path] if isinstance(path, str) else list(path)
+        files: list[Path] = []
+        for spec in specs:
+            files += [f for f in list_shards(spec) if f not in files]
+        shards = [Shard(p) for p in files]
         for shard in shards:
             if tokenizer_fingerprint and shard.tokenizer_fingerprint != tokenizer_fingerprint:
                 raise UserError(
@@ -46,15 +47,19 @@ class TokenStream:
                 validate_tokens(shard, vocab_size)
         stream = cls(shards)
         if stream.num_tokens == 0:
-            raise UserError(f"{what} data at {path!r} holds no tokens; prepare a non-empty corpus.")
+            raise UserError(f"{what} data at {path!r} holds no tokens (empty source); prepare a non-empty corpus.")
         return stream
 
-    def read(self, start: int, length: int) -> np.ndarray:
-        """Tokens [start, start + length) of the concatenated stream (may span shards)."""
-        out = np.empty(length, dtype=np.int64)
-        filled = 0
+    def read(self, start: int, length: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Tokens [start, start + length) of the concatenated stream (may span shards), into ``out`` if given."""
+        if out is None:
+            out = np.empty(length, dtype=np.int64)
         idx = int(np.searchsorted(self.offsets, start, side="right") - 1)
         pos = start - int(self.offsets[idx])
+        if pos + length <= self.shards[idx].num_tokens:  # the common case: one slice, one conversion
+            out[:] = self.shards[idx].tokens[pos: pos + length]
+            return out
+        filled = 0
         while filled < length:
             shard = self.shards[idx]
             take = min(length - filled, shard.num_tokens - pos)
@@ -66,61 +71,17 @@ class TokenStream:
 
 @dataclass
 class Batch:
+    """One micro-batch. The id fields are set only with data.document_ids (else None)."""
+
     inputs: torch.Tensor   # [micro_batch, seq_len] int64
     targets: torch.Tensor  # [micro_batch, seq_len] int64 (inputs shifted by one)
+    doc_ids: torch.Tensor | None = None       # [micro_batch, seq_len] int32: document index within the row
+    position_ids: torch.Tensor | None = None  # [micro_batch, seq_len] int32: position within the document
 
-
-class TrainLoader:
-    """Deterministic, resumable training batches for one rank (Stateful: state_dict/load_state_dict)."""
-
-    def __init__(self, stream: TokenStream, *, seq_len: int, micro_batch_size: int, global_batch_seqs: int,
-                 rank: int, world_size: int, seed: int, shuffle: bool = True) -> None:
-        self.stream, self.seq_len, self.micro = stream, seq_len, micro_batch_size
-        self.global_batch_seqs, self.rank, self.world_size = global_batch_seqs, rank, world_size
-        self.seed, self.shuffle = seed, shuffle
-        self.num_windows = (stream.num_tokens - 1) // seq_len
-        if self.num_windows < 1:
-            raise UserError(
-                f"training data has {stream.num_tokens} tokens, fewer than one sequence of data.seq_len={seq_len} + 1; "
-                f"use more data or a shorter data.seq_len."
-            )
-        self.per_rank = global_batch_seqs // world_size
-        self.next_sample = 0  # global index of the first sample of the next step
-        self._perm_epoch = -1
-        self._perm: np.ndarray | None = None
-
-    @property
-    def epoch(self) -> float:
-        return self.next_sample / self.num_windows
-
-    def _window(self, sample: int) -> int:
-        epoch, i = divmod(sample, self.num_windows)
-        if not self.shuffle:
-            return i
-        if epoch != self._perm_epoch:
-            rng = np.random.default_rng([self.seed, epoch])
-            self._perm, self._perm_epoch = rng.permutation(self.num_windows), epoch
-        assert self._perm is not None
-        return int(self._perm[i])
-
-    def _batch(self, samples: range) -> Batch:
-        rows = [self.stream.read(self._window(s) * self.seq_len, self.seq_len + 1) for s in samples]
-        arr = torch.from_numpy(np.stack(rows))
-        return Batch(arr[:, :-1], arr[:, 1:])
-
-    def next_step(self) -> list[Batch]:
-        """This rank's micro-batches for the next optimizer step."""
-        first = self.next_sample + self.rank * self.per_rank
-        batches = [self._batch(range(first + m, first + m + self.micro)) for m in range(0, self.per_rank, self.micro)]
-        self.next_sample += self.global_batch_seqs
-        return batches
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"next_sample": self.next_sample, "seed": self.seed, "seq_len": self.seq_len,
-                "num_windows": self.num_windows}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.next_sample = int(state["next_sample"])
+    def pin_memory(self) -> "Batch":
+        """A copy in page-locked host memory, so `.to(cuda, non_blocking=True)` overlaps compute."""
+        return Batch(*(t.pin_memory() if t is not None else None
+                       for t in (self.inputs, self.targets, self.doc_ids, self.position_ids)))
 
 
 def eval_batches(stream: TokenStream, *, seq_len: int, micro_batch_size: int, max_batches: int,

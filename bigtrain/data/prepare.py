@@ -8,8 +8,12 @@ bigtrain.data.shards.read_manifest / verify_prepared to check one):
     OUT/val/shard_00000.bin    held-out whole documents
     OUT/manifest.json          what was built from what; written last (its presence = complete)
 
-Everything is built in a sibling temporary directory and renamed into place at the end, so
-an error or a kill never leaves a half-written OUT behind.
+Everything is built in the sibling directory ``OUT.partial`` and renamed to OUT at the end, so
+an error or a kill never leaves a half-written OUT behind. The build is resumable: after every
+completed shard, ``OUT.partial/progress.json`` records what is done, and running the same
+command again (same inputs and options) continues from there instead of starting over.
+Tokenization runs in ``num_workers`` processes (batched `tokenizers` calls), with a progress
+bar (bytes, rate, ETA) on a terminal.
 """
 from __future__ import annotations
 
@@ -20,7 +24,6 @@ import os
 import re
 import shutil
 import sys
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Callable, Iterable, Iterator, Sequence
@@ -28,7 +31,7 @@ from typing import IO, Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from bigtrain.data.shards import dtype_for_vocab, manifest_head, write_manifest, write_shard
-from bigtrain.data.tokenizer import Tokenizer
+from bigtrain.data.tokenizer import MIN_BPE_VOCAB, Tokenizer
 from bigtrain.errors import UserError
 
 SUFFIXES = (".txt", ".jsonl", ".json", ".parquet", ".txt.gz", ".jsonl.gz", ".json.gz")
@@ -190,13 +193,29 @@ class ShardWriter:
     num_docs/num_bytes count the documents that *end* in it.
     """
 
-    def __init__(self, out_dir: Path, tokenizer: Tokenizer, shard_tokens: int, source: str | None):
+    def __init__(self, out_dir: Path, tokenizer: Tokenizer, shard_tokens: int, source: str | None,
+                 on_flush: Callable[[], None] | None = None):
         self.out_dir, self.tok, self.shard_tokens, self.source = out_dir, tokenizer, shard_tokens, source
+        self.on_flush = on_flush
         self.dtype = np.dtype(dtype_for_vocab(tokenizer.vocab_size))
         self.buf: list[np.ndarray] = []
         self.buf_tokens = self.buf_docs = self.buf_bytes = 0
         self.shards: list[Path] = []
         self.num_docs = self.num_tokens = self.num_bytes = 0
+        self.docs_added = 0  # documents given to add(), in order
+        self.saved: dict[str, Any] = self.progress()  # state at the last flush on a document boundary
+
+    def progress(self) -> dict[str, Any]:
+        """Resumable state; valid only while the buffer is empty (right after a flush at a document boundary)."""
+        return {"docs": self.docs_added, "num_docs": self.num_docs, "num_tokens": self.num_tokens,
+                "num_bytes": self.num_bytes, "shards": [p.name for p in self.shards]}
+
+    def restore(self, saved: dict[str, Any]) -> None:
+        """Continue after the state recorded by :meth:`progress` (its shard files are on disk)."""
+        self.docs_added, self.num_docs = int(saved["docs"]), int(saved["num_docs"])
+        self.num_tokens, self.num_bytes = int(saved["num_tokens"]), int(saved["num_bytes"])
+        self.shards = [self.out_dir / name for name in saved["shards"]]
+        self.saved = dict(saved)
 
     def add(self, ids: Sequence[int], nbytes: int) -> None:
         """Append one document's ids (EOS is added here)."""
@@ -205,6 +224,11 @@ class ShardWriter:
         arr[-1] = self.tok.eos_id
         if self.buf_tokens and self.buf_tokens + len(arr) > self.shard_tokens:
             self._flush()
+            # Every document so far is on disk: a resumed build can start right here.
+            self.saved = self.progress()
+            if self.on_flush is not None:
+                self.on_flush()
+        self.docs_added += 1
         while len(arr) > self.shard_tokens:  # an oversized document: full shards of its head
             self.buf.append(arr[: self.shard_tokens])
             self.buf_tokens = self.shard_tokens
@@ -235,35 +259,102 @@ class ShardWriter:
                 "shards": [p.relative_to(root).as_posix() for p in self.shards]}
 
 
+_WORKER_TOK: Tokenizer | None = None
+
+
+def _worker_init(tokenizer_json: str, eos_token: str) -> None:
+    """Each tokenizer process builds its own tokenizer (a Rust tokenizer must not cross a fork)."""
+    global _WORKER_TOK
+    from tokenizers import Tokenizer as HFTokenizer
+
+    _WORKER_TOK = Tokenizer(HFTokenizer.from_str(tokenizer_json), eos_token=eos_token)
+
+
+def _worker_encode(batch: list[tuple[str, int, str]]) -> tuple[list[tuple[int, str]], list[list[int]]]:
+    assert _WORKER_TOK is not None
+    return [(nbytes, split) for _, nbytes, split in batch], _WORKER_TOK.encode_batch([b[0] for b in batch])
+
+
+def _batches(docs: Iterable[tuple[str, int, str]]) -> Iterator[list[tuple[str, int, str]]]:
+    """Documents grouped for one encode_batch call (by count and by characters)."""
+    batch: list[tuple[str, int, str]] = []
+    chars = 0
+    for doc in docs:
+        batch.append(doc)
+        chars += len(doc[0])
+        if len(batch) >= _BATCH_DOCS or chars >= _BATCH_CHARS:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
 def tokenize_to_shards(docs: Iterable[tuple[str, int, str]], tokenizer: Tokenizer, root: Path, *,
                        shard_tokens: int, source: str | None = None, total_bytes: int | None = None,
+                       num_workers: int = 1, resume: dict[str, dict[str, Any]] | None = None,
+                       on_progress: Callable[[dict[str, dict[str, Any]]], None] | None = None,
                        ) -> dict[str, dict[str, Any]]:
-    """Encode (text, utf8_bytes, split) documents in batches into `root/<split>/shard_*.bin`."""
+    """Encode (text, utf8_bytes, split) documents in batches into `root/<split>/shard_*.bin`.
+
+    ``num_workers > 1`` encodes batches in that many processes (order is kept). ``resume``
+    (per split, from an earlier ``on_progress`` call) skips the documents already in shards;
+    ``on_progress`` is called with every split's resumable state after each completed shard.
+    """
     from tqdm import tqdm
 
     writers: dict[str, ShardWriter] = {}
-    batch: list[tuple[str, int, str]] = []
+    resume = resume or {}
 
-    def encode_batch() -> None:
-        for (_, nbytes, split), ids in zip(batch, tokenizer.encode_batch([b[0] for b in batch])):
-            if split not in writers:
-                writers[split] = ShardWriter(root / split, tokenizer, shard_tokens,
-                                             f"{source} ({split})" if source else split)
-            writers[split].add(ids, nbytes)
-        bar.update(sum(b[1] for b in batch))
-        batch.clear()
+    def report() -> None:
+        if on_progress is not None:
+            on_progress({split: w.saved for split, w in writers.items()})
+
+    def writer(split: str) -> ShardWriter:
+        if split not in writers:
+            writers[split] = ShardWriter(root / split, tokenizer, shard_tokens,
+                                         f"{source} ({split})" if source else split, on_flush=report)
+            if split in resume:
+                writers[split].restore(resume[split])
+        return writers[split]
+
+    seen: dict[str, int] = {}
+    skipped_bytes = 0
+
+    def todo() -> Iterator[tuple[str, int, str]]:
+        nonlocal skipped_bytes
+        for doc in docs:
+            split = doc[2]
+            seen[split] = seen.get(split, 0) + 1
+            if seen[split] <= int(resume.get(split, {}).get("docs", 0)):
+                skipped_bytes += doc[1]
+                continue
+            yield doc
+
+    def encoded() -> Iterator[tuple[list[tuple[int, str]], list[list[int]]]]:
+        if num_workers <= 1:
+            for batch in _batches(todo()):
+                yield [(nbytes, split) for _, nbytes, split in batch], tokenizer.encode_batch([b[0] for b in batch])
+            return
+        import multiprocessing as mp
+
+        # The processes are the parallelism; a Rust thread pool in each would only oversubscribe the cores
+        # (and tokenizers warns when a process that used its pool forks).
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        with mp.get_context("fork" if "fork" in mp.get_all_start_methods() else None).Pool(
+                num_workers, initializer=_worker_init, initargs=(tokenizer.backend.to_str(), tokenizer.eos_token)) as pool:
+            yield from pool.imap(_worker_encode, _batches(todo()), chunksize=1)
 
     with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing", file=sys.stderr,
               disable=None, leave=False) as bar:
-        chars = 0
-        for doc in docs:
-            batch.append(doc)
-            chars += len(doc[0])
-            if len(batch) >= _BATCH_DOCS or chars >= _BATCH_CHARS:
-                encode_batch()
-                chars = 0
-        if batch:
-            encode_batch()
+        for meta, ids in encoded():
+            if skipped_bytes:
+                bar.update(skipped_bytes)  # resumed: the part done before counts as done
+                skipped_bytes = 0
+            for (nbytes, split), doc_ids in zip(meta, ids):
+                writer(split).add(doc_ids, nbytes)
+            bar.update(sum(m[0] for m in meta))
+    for split in resume:
+        writer(split)  # a split whose remaining documents were all done before still closes
     return {split: w.close(root) for split, w in sorted(writers.items())}
 
 
@@ -274,22 +365,53 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
                         "Choose a new --out-dir, or delete the directory first.")
 
 
-@contextmanager
-def atomic_output_dir(out_dir: Path, *, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling of `out_dir` to build in; rename it to `out_dir` on success only."""
-    _check_out_dir(out_dir, overwrite)
-    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-        old = out_dir.with_name(f"{out_dir.name}.old-{os.getpid()}")
-        if out_dir.exists():
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+PARTIAL_SUFFIX = ".partial"
+PROGRESS = "progress.json"
+
+
+def _signature(files: Sequence[Path], options: dict[str, Any]) -> dict[str, Any]:
+    """What a resumable build depends on: the options and every input's path, size and mtime."""
+    return {"options": options,
+            "inputs": [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]}
+
+
+def _open_build_dir(out: Path, signature: dict[str, Any], log: Callable[[str], None]) -> tuple[Path, dict[str, Any]]:
+    """``OUT.partial`` and the progress of an earlier build of the same signature there (or {})."""
+    build = out.with_name(out.name + PARTIAL_SUFFIX)
+    if build.is_dir():
+        try:
+            progress = json.loads((build / PROGRESS).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            progress = {}
+        if progress.get("signature") == signature and (build / "tokenizer.json").is_file():
+            done = {k: v["docs"] for k, v in progress.get("splits", {}).items()}
+            log(f"prepare: resuming the interrupted build in {build} (documents already in shards: {done})")
+            return build, progress
+        log(f"prepare: discarding {build} (an interrupted build of other inputs or options)")
+        shutil.rmtree(build)
+    build.mkdir(parents=True)
+    return build, {}
+
+
+def _write_progress(build: Path, progress: dict[str, Any]) -> None:
+    tmp = build / (PROGRESS + ".tmp")
+    tmp.write_text(json.dumps(progress), encoding="utf-8")
+    os.replace(tmp, build / PROGRESS)
+
+
+def _finish_build(build: Path, out: Path, splits: dict[str, dict[str, Any]], overwrite: bool) -> None:
+    """Drop the progress file and shards no split lists, then move the build into place."""
+    (build / PROGRESS).unlink(missing_ok=True)
+    listed = {rel for info in splits.values() for rel in info["shards"]}
+    for stale in build.glob("*/shard_*.bin*"):
+        if stale.relative_to(build).as_posix() not in listed:
+            stale.unlink()
+    _check_out_dir(out, overwrite)
+    old = out.with_name(f"{out.name}.old-{os.getpid()}")
+    if out.exists():
+        os.replace(out, old)
+    os.replace(build, out)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- entry point
@@ -304,19 +426,27 @@ def prepare_corpus(
     shard_tokens: int = 100_000_000,
     seed: int = 0,
     overwrite: bool = False,
+    num_workers: int = 0,
     log: Callable[[str], None] = print,
 ) -> Path:
     """Tokenize local documents into `out_dir` (tokenizer.json, train/, val/, manifest.json).
 
     Whole documents are held out for validation (`val_fraction` of them, chosen with `seed`;
     at least one when there are two or more). Without `tokenizer`, a byte-level BPE of
-    `vocab_size` tokens is trained on the training documents only.
+    `vocab_size` tokens is trained on the training documents only. ``num_workers`` tokenizer
+    processes (0 = one per CPU core). An interrupted build resumes when run again.
     """
     out = Path(out_dir)
     if not 0.0 <= val_fraction < 1.0:
         raise UserError(f"val_fraction={val_fraction} must be in [0, 1), e.g. 0.01 to hold out 1% of documents.")
     if shard_tokens < 1:
         raise UserError(f"shard_tokens={shard_tokens} must be positive (e.g. 100000000).")
+    if tokenizer is None and vocab_size < MIN_BPE_VOCAB:
+        raise UserError(f"vocab_size={vocab_size} is too small for a byte-level BPE tokenizer: it needs at least "
+                        f"{MIN_BPE_VOCAB} (256 byte tokens + EOS).")
+    if num_workers < 0:
+        raise UserError(f"num_workers={num_workers} must be >= 0 (0 = one per CPU core).")
+    workers = num_workers or os.cpu_count() or 1
     files = resolve_inputs(inputs)
     tok = Tokenizer.from_file(tokenizer) if tokenizer is not None else None
     _check_out_dir(out, overwrite)  # before the (long) scan, not only when the build starts
@@ -340,29 +470,47 @@ def prepare_corpus(
         for i, (text, nbytes) in enumerate(iter_documents(files, text_key)):
             yield text, nbytes, "val" if is_val[i] else "train"
 
-    with atomic_output_dir(out, overwrite=overwrite) as tmp:
-        if tok is None:
+    signature = _signature(files, {
+        "tokenizer": tok.fingerprint if tok is not None else None, "vocab_size": vocab_size, "text_key": text_key,
+        "val_fraction": val_fraction, "seed": seed, "shard_tokens": shard_tokens})
+    build, progress = _open_build_dir(out, signature, log)
+    try:
+        if progress:
+            tok = Tokenizer.from_file(build / "tokenizer.json")
+        elif tok is None:
             log(f"prepare: training byte-level BPE tokenizer (vocab {vocab_size}) on {n - n_val} train documents")
             tok = Tokenizer.train_bpe_from_iterator(
                 (text for text, _, split in split_docs() if split == "train"), vocab_size)
-        tok.save(tmp / "tokenizer.json")
-        log(f"prepare: tokenizer vocab {tok.vocab_size}, eos {tok.eos_id}, fingerprint {tok.fingerprint}")
-        splits = tokenize_to_shards(split_docs(), tok, tmp, shard_tokens=shard_tokens, total_bytes=stats.num_bytes,
-                                    source="bigtrain data prepare")
-        splits.setdefault("val", {"num_docs": 0, "num_tokens": 0, "num_bytes": 0, "shards": []})
-        manifest = {
-            **manifest_head(tok, str(tokenizer) if tokenizer else f"trained byte-level BPE (vocab {vocab_size})"),
-            "splits": splits,
-            "inputs": [str(i) for i in inputs],
-            "num_input_files": len(files),
-            "text_key": text_key,
-            "val_fraction": val_fraction,
-            "seed": seed,
-            "shard_tokens": shard_tokens,
-            "num_empty_docs_skipped": stats.num_empty,
-            "num_invalid_utf8": stats.num_invalid_utf8,
-        }
-        write_manifest(tmp, manifest)
+        if not progress:
+            tok.save(build / "tokenizer.json")
+            _write_progress(build, {"signature": signature, "splits": {}})
+        log(f"prepare: tokenizer vocab {tok.vocab_size}, eos {tok.eos_id}, fingerprint {tok.fingerprint}; "
+            f"{workers} tokenizer process(es)")
+        splits = tokenize_to_shards(
+            split_docs(), tok, build, shard_tokens=shard_tokens, total_bytes=stats.num_bytes,
+            source="bigtrain data prepare", num_workers=workers, resume=progress.get("splits"),
+            on_progress=lambda state: _write_progress(build, {"signature": signature, "splits": state}))
+    except UserError:
+        shutil.rmtree(build, ignore_errors=True)  # a mistake in the input is not worth resuming
+        raise
+    except BaseException:
+        log(f"prepare: interrupted; run the same command again to resume from {build}")
+        raise
+    splits.setdefault("val", {"num_docs": 0, "num_tokens": 0, "num_bytes": 0, "shards": []})
+    manifest = {
+        **manifest_head(tok, str(tokenizer) if tokenizer else f"trained byte-level BPE (vocab {vocab_size})"),
+        "splits": splits,
+        "inputs": [str(i) for i in inputs],
+        "num_input_files": len(files),
+        "text_key": text_key,
+        "val_fraction": val_fraction,
+        "seed": seed,
+        "shard_tokens": shard_tokens,
+        "num_empty_docs_skipped": stats.num_empty,
+        "num_invalid_utf8": stats.num_invalid_utf8,
+    }
+    write_manifest(build, manifest)
+    _finish_build(build, out, splits, overwrite)
     for split, info in splits.items():
         log(f"prepare: {split}: {info['num_docs']} docs, {info['num_tokens']:,} tokens "
             f"in {len(info['shards'])} shard(s)")

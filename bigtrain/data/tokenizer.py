@@ -260,3 +260,30 @@ def _token_name(value: object) -> str | None:
     if isinstance(value, dict) and isinstance(value.get("content"), str):
         return value["content"]
     return None
+
+
+BYTE_LEVEL = "byte"
+"""`data.tokenizer` value (as is '') that selects the file-less byte-level tokenizer."""
+
+
+def load_tokenizer(path: str) -> Tokenizer:
+    """The tokenizer named by ``data.tokenizer``: a tokenizer.json path, or '' / 'byte' for byte-level."""
+    if path in ("", BYTE_LEVEL):
+        return Tokenizer.byte_level()
+    return Tokenizer.from_file(path)
+
+
+def train_tokenizer_files(files: Sequence[str], vocab_size: int, out: str | Path, *,
+                          text_key: str = "text") -> Tokenizer:
+    """`bigtrain data tokenizer train`: a byte-level BPE of ``vocab_size`` trained on files, saved to ``out``."""
+    from bigtrain.data.prepare import iter_documents, resolve_inputs
+
+    if vocab_size < MIN_BPE_VOCAB:  # before reading any file
+        raise UserError(f"--vocab-size {vocab_size} is too small: a byte-level BPE needs at least {MIN_BPE_VOCAB}.")
+    paths = resolve_inputs(files)
+    tok = Tokenizer.train_bpe_from_iterator((text for text, _ in iter_documents(paths, text_key)), vocab_size)
+    out_path = Path(out)
+    if out_path.is_dir():
+        out_path = out_path / "tokenizer.json"
+    tok.save(out_path)
+    return tok

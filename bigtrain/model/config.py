@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from bigtrain.sections import ConfigError, Section, doc_field
 
@@ -15,6 +15,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # GPT-2 small shape with Llama-style blocks; SwiGLU hidden = 8/3 dim keeps the parameter count.
     "gpt2-124m": dict(vocab_size=50304, dim=768, num_layers=12, num_heads=12, num_kv_heads=12,
                       ffn_hidden_dim=2048, max_seq_len=1024, tie_embeddings=True, rope_theta=10000.0),
+    # GPT-2 XL shape (1.5B; 25 heads of 64), Llama-style blocks; SwiGLU 4288 ~ the 4x GELU MLP's parameters.
+    "gpt2-1.5b": dict(vocab_size=50304, dim=1600, num_layers=48, num_heads=25, num_kv_heads=25,
+                      ffn_hidden_dim=4288, max_seq_len=1024, tie_embeddings=True, rope_theta=10000.0),
     "gpt2-350m": dict(vocab_size=50304, dim=1024, num_layers=24, num_heads=16, num_kv_heads=16,
                       ffn_hidden_dim=2816, max_seq_len=1024, tie_embeddings=True, rope_theta=10000.0),
     # Llama 3.2 1B shape.
@@ -27,11 +30,15 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# Model keys that do not change the weights' meaning: a run may resume with different values.
+RUNTIME_FIELDS = frozenset({"preset", "kernels", "fp8", "z_loss"})
+
+
 @dataclass(frozen=True)
 class ModelConfig(Section):
     """Decoder-only Transformer shape (pre-norm, RMSNorm, RoPE, SwiGLU, grouped-query attention)."""
 
-    preset: str | None = doc_field(None, "Named size to start from (debug, gpt2-124m, gpt2-350m, llama-1b, llama3-8b, llama3-70b); other keys override it.")
+    preset: str | None = doc_field(None, "Named size to start from (debug, gpt2-124m, gpt2-350m, gpt2-1.5b, llama-1b, llama3-8b, llama3-70b); other keys override it.")
     vocab_size: int = doc_field(4096, "Embedding rows; must be >= the tokenizer's vocabulary (round up to a multiple of 64 for speed).")
     dim: int = doc_field(256, "Hidden size of the residual stream.")
     num_layers: int = doc_field(4, "Number of Transformer blocks.")
@@ -44,6 +51,10 @@ class ModelConfig(Section):
     norm_eps: float = doc_field(1e-5, "RMSNorm epsilon.")
     tie_embeddings: bool = doc_field(True, "Share the input embedding and output projection weights.")
     init_std: float = doc_field(0.02, "Std of the normal init; residual output projections are scaled by 1/sqrt(2 * num_layers).")
+    init_from: str = doc_field("", "Start from these weights instead of a random init: a Hugging Face Llama-format folder (config.json + *.safetensors), e.g. from `bigtrain export`; its shape must match this section. Ignored when resuming.")
+    z_loss: float = doc_field(0.0, "Weight of the z-loss (mean squared log-sum-exp of the logits) added to the training loss; 0 = off, 1e-4 is typical.")
+    kernels: Literal["torch", "triton"] = doc_field("torch", "Norm, rotary, SwiGLU and loss ops: torch (plain PyTorch) or triton (fused kernels, CUDA only; other devices fall back to torch, logged). See docs/performance.md.")
+    fp8: bool = doc_field(False, "Train the Transformer blocks' linear layers in FP8 through torchao float8 (H100-class GPUs; emulated elsewhere, for tests only). Needs the fp8 extra.")
 
     @classmethod
     def preprocess(cls, data: dict[str, Any], path: str) -> dict[str, Any]:
@@ -79,6 +90,16 @@ class ModelConfig(Section):
             raise ConfigError(f"{path}.ffn_hidden_dim: must be >= 0 (0 = automatic), got {self.ffn_hidden_dim}.")
         if self.norm_eps <= 0 or self.init_std <= 0 or self.rope_theta <= 0:
             raise ConfigError(f"{path}: norm_eps, init_std and rope_theta must be positive.")
+        if self.z_loss < 0:
+            raise ConfigError(f"{path}.z_loss: must be >= 0 (0 = off), got {self.z_loss}.")
+        if self.fp8:
+            # torch._scaled_mm needs both matmul dims divisible by 16.
+            bad = [f"{name}={value}" for name, value in (("dim", self.dim), ("ffn_dim", self.ffn_dim),
+                                                          ("kv_heads * head_dim", self.kv_heads * self.head_dim))
+                   if value % 16]
+            if bad:
+                raise ConfigError(f"{path}.fp8: FP8 matmuls need layer sizes divisible by 16, got {', '.join(bad)}; "
+                                  f"round them to multiples of 16 or set {path}.fp8=false.")
 
     # ------------------------------------------------------------------ derived sizes
     @property

@@ -2,6 +2,8 @@
 
 Build it on the meta device, let a Strategy shard/wrap it, then materialize with
 ``to_empty`` and call :meth:`Decoder.init_weights` — so no rank ever holds a full large model.
+The elementwise ops and the loss go through :mod:`bigtrain.kernels`, which picks the plain
+PyTorch reference or a fused Triton kernel from ``model.kernels``.
 """
 from __future__ import annotations
 
@@ -11,6 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bigtrain.kernels import dispatch as K
+from bigtrain.kernels.attention import attention, positions_from_doc_ids
+from bigtrain.kernels.reference import apply_rotary  # noqa: F401  (re-exported: the reference rotary)
 from bigtrain.model.config import ModelConfig
 from bigtrain.model.init import Filler, seeded_filler
 
@@ -18,15 +23,13 @@ from bigtrain.model.init import Filler, seeded_filler
 class RMSNorm(nn.Module):
     """Root-mean-square norm, computed in fp32 whatever the input dtype."""
 
-    def __init__(self, dim: int, eps: float) -> None:
+    def __init__(self, dim: int, eps: float, kernels: str = "torch") -> None:
         super().__init__()
-        self.eps = eps
+        self.eps, self.kernels = eps, kernels
         self.weight = nn.Parameter(torch.empty(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (out * self.weight.float()).type_as(x)
+        return K.rms_norm(x, self.weight, self.eps, self.kernels)
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)
@@ -40,39 +43,31 @@ def rotary_tables(head_dim: int, max_seq_len: int, theta: float, device: torch.d
     return angles.cos().float(), angles.sin().float()
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[..., :half], x[..., half:]) — the "rotate half" (Llama-HF) layout.
-
-    x: [batch, heads, seq, head_dim]; cos/sin: [seq, head_dim // 2].
-    """
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half].float(), x[..., half:].float()
-    out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-    return out.type_as(x)
-
-
 class Attention(nn.Module):
     """Causal grouped-query self-attention through scaled_dot_product_attention."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.kv_heads, cfg.head_dim
+        self.kernels = cfg.kernels
         self.wq = nn.Linear(cfg.dim, cfg.num_heads * cfg.head_dim, bias=False)
         self.wk = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
         self.wv = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor | None = None,
+                doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """cos/sin: the full rotary tables; positions [B, S] (None = 0..S-1); doc_ids [B, S] masks across documents."""
         bsz, seq, _ = x.shape
         q = self.wq(x).view(bsz, seq, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(bsz, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(bsz, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = K.rotary(q, k, cos, sin, positions, self.kernels)
         if self.num_kv_heads != self.num_heads:
             # Explicit repeat instead of sdpa's enable_gqa: every sdpa backend accepts it.
             rep = self.num_heads // self.num_kv_heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        out = attention(q, k, v, doc_ids)
         return self.wo(out.transpose(1, 2).reshape(bsz, seq, -1))
 
 
@@ -84,9 +79,10 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
         self.w3 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
         self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+        self.kernels = cfg.kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(K.swiglu(self.w1(x), self.w3(x), self.kernels))
 
 
 class Block(nn.Module):
@@ -94,13 +90,14 @@ class Block(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.kernels)
         self.attn = Attention(cfg)
-        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.kernels)
         self.ffn = FeedForward(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor | None = None,
+                doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, positions, doc_ids)
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -113,7 +110,7 @@ class Decoder(nn.Module):
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         # A ModuleDict keyed "0".."L-1" keeps parameter names stable when blocks are wrapped.
         self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.num_layers)})
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.kernels)
         self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         cos, sin = rotary_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         # Not persistent: derived from the config, recomputed by init_weights after materialization.
@@ -148,23 +145,28 @@ class Decoder(nn.Module):
     def output_weight(self) -> torch.Tensor:
         return self.tok_embeddings.weight if self.output is None else self.output.weight
 
-    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, *,
+                doc_ids: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [batch, seq, vocab] when ``targets`` is None, else the mean next-token loss (fp32).
 
-        Targets equal to -100 are ignored.
+        Targets equal to -100 are ignored. ``doc_ids`` [batch, seq] (packed documents) keeps attention
+        inside each document and restarts rotary positions at each document start, unless
+        ``positions`` [batch, seq] gives them explicitly. Without either: plain causal attention.
         """
         seq = tokens.shape[1]
         if seq > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {seq} exceeds model.max_seq_len={self.cfg.max_seq_len}")
-        cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
+        if positions is None and doc_ids is not None:
+            positions = positions_from_doc_ids(doc_ids)
+        cos, sin = self.rope_cos, self.rope_sin
         h = self.tok_embeddings(tokens)
         for block in self.layers.values():
-            h = block(h, cos, sin)
+            h = block(h, cos, sin, positions, doc_ids)
         h = self.norm(h)
-        logits = F.linear(h, self.output_weight())
         if targets is None:
-            return logits
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+            return F.linear(h, self.output_weight())
+        return K.linear_cross_entropy(h.flatten(0, 1), self.output_weight(), targets.flatten(),
+                                      z_loss=self.cfg.z_loss, kernels=self.cfg.kernels)
 
 
 def build_on_meta(cfg: ModelConfig) -> Decoder:

@@ -20,11 +20,18 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return groups
 
 
+def adamw_kwargs(params: list[torch.Tensor], device_type: str | None = None) -> dict[str, Any]:
+    """``fused=True`` when every parameter is on CUDA (one multi-tensor kernel for the whole update,
+    no host sync: the step stays asynchronous), ``foreach=True`` elsewhere (CPU keeps the
+    implementation the golden losses were recorded with). ``device_type`` overrides detection."""
+    kind = device_type or (params[0].device.type if params and all(p.device.type == params[0].device.type
+                                                                    for p in params) else "mixed")
+    return {"fused": True} if kind == "cuda" else {"foreach": True}
+
+
 def build_adamw(
     model: nn.Module, *, lr: float, weight_decay: float, betas: tuple[float, float], eps: float
 ) -> torch.optim.Optimizer:
     """AdamW, fused on CUDA (one kernel for all params), foreach elsewhere."""
     params = [p for p in model.parameters() if p.requires_grad]
-    on_cuda = bool(params) and all(p.device.type == "cuda" for p in params)
-    kwargs: dict[str, Any] = {"fused": True} if on_cuda else {"foreach": True}
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps, **kwargs)
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps, **adamw_kwargs(params))

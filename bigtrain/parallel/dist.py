@@ -41,8 +41,25 @@ def env_world() -> tuple[int, int, int]:
     )
 
 
+def install_fault_handlers() -> None:
+    """Stack dumps instead of silent deaths and hangs (idempotent).
+
+    A crash in native code (segfault, abort in NCCL/CUDA) prints every thread's Python stack;
+    ``kill -USR2 <pid>`` prints them on demand from a rank that seems stuck, without stopping it.
+    """
+    import faulthandler
+    import signal
+    import sys
+
+    if not faulthandler.is_enabled():
+        faulthandler.enable(file=sys.stderr, all_threads=True)
+    if hasattr(signal, "SIGUSR2"):
+        faulthandler.register(signal.SIGUSR2, file=sys.stderr, all_threads=True, chain=False)
+
+
 def init(requested_device: str = "auto") -> DistInfo:
     """Describe this process; a process group is only created by multi-rank strategies."""
+    install_fault_handlers()
     rank, local_rank, world = env_world()
     return DistInfo(rank, local_rank, world, resolve_device(requested_device, local_rank))
 

@@ -3,8 +3,9 @@
 The meta-device model is sharded block by block and then at the root, on a 1-D DeviceMesh
 (plain FSDP) or a 2-D ("replicate", "shard") mesh (HSDP); only then is it materialized with
 ``to_empty`` and initialized shard by shard, so no rank ever holds the full model. Checkpoints
-are full, unsharded states (complete on rank 0) so the single-file checkpoint format and
-resuming on another strategy or world size keep working.
+are sharded (:meth:`Strategy.checkpoint_state`: each rank writes its own DTensor shards with
+torch.distributed.checkpoint, which reshards on load); :meth:`FSDPStrategy.state_dict` still
+gives full, unsharded states on rank 0 for code that wants them.
 """
 from __future__ import annotations
 

@@ -76,11 +76,50 @@ class Strategy(ABC):
     def state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         """{"model": ..., "optimizer": ...}: full (unsharded) states, complete at least on rank 0.
 
-        Called on every rank (gathering may be collective); only rank 0 writes it for now.
+        Called on every rank (gathering may be collective). Checkpoints do not use it (they are
+        sharded: :meth:`checkpoint_state` / :meth:`save_native`); it is for consumers that want one
+        full copy in torch's index-keyed optimizer layout.
         """
 
     @abstractmethod
     def load_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None: ...
+
+    # Checkpoint files: "dcp" = torch.distributed.checkpoint shards written by every rank from
+    # checkpoint_state(); "deepspeed" = the backend's own files (save_native / load_native).
+    checkpoint_format = "dcp"
+
+    def checkpoint_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """{"model", "optimizer"} as this rank holds them (FSDP: DTensor shards; no gathering), keyed by
+        parameter name, for torch.distributed.checkpoint. Also the template a resume loads into."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        # get_state_dict creates AdamW's lazy state (a zero-gradient, lr=0 step: weights unchanged)
+        # so a checkpoint taken before the first step still has every key a later one has.
+        msd, osd = get_state_dict(self.unwrap(model), optimizer)
+        return {"model": msd, "optimizer": osd}
+
+    def load_checkpoint_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+        """Apply a loaded :meth:`checkpoint_state`; the optimizer hyperparameters of this run's config win
+        (lr, betas, weight decay may differ from the checkpoint's; the trainer warns about it)."""
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        hyper = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        set_state_dict(self.unwrap(model), optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        for group, values in zip(optimizer.param_groups, hyper):
+            group.update(values)
+
+    def load_model_weights(self, model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+        """Overwrite the weights with full (unsharded) tensors present on every rank (``model.init_from``)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(self.unwrap(model), weights, options=StateDictOptions(full_state_dict=True))
+
+    def save_native(self, model: nn.Module, optimizer: torch.optim.Optimizer, path: Any) -> dict[str, Any]:
+        raise NotImplementedError(f"{type(self).__name__} writes checkpoints with torch.distributed.checkpoint")
+
+    def load_native(self, model: nn.Module, optimizer: torch.optim.Optimizer, path: Any, *, saved_world_size: int,
+                    scratch: Any) -> None:
+        raise NotImplementedError(f"{type(self).__name__} reads checkpoints with torch.distributed.checkpoint")
 
     def held_state_bytes(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
         """Bytes of parameters, gradients and optimizer state this rank really holds (local shards only)."""
@@ -136,5 +175,5 @@ def build_strategy(cfg: ParallelConfig, info: DistInfo, precision: str, *, train
         from bigtrain.parallel.zero import ZeroStrategy
         from bigtrain.train.config import TrainConfig as _TrainConfig
 
-        return ZeroStrategy(info, precision, cfg.zero, train or _TrainConfig(), accum_steps)
+        return ZeroStrategy(info, precision, cfg, train or _TrainConfig(), accum_steps)
     raise ValueError(f"strategy {cfg.strategy!r} is not available in this build")

@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING, Any, Iterator
 import torch
 from torch import nn
 
-from bigtrain.parallel.config import ZeroConfig
+from bigtrain.parallel.apply import parallelize
+from bigtrain.parallel.config import ParallelConfig, ZeroConfig
 from bigtrain.parallel.dist import DistInfo
 from bigtrain.parallel.strategy import OptimizerFactory, Strategy
 
@@ -94,9 +95,17 @@ def _import_deepspeed() -> Any:
 class ZeroStrategy(Strategy):
     """Data parallel with DeepSpeed ZeRO: stage 1 shards optimizer state, 2 also gradients, 3 also parameters."""
 
-    def __init__(self, info: DistInfo, precision: str, zero: ZeroConfig, train: "TrainConfig", accum_steps: int) -> None:
+    def __init__(self, info: DistInfo, precision: str, cfg: ParallelConfig, train: "TrainConfig",
+                 accum_steps: int) -> None:
         super().__init__(info, precision)
-        self.zero = zero
+        self.cfg = cfg
+        self.zero = zero = cfg.zero
+        # Stage 3 gathers each block's parameters in module hooks that torch.compile cannot trace
+        # through; DeepSpeed would need its own engine.compile(). Stages 0-2 hold plain parameters.
+        self.compile = bool(train.compile) and zero.stage < 3
+        if train.compile and zero.stage == 3 and info.is_main:
+            print("zero: train.compile is not applied under ZeRO stage 3 (its parameter-gathering hooks); "
+                  "activation checkpointing still is. Use stage 1/2 or fsdp to compile blocks.", flush=True)
         self.grad_clip = float(train.grad_clip)
         self.ds_config = deepspeed_config(
             zero, compute_dtype=self.compute_dtype, micro_batch_size=train.micro_batch_size,
@@ -127,6 +136,7 @@ class ZeroStrategy(Strategy):
         # full fp32 copy per rank during set-up: fine up to models that fit one device, which is
         # what this first version supports; deepspeed.zero.Init (partition at construction) is
         # the follow-up for models that do not.
+        parallelize(model, self.cfg, compile=self.compile)  # act-ckpt → compile; DeepSpeed shards below
         model.to_empty(device=self.device)
         model.init_weights(seed)  # type: ignore[operator]
         optimizer = make_optimizer(model)
@@ -137,7 +147,54 @@ class ZeroStrategy(Strategy):
         engine, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config)
         self.engine = engine
         engine.set_gradient_accumulation_boundary(True)
+        shared = self._share_fp32_masters()
+        if shared and self.info.is_main:
+            print(f"zero: fp32 run, master weights share storage with the working partitions ({shared} groups)",
+                  flush=True)
         return engine, ds_optimizer
+
+    def _share_fp32_masters(self) -> int:
+        """In an fp32 run, make DeepSpeed's fp32 master partitions share storage with the working partitions.
+
+        ZeRO keeps a "master" fp32 copy of this rank's partition for the optimizer and copies it
+        back into the working (normally bf16) partition after each step. When the working weights
+        are already fp32 on the same device the copy is pure waste: 4 bytes/param/world_size.
+        DeepSpeed's stage 3 means to skip it, but its check compares a ``torch.device`` with a
+        device-name string, which is never equal, and stages 1/2 always clone. Pointing the
+        master's ``.data`` at the working partition keeps every DeepSpeed object (optimizer
+        groups and state keyed by the master tensors) as it is; the optimizer then updates the
+        working weights in place and the copy back becomes a copy onto itself. Values are
+        identical at this point (the master was cloned from the partition), so numerics do not
+        change. Returns how many groups now share storage.
+        """
+        zopt = self._zero_optimizer
+        if zopt is None or self.compute_dtype != torch.float32 or self.zero.offload_optimizer or self.zero.offload_params:
+            return 0
+        if self.zero.stage == 3:
+            pairs = list(zip(getattr(zopt, "fp16_partitioned_groups_flat", []),
+                             getattr(zopt, "fp32_partitioned_groups_flat", [])))
+        else:
+            import torch.distributed as tdist
+
+            dp_groups = getattr(zopt, "real_dp_process_group", [])
+            pairs = [(groups[tdist.get_rank(group=dp_groups[i])], master) for i, (groups, master) in
+                     enumerate(zip(getattr(zopt, "parallel_partitioned_bit16_groups", []),
+                                   getattr(zopt, "single_partition_of_fp32_groups", [])))]
+        shared = 0
+        for working, master in pairs:
+            if (working is None or master is None or working is master or working.dtype != master.dtype
+                    or working.device != master.device or working.shape != master.shape):
+                continue
+            if not torch.equal(working, master):  # never alias tensors that do not already agree
+                continue
+            master.data = working.data
+            shared += 1
+        if shared and hasattr(zopt, "_link_all_hp_params"):
+            # Stages 1/2 hold per-parameter views ("hp fragments") into the master partition, used
+            # by checkpointing (safe_get/set_full_fp32_param); rebuild them over the new storage.
+            zopt._link_all_hp_params()
+            zopt._hp_optimizer_states_linked = False
+        return shared
 
     @property
     def _zero_optimizer(self) -> Any | None:
@@ -185,6 +242,89 @@ class ZeroStrategy(Strategy):
         self._norm = None
 
     # -- checkpoint ------------------------------------------------------------------
+    checkpoint_format = "deepspeed"
+
+    def save_native(self, model: nn.Module, optimizer: torch.optim.Optimizer, path: Any) -> dict[str, Any]:
+        """DeepSpeed's own checkpoint (every rank writes its partition) under ``path/state`` (collective).
+
+        ``universal_checkpoint_info`` is set on the module first: stages 1/2 write it into the model
+        states only when present, and DeepSpeed's universal conversion (needed to resume on another
+        world size) refuses checkpoints without it.
+        """
+        from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
+                                                    UNIVERSAL_CHECKPOINT_VERSION_VALUE)
+
+        module = self.engine.module
+        if getattr(module, UNIVERSAL_CHECKPOINT_INFO, None) is None:
+            setattr(module, UNIVERSAL_CHECKPOINT_INFO, {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE})
+        self.engine.save_checkpoint(str(path), tag=ZERO_TAG, client_state={}, save_latest=False)
+        return {"zero_stage": self.zero.stage, "deepspeed_tag": ZERO_TAG}
+
+    def load_native(self, model: nn.Module, optimizer: torch.optim.Optimizer, path: Any, *, saved_world_size: int,
+                    scratch: Any) -> None:
+        """Load a :meth:`save_native` checkpoint; on another world size, through DeepSpeed's universal format.
+
+        This run's optimizer hyperparameters (from its config) win over the checkpoint's. The
+        conversion runs once, on rank 0, into ``scratch`` (written as ``scratch.tmp`` and renamed,
+        so a crash never leaves a half-converted folder that looks complete).
+        """
+        import torch.distributed as tdist
+
+        if saved_world_size != self.info.world_size and self._zero_optimizer is not None:
+            if self.info.is_main and not os.path.isdir(scratch):
+                convert_to_universal(path, scratch)
+            if tdist.is_initialized():
+                tdist.barrier()
+            self._load_universal(model, os.path.join(str(scratch), ZERO_TAG, "zero"))
+            return
+        groups_before = [dict(g) for g in self._inner_optimizer().param_groups]
+        loaded, _ = self.engine.load_checkpoint(str(path), tag=ZERO_TAG, load_module_strict=True,
+                                                load_optimizer_states=True, load_lr_scheduler_states=False)
+        if loaded is None:
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint in {path}")
+        for group, before in zip(self._inner_optimizer().param_groups, groups_before):
+            group.update({k: v for k, v in before.items() if k != "params"})  # this run's hyperparameters win
+        if self._zero_optimizer is not None:
+            self._relink_optimizer_state()
+
+    def _load_universal(self, model: nn.Module, zero_dir: str) -> None:
+        """Load DeepSpeed's universal per-parameter files (fp32 weights, AdamW moments, step) through
+        :meth:`load_state_dict`, which places full tensors into this run's partitions.
+
+        DeepSpeed's own universal loader is not used: it copies param_groups[0]'s hyperparameters
+        into every group (giving bigtrain's no-decay group weight decay) and empties stage 3's
+        group parameter lists; one code path for stages 1-3 is also easier to keep exact.
+        """
+        def tensor(name: str, key: str, shape: torch.Size) -> torch.Tensor:
+            value = torch.load(os.path.join(zero_dir, name, f"{key}.pt"), map_location="cpu", weights_only=False)
+            value = value["param"] if isinstance(value, dict) else value
+            return value.reshape(shape).float()
+
+        module = self.engine.module
+        names = {id(p): name for name, p in module.named_parameters()}
+        global_state = torch.load(os.path.join(zero_dir, "optimizer_state.pt"), map_location="cpu", weights_only=False)
+        # AdamW's scalar state (step): stage 3 keeps it in the global file, stages 1/2 per parameter.
+        inner_sd = global_state.get("optimizer_state_dict") or {"state": {}}
+        first = next(iter(inner_sd["state"].values()), {})
+        scalars = {k: v for k, v in first.items() if not (isinstance(v, torch.Tensor) and v.ndim > 0)}
+        weights: dict[str, torch.Tensor] = {}
+        state: dict[int, dict[str, Any]] = {}
+        for idx, p in enumerate(self._order):
+            name = names[id(p)]
+            shape = p.ds_shape if hasattr(p, "ds_shape") else p.shape
+            weights[name] = tensor(name, "fp32", shape)
+            state[idx] = {**scalars, "exp_avg": tensor(name, "exp_avg", shape), "exp_avg_sq": tensor(name, "exp_avg_sq", shape)}
+            if os.path.isfile(os.path.join(zero_dir, name, "step.pt")):
+                step = torch.load(os.path.join(zero_dir, name, "step.pt"), map_location="cpu", weights_only=False)
+                state[idx]["step"] = step["param"] if isinstance(step, dict) else step
+        for name, buf in module.state_dict().items():  # persistent buffers are not in the universal files
+            weights.setdefault(name, buf)
+        self.load_state_dict(model, self.engine.optimizer, {"model": weights, "optimizer": {"state": state}})
+
+    def load_model_weights(self, model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+        """Full weights (``model.init_from``) into the working and the fp32 master partitions."""
+        self.load_state_dict(model, self.engine.optimizer, {"model": weights, "optimizer": {"state": {}}})
+
     def state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         """Full fp32 weights and AdamW state in torch's format, gathered from the partitions (collective)."""
         if self._zero_optimizer is None:
@@ -249,14 +389,17 @@ class ZeroStrategy(Strategy):
             for key, value in saved[idx].items():
                 if isinstance(value, torch.Tensor) and value.ndim > 0:
                     safe_set_full_optimizer_state(p, value.to(self.device, torch.float32), key)
-        for group in inner.param_groups:
-            for flat in group["params"]:
-                st = inner.state.get(flat)
-                if st is None:
-                    continue
-                for key, value in first.items():
-                    if not (isinstance(value, torch.Tensor) and value.ndim > 0):
-                        st[key] = value.clone().to(st[key].device) if isinstance(value, torch.Tensor) else value
+        zopt = self._zero_optimizer
+        # Stage 3 keeps the flat partitions out of param_groups between steps.
+        flats = (list(zopt.fp32_partitioned_groups_flat) if self.zero.stage == 3
+                 else [flat for group in inner.param_groups for flat in group["params"]])
+        for flat in flats:
+            st = inner.state.get(flat)
+            if st is None:
+                continue
+            for key, value in first.items():
+                if not (isinstance(value, torch.Tensor) and value.ndim > 0):
+                    st[key] = value.clone().to(st[key].device) if isinstance(value, torch.Tensor) else value
 
     def _prime_optimizer_state(self, inner: torch.optim.Optimizer) -> None:
         """Create AdamW's (lazy) state on ZeRO's flat partitions so it can be overwritten.
@@ -264,6 +407,23 @@ class ZeroStrategy(Strategy):
         One step with zero gradients and lr=0 leaves every weight bit-identical
         (AdamW: p*(1-0*wd) + 0*m/(sqrt(v)+eps)) and allocates exp_avg / exp_avg_sq.
         """
+        zopt = self._zero_optimizer
+        if self.zero.stage == 3 and zopt is not None:
+            # Stage 3 keeps each group's "params" empty and puts its flat fp32 sub-group partition in
+            # only for the duration of a step; do the same here.
+            for sub, flat in enumerate(zopt.fp32_partitioned_groups_flat):
+                if not flat.numel() or "exp_avg" in inner.state.get(flat, {}):
+                    continue
+                group = inner.param_groups[zopt.sub_group_to_group_id[sub]]
+                params, lr = group["params"], group["lr"]
+                group["params"], group["lr"] = [flat], 0.0
+                flat.grad = torch.zeros_like(flat)
+                try:
+                    inner.step()
+                finally:
+                    flat.grad = None
+                    group["params"], group["lr"] = params, lr
+            return
         missing = [p for g in inner.param_groups for p in g["params"] if p.numel() and p not in inner.state]
         if missing:
             lrs = [g["lr"] for g in inner.param_groups]
@@ -337,3 +497,47 @@ class ZeroStrategy(Strategy):
 
     def unwrap(self, model: nn.Module) -> nn.Module:
         return self.engine.module
+
+
+ZERO_TAG = "state"
+
+
+def convert_to_universal(ds_dir: Any, out_dir: Any) -> None:
+    """DeepSpeed checkpoint ``ds_dir/state`` → universal checkpoint ``out_dir/state`` (one process, CPU)."""
+    import argparse
+    import contextlib as _ctx
+    import io
+    import shutil
+
+    _import_deepspeed()
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    tmp = f"{out_dir}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    args = argparse.Namespace(input_folder=os.path.join(str(ds_dir), ZERO_TAG), output_folder=os.path.join(tmp, ZERO_TAG),
+                              num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
+                              inject_missing_state=False)
+    with _ctx.redirect_stdout(io.StringIO()), _ctx.redirect_stderr(io.StringIO()):  # tqdm bars, progress prints
+        ds_to_universal(args)
+    os.replace(tmp, str(out_dir))
+
+
+def consolidate_zero_checkpoint(ds_dir: Any) -> dict[str, torch.Tensor]:
+    """Full fp32 model weights from a DeepSpeed checkpoint written by :meth:`ZeroStrategy.save_native`.
+
+    Pure file reading on the CPU: no GPU and no process group of the original world size.
+    """
+    import contextlib as _ctx
+    import io
+
+    _import_deepspeed()
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    stage_path = os.path.join(str(ds_dir), ZERO_TAG)
+    model_files = [f for f in os.listdir(stage_path) if f.endswith("model_states.pt")]
+    optim_files = [f for f in os.listdir(stage_path) if f.endswith("optim_states.pt")]
+    if not optim_files:  # stage 0: the model states hold the full weights
+        sd = torch.load(os.path.join(stage_path, sorted(model_files)[0]), map_location="cpu", weights_only=False)
+        return {k: v.float() for k, v in sd["module"].items()}
+    with _ctx.redirect_stdout(io.StringIO()):
+        return dict(get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag=ZERO_TAG))

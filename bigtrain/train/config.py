@@ -26,6 +26,9 @@ class TrainConfig(Section):
     grad_clip: float = doc_field(1.0, "Clip the global gradient norm to this value (0 = no clipping).")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = doc_field("auto", "auto = bf16 autocast on GPUs that support it, fp32 on CPU.")
     compile: bool = doc_field(False, "torch.compile each Transformer block (applied before sharding).")
+    on_nonfinite: Literal["stop", "skip"] = doc_field("stop", "NaN/Inf loss or grad norm: stop = exit with status 3 without saving a checkpoint (checked on log steps and before every save; no per-step host sync); skip = drop that step's update (costs one host sync per step). See docs/multinode.md.")
+    max_consecutive_skips: int = doc_field(5, "on_nonfinite=skip: stop (status 3) after this many non-finite steps in a row.")
+    debug_poison_steps: list[int] = doc_field([], "Testing aid only: multiply the loss by NaN at these optimizer steps (1-based) to exercise on_nonfinite.")
 
     def validate(self, path: str) -> None:
         for name in ("max_steps", "global_batch_tokens", "micro_batch_size"):
@@ -43,6 +46,10 @@ class TrainConfig(Section):
             raise ConfigError(f"{path}: weight_decay and grad_clip must be >= 0.")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise ConfigError(f"{path}: beta1 and beta2 must be within [0, 1).")
+        if self.max_consecutive_skips < 1:
+            raise ConfigError(f"{path}.max_consecutive_skips: must be >= 1, got {self.max_consecutive_skips}.")
+        if any(step < 1 for step in self.debug_poison_steps):
+            raise ConfigError(f"{path}.debug_poison_steps: steps are 1-based, got {self.debug_poison_steps}.")
 
 
 @dataclass(frozen=True)
@@ -60,14 +67,46 @@ class EvalConfig(Section):
 
 
 @dataclass(frozen=True)
+class WandbConfig(Section):
+    """Weights & Biases logging (rank 0 only; the resolved config is uploaded)."""
+
+    mode: Literal["disabled", "offline", "online"] = doc_field("disabled", "disabled, offline (files under RUN_DIR/wandb, sync later with `wandb sync`) or online (needs WANDB_API_KEY or `wandb login`). The WANDB_MODE environment variable, when set, overrides this.")
+    project: str = doc_field("bigtrain", "W&B project.")
+    entity: str = doc_field("", "W&B entity (team or user); empty = your default entity.")
+    name: str = doc_field("", "W&B run name; empty = run.name.")
+    tags: list[str] = doc_field([], "W&B run tags.")
+
+    def validate(self, path: str) -> None:
+        if not self.project:
+            raise ConfigError(f"{path}.project: must name a W&B project (e.g. {path}.project=bigtrain).")
+
+
+@dataclass(frozen=True)
+class ProfileConfig(Section):
+    """torch.profiler window (rank 0 only)."""
+
+    steps: list[int] = doc_field([], "[first, last] optimizer steps (1-based, inclusive) to profile into RUN_DIR/profile/ (a Chrome trace, an op summary and, on CUDA, a memory snapshot); [] = off.")
+
+    def validate(self, path: str) -> None:
+        if not self.steps:
+            return
+        if len(self.steps) != 2 or not 1 <= self.steps[0] <= self.steps[1]:
+            raise ConfigError(f"{path}.steps: expected [first, last] with 1 <= first <= last, got {self.steps}; "
+                              f"e.g. {path}.steps=[10,12] (or [] for no profiling).")
+
+
+@dataclass(frozen=True)
 class LogConfig(Section):
-    """Console and metrics.jsonl logging."""
+    """Logging: console, metrics.jsonl (always), W&B, TensorBoard and the profiler window."""
 
     every_steps: int = doc_field(10, "Log a line every N optimizer steps (the first and last step are always logged).")
-    console: bool = doc_field(True, "Print log lines to stdout (metrics.jsonl is always written).")
+    console: bool = doc_field(True, "Print log lines to stdout, with a progress bar and ETA (metrics.jsonl is always written).")
     sample_at_end: bool = doc_field(True, "Print a short generated sample after training.")
     sample_prompt: str = doc_field("", "Prompt for the end-of-training sample (empty = start of a document).")
     sample_tokens: int = doc_field(100, "Tokens to generate for the end-of-training sample.")
+    tensorboard: bool = doc_field(False, "Also write TensorBoard event files to RUN_DIR/tensorboard (rank 0).")
+    wandb: WandbConfig = doc_field(WandbConfig(), "Weights & Biases logging.")
+    profile: ProfileConfig = doc_field(ProfileConfig(), "Profiler window.")
 
     def validate(self, path: str) -> None:
         if self.every_steps <= 0:

@@ -57,6 +57,26 @@ def host_rss_bytes() -> int:
     return rss if sys.platform == "darwin" else rss * 1024
 
 
+def current_rss_bytes() -> int:
+    """Resident set size of this process now (falls back to the peak where /proc is missing)."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return host_rss_bytes()
+
+
+def memory_stats(device: torch.device) -> dict[str, float]:
+    """Memory for a train record, in GiB: peak allocated/reserved by the CUDA caching allocator
+    since the start of the process (reserved - allocated is fragmentation/cache) and the host RSS
+    now (what a node's OOM killer looks at)."""
+    stats = {"host_rss_gib": current_rss_bytes() / 2**30}
+    if device.type == "cuda":
+        stats["peak_mem_allocated_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        stats["peak_mem_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
+    return stats
+
+
 def memory_gib(device: torch.device) -> float:
     """Peak device memory allocated (CUDA) or peak host RSS (CPU), in GiB."""
     if device.type == "cuda":

@@ -18,18 +18,25 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bigtrain.checkpoint.manager import CheckpointManager, capture_rng, load_state, resolve_resume, restore_rng
+from bigtrain.checkpoint.manager import CheckpointManager, capture_rng, resolve_resume
 from bigtrain.config import RunConfig
-from bigtrain.data.loader import TokenStream, TrainLoader, eval_batches
-from bigtrain.data.tokenizer import Tokenizer
+from bigtrain.data.loader import TokenStream, eval_batches
+from bigtrain.data.pipeline import DataPipeline
+from bigtrain.data.tokenizer import load_tokenizer
 from bigtrain.errors import UserError
 from bigtrain.model import build_on_meta, count_parameters, flops_per_token
 from bigtrain.optim.optimizer import build_adamw
 from bigtrain.optim.schedule import LRSchedule
 from bigtrain.parallel import dist
 from bigtrain.parallel.strategy import build_strategy
-from bigtrain.train.loggers import ConsoleLogger, JsonlLogger, Logger
-from bigtrain.train.metrics import bits_per_byte, memory_gib, mfu, peak_flops
+from bigtrain.train.loggers import (ConsoleLogger, JsonlLogger, Logger, StatusLogger, TensorBoardLogger, WandbLogger,
+                                    preflight)
+from bigtrain.train.metrics import bits_per_byte, memory_gib, memory_stats, mfu, peak_flops
+from bigtrain.train.profiler import ProfilerWindow
+from bigtrain.train.timing import StepTimer
+from bigtrain.train.failures import NonFiniteGuard, Watchdog
+from bigtrain.train.signals import StopRequest
+from bigtrain.train.status import write_status
 
 Print = Callable[[str], None]
 
@@ -51,7 +58,9 @@ class Trainer:
         seed_everything(cfg.run.seed)
 
         # --- Everything a user can get wrong is checked before the run folder is touched.
-        self.tokenizer = Tokenizer.from_file(cfg.data.tokenizer)
+        # W&B credentials first: `online` without a key must fail in seconds, never mid-run.
+        self.wandb_mode = preflight(cfg) if self.info.is_main else "disabled"
+        self.tokenizer = load_tokenizer(cfg.data.tokenizer)
         if self.tokenizer.vocab_size > cfg.model.vocab_size:
             raise UserError(
                 f"the tokenizer {cfg.data.tokenizer} has {self.tokenizer.vocab_size} tokens but model.vocab_size is "
@@ -59,16 +68,15 @@ class Trainer:
                 f"(a multiple of 64 such as {64 * math.ceil(self.tokenizer.vocab_size / 64)} is fastest)."
             )
         fingerprint = self.tokenizer.fingerprint
-        self.train_stream = TokenStream.open(cfg.data.train_path, vocab_size=cfg.model.vocab_size,
-                                             tokenizer_fingerprint=fingerprint, what="training")
         self.val_stream = (TokenStream.open(cfg.data.val_path, vocab_size=cfg.model.vocab_size,
                                             tokenizer_fingerprint=fingerprint, what="validation")
                            if cfg.data.val_path else None)
         self.global_batch_seqs, self.accum_steps = cfg.batch_layout(self.info.world_size)
-        self.loader = TrainLoader(
-            self.train_stream, seq_len=cfg.data.seq_len, micro_batch_size=cfg.train.micro_batch_size,
-            global_batch_seqs=self.global_batch_seqs, rank=self.info.rank, world_size=self.info.world_size,
-            seed=cfg.run.seed, shuffle=cfg.data.shuffle,
+        self.loader = DataPipeline.from_config(
+            cfg.data, tokenizer=self.tokenizer, vocab_size=cfg.model.vocab_size,
+            micro_batch_size=cfg.train.micro_batch_size, global_batch_seqs=self.global_batch_seqs,
+            rank=self.info.rank, world_size=self.info.world_size, seed=cfg.run.seed,
+            pin_memory=self.info.device.type == "cuda",
         )
         self.run_dir = Path(cfg.run.out_dir)
         self.resume_from = resolve_resume(cfg.checkpoint.resume, self.run_dir)
@@ -90,18 +98,45 @@ class Trainer:
         self.num_params = count_parameters(cfg.model)
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
         self.peak_flops = peak_flops(self.info.device)
-        self.checkpoints = CheckpointManager(self.run_dir, keep_last=cfg.checkpoint.keep_last)
+        self.checkpoints = CheckpointManager(self.run_dir, cfg.checkpoint, info=self.info, echo=self.echo)
+        self.last_checkpoint_stall_s: float | None = None
+        if cfg.model.init_from and self.resume_from is None:  # continued pretraining from HF Llama weights
+            from bigtrain.checkpoint.export import init_from_hf
+
+            init_from_hf(cfg.model.init_from, cfg.model, self.strategy, self.model, echo=self.echo if self.info.is_main else None)
         self.step = 0
         self.tokens_seen = 0
-        self.loggers: list[Logger] = []
-        if self.info.is_main:
-            self.loggers.append(JsonlLogger(self.run_dir / "metrics.jsonl"))
-            if cfg.log.console:
-                self.loggers.append(ConsoleLogger(cfg.train.max_steps, stream=None))
+        self.timer = StepTimer(self.info.device)
+        self._init_fault_tolerance()
+        self._build_loggers()
         if self.resume_from is not None:
             self._resume(self.resume_from)
 
     # ------------------------------------------------------------------ set-up helpers
+    def _build_loggers(self) -> None:
+        """Rank 0 logs (console, metrics.jsonl, status.json, W&B, TensorBoard) and profiles."""
+        cfg, resumed = self.cfg, self.resume_from is not None
+        self.loggers: list[Logger] = []
+        self.console: ConsoleLogger | None = None
+        self.status: StatusLogger | None = None
+        self.profiler: ProfilerWindow | None = None
+        if not self.info.is_main:
+            return
+        self.loggers.append(JsonlLogger(self.run_dir / "metrics.jsonl"))
+        self.status = StatusLogger(self.run_dir, name=cfg.run.name, max_steps=cfg.train.max_steps, resumed=resumed)
+        self.loggers.append(self.status)
+        if cfg.log.console:
+            self.console = ConsoleLogger(cfg.train.max_steps, stream=None)
+            self.loggers.append(self.console)
+            if self.console.tty:
+                self.echo = self.console.wrap_echo(self.echo)  # messages print above the progress bar
+        if self.wandb_mode != "disabled":
+            self.loggers.append(WandbLogger(self.run_dir, cfg, self.wandb_mode, resumed=resumed))
+        if cfg.log.tensorboard:
+            self.loggers.append(TensorBoardLogger(self.run_dir, cfg))
+        if cfg.log.profile.steps:
+            self.profiler = ProfilerWindow(cfg.log.profile.steps, self.run_dir, self.info.device, echo=self.echo)
+
     def _prepare_run_dir(self) -> None:
         existed = self.run_dir.exists()
         try:
@@ -120,40 +155,93 @@ class Trainer:
             (self.run_dir / "config.yaml").write_text(self.cfg.to_yaml())
 
     def _resume(self, path: Path) -> None:
-        state = load_state(path, map_location=self.info.device)
-        saved_model = state.get("config", {}).get("model", {})
-        current = self.cfg.to_dict()["model"]
-        diff = sorted(k for k in set(saved_model) | set(current) if k != "preset" and saved_model.get(k) != current.get(k))
-        if diff:
-            details = ", ".join(f"model.{k}: {saved_model.get(k)!r} -> {current.get(k)!r}" for k in diff)
-            raise UserError(f"cannot resume from {path}: the model architecture changed ({details}). "
-                            f"Use the checkpoint's model settings or start a new run folder.")
-        self.strategy.load_state_dict(self.model, self.optimizer, state)
-        self.loader.load_state_dict(state["data"])
-        restore_rng(state["rng"])
-        self.step = int(state["trainer"]["step"])
-        self.tokens_seen = int(state["trainer"]["tokens_seen"])
-        self.echo(f"resumed from {path} at step {self.step} ({self.tokens_seen:,} tokens seen)")
+        """Restore model, optimizer, data position, RNG and counters (checksums verified first; with
+        ``checkpoint.resume=auto`` a corrupt checkpoint is reported and an older one used)."""
+        resumed = self.checkpoints.load(path, strategy=self.strategy, model=self.model, optimizer=self.optimizer,
+                                        current_config=self.cfg.to_dict(), seed=self.cfg.run.seed,
+                                        auto=self.cfg.checkpoint.resume == "auto")
+        if resumed is None:
+            return
+        self.loader.load_state_dict(resumed.data_state)
+        self.step, self.tokens_seen = resumed.step, resumed.tokens_seen
+        self.resume_from = resumed.path
+        if self.info.is_main:
+            self.echo(f"resumed from {resumed.path} at step {self.step} ({self.tokens_seen:,} tokens seen)")
 
     def state_dict(self) -> dict[str, Any]:
+        """This rank's small state next to the model/optimizer shards: data position, RNG, counters."""
         return {
-            **self.strategy.state_dict(self.model, self.optimizer),
             "data": self.loader.state_dict(),
             "rng": capture_rng(),
             "trainer": {"step": self.step, "tokens_seen": self.tokens_seen},
-            "config": self.cfg.to_dict(),
         }
 
-    def save_checkpoint(self) -> Path:
-        """Gather the state (collective) and write it from rank 0; every rank waits for the commit."""
+    def save_checkpoint(self, *, blocking: bool | None = None) -> Path:
+        """Checkpoint the current step on every rank (the single entry point; collective).
+
+        With ``checkpoint.async_save`` it returns once the state is copied to host memory and the
+        files are written in the background (``self.checkpoints.wait()`` waits for the commit);
+        ``blocking=True`` returns after the commit. The time the loop was blocked is logged as
+        ``checkpoint_stall_s`` and kept in ``self.last_checkpoint_stall_s``.
+        """
+        self._check_finite("before saving a checkpoint")  # a poisoned state is never written
         t0 = time.perf_counter()
-        state = self.state_dict()
-        path = self.checkpoints.root / f"step_{self.step:06d}"
+        path = self.checkpoints.save(self.step, strategy=self.strategy, model=self.model, optimizer=self.optimizer,
+                                     rank_state=self.state_dict(), tokens_seen=self.tokens_seen,
+                                     config=self.cfg.to_dict(), config_hash=self.cfg.hash(), blocking=blocking)
+        stall = time.perf_counter() - t0
+        self.last_checkpoint_stall_s = stall
+        background = self.checkpoints.in_flight
+        self._emit({"kind": "checkpoint", "step": self.step, "path": str(path), "checkpoint_stall_s": stall,
+                    "async": background})
         if self.info.is_main:
-            path = self.checkpoints.save(self.step, state, config_hash=self.cfg.hash())
-            self.echo(f"saved checkpoint {path} ({time.perf_counter() - t0:.1f}s)")
-        self.strategy.barrier()
+            self.echo(f"{'saving' if background else 'saved'} checkpoint {path} (step loop blocked {stall:.2f}s)")
         return path
+
+    # ------------------------------------------------------------------ fault tolerance (train/signals.py, failures.py)
+    def _init_fault_tolerance(self) -> None:
+        cfg = self.cfg
+        # (skip + ZeRO is rejected by RunConfig.validate: DeepSpeed's norm comes too late to skip the step.)
+        self.nonfinite = NonFiniteGuard(cfg.train.on_nonfinite, cfg.train.max_consecutive_skips,
+                                        cfg.train.debug_poison_steps, self.info.device)
+        backend = dist.resolve_backend(cfg.parallel.backend, self.info.device)
+        self.stop_request = StopRequest(self.info.world_size, backend=backend)  # collective: every rank builds it
+        # Steps only (armed after step 1); collectives fail on their own after parallel.timeout_s.
+        self.watchdog = Watchdog(2 * cfg.parallel.timeout_s, self.info.rank, self.info.world_size)
+
+    def _check_finite(self, where: str) -> None:
+        if self.cfg.train.on_nonfinite == "stop":
+            self.nonfinite.check(where)
+
+    def _stop_requested(self, is_last: bool) -> int:
+        """Step boundary: heartbeat, then the stop signal every rank agrees on (0 = go on).
+
+        After the last step the watchdog is disarmed (final evaluation and save are not steps) and
+        a late signal is ignored: the run is finishing anyway.
+        """
+        if is_last:
+            self.watchdog.disarm()
+            return 0
+        self.watchdog.beat(self.step)
+        # Multi-rank it is an all-reduce where fast ranks wait for stragglers: part of the breakdown.
+        with self.timer.phase("collectives_s") if self.info.world_size > 1 else contextlib.nullcontext():
+            return self.stop_request.agreed()
+
+    def _stop_on_signal(self, signum: int, last_train: dict[str, Any]) -> dict[str, Any]:
+        """Preemption: commit a checkpoint of this step, mark the run preempted, return to the CLI (exit 75/130)."""
+        name = StopRequest.name(signum)
+        every = self.cfg.checkpoint.every_steps
+        if not (every and self.step % every == 0):  # not already saved by the loop at this step
+            self.save_checkpoint(blocking=True)
+        self.checkpoints.wait()  # an async save must be committed before the process exits
+        if self.info.is_main:
+            write_status(self.run_dir, "preempted", signal=name, step=self.step, tokens=self.tokens_seen)
+            self.echo(f"stopped by {name} after step {self.step}: checkpoint committed; exiting with status "
+                      f"{StopRequest.exit_status(signum)} (resume with checkpoint.resume=auto)")
+        for logger in self.loggers:
+            logger.close()
+        self.strategy.barrier()
+        return {"step": self.step, "tokens": self.tokens_seen, "loss": last_train.get("loss"), "stopped_by": signum}
 
     # ------------------------------------------------------------------ the step
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -162,22 +250,35 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
-        micro_batches = self.loader.next_step()
+        timer = self.timer  # phases are timed without a host sync (CUDA events); see train/timing.py
+        with timer.phase("data_wait_s"):
+            micro_batches = self.loader.next_step()
         loss_sum = torch.zeros((), device=self.info.device)
-        for i, batch in enumerate(micro_batches):
-            inputs = batch.inputs.to(self.info.device, non_blocking=True)
-            targets = batch.targets.to(self.info.device, non_blocking=True)
-            last = i == len(micro_batches) - 1
-            with self.strategy.no_sync(self.model) if not last else contextlib.nullcontext():
-                with self.strategy.autocast():
-                    loss = self.model(inputs, targets)
-                self.strategy.backward(loss / len(micro_batches))
-            loss_sum += loss.detach()
-        grad_norm = self.strategy.clip_grad_norm(self.model, self.cfg.train.grad_clip)
-        self.strategy.step(self.optimizer)
+        with timer.phase("fwd_bwd_s"):
+            for i, batch in enumerate(micro_batches):
+                inputs = batch.inputs.to(self.info.device, non_blocking=True)
+                targets = batch.targets.to(self.info.device, non_blocking=True)
+                last = i == len(micro_batches) - 1
+                with self.strategy.no_sync(self.model) if not last else contextlib.nullcontext():
+                    with self.strategy.autocast():
+                        loss = self.nonfinite.poison(self.step + 1, self.model(inputs, targets))
+                    self.strategy.backward(loss / len(micro_batches))
+                loss_sum += loss.detach()
+        with timer.phase("optimizer_s"):
+            grad_norm = self.strategy.clip_grad_norm(self.model, self.cfg.train.grad_clip)
+            if self.cfg.train.on_nonfinite == "skip" and self.nonfinite.skip_update(
+                    self.step + 1, self.strategy.reduce_mean(loss_sum / len(micro_batches)), grad_norm):
+                self.optimizer.zero_grad(set_to_none=True)  # drop the update; data and schedule move on
+            else:
+                self.strategy.step(self.optimizer)
         self.step += 1
         self.tokens_seen += self.cfg.train.global_batch_tokens
-        return self.strategy.reduce_mean(loss_sum / len(micro_batches)), grad_norm, lr
+        with timer.phase("collectives_s") if self.info.world_size > 1 else contextlib.nullcontext():
+            mean_loss = self.strategy.reduce_mean(loss_sum / len(micro_batches))
+        if self.cfg.train.on_nonfinite == "stop":
+            self.nonfinite.observe(self.step, mean_loss, grad_norm)  # on device: no host sync here
+        timer.step_done()
+        return mean_loss, grad_norm, lr
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -217,7 +318,25 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict[str, Any]:
-        """Train to ``train.max_steps`` with periodic logging, evaluation and checkpoints."""
+        """Train to ``train.max_steps``; RUN_DIR/status.json says running, then finished or failed."""
+        if self.status is not None:
+            self.status.start(self.step, self.tokens_seen)
+        if self.console is not None:
+            self.console.start(self.step)  # the ETA clock
+        try:
+            with self.stop_request, self.watchdog:  # SIGUSR1/SIGTERM/SIGINT handlers; no-progress watchdog
+                summary = self._fit()
+        except BaseException as exc:  # also KeyboardInterrupt/SystemExit: the run did not finish
+            if self.status is not None:
+                self.status.finish("failed", step=self.step, tokens=self.tokens_seen,
+                                   error=f"{type(exc).__name__}: {exc}"[:1000])
+            raise
+        if self.status is not None:
+            self.status.finish("finished", step=self.step, tokens=self.tokens_seen)
+        return summary
+
+    def _fit(self) -> dict[str, Any]:
+        """The loop: periodic logging, evaluation and checkpoints."""
         cfg = self.cfg
         self._print_header()
         last_eval: dict[str, float] | None = None
@@ -225,11 +344,18 @@ class Trainer:
         t_window, steps_window = time.perf_counter(), 0
         t_start = time.perf_counter()
         while self.step < cfg.train.max_steps:
+            if self.profiler is not None:  # starting/writing a profile is not step time
+                t_window += self.profiler.before_step(self.step + 1)
             loss, grad_norm, lr = self.train_step()
+            if self.profiler is not None:
+                t_window += self.profiler.after_step(self.step)
+            if self.console is not None:
+                self.console.progress(self.step)
             steps_window += 1
             is_last = self.step == cfg.train.max_steps
             if self.step % cfg.log.every_steps == 0 or self.step == 1 or is_last:
                 loss_value = loss.item()  # the only host sync of a step, and only on log steps
+                self._check_finite(f"at log step {self.step}")
                 elapsed = time.perf_counter() - t_window
                 tokens_per_s = steps_window * cfg.train.global_batch_tokens / elapsed
                 per_device = tokens_per_s / self.info.world_size
@@ -238,23 +364,32 @@ class Trainer:
                     "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tokens_per_s,
                     "mfu": mfu(per_device, self.flops_per_token, self.peak_flops),
                     "step_time_s": elapsed / steps_window, "memory_gib": memory_gib(self.info.device),
-                    "epoch": self.loader.epoch,
+                    "epoch": self.loader.epoch, **self.loader.log_stats(), **self.timer.summary(), **memory_stats(self.info.device),
                 }
                 self._emit(last_train)
                 t_window, steps_window = time.perf_counter(), 0
             if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0 and not is_last:
+                t_eval = time.perf_counter()
                 last_eval = self.evaluate()
-                t_window = time.perf_counter()  # evaluation time is not training throughput
+                t_window += time.perf_counter() - t_eval  # evaluation time is not training throughput
             if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0 and not is_last:
+                t_ckpt = time.perf_counter()
                 self.save_checkpoint()
-                t_window = time.perf_counter()
+                # The loop was blocked this long: it counts in step time and shows as checkpoint_stall_s.
+                stall = getattr(self, "last_checkpoint_stall_s", None)
+                self.timer.add("checkpoint_stall_s", time.perf_counter() - t_ckpt if stall is None else stall)
+            if signum := self._stop_requested(is_last):
+                return self._stop_on_signal(signum, last_train)
         train_time = time.perf_counter() - t_start
+        if self.profiler is not None:
+            self.profiler.stop()  # training ended inside the window
         if cfg.eval.at_end:
             last_eval = self.evaluate(cfg.eval.final_max_batches) or last_eval
         if cfg.checkpoint.at_end:
             self.save_checkpoint()
         if cfg.log.sample_at_end and cfg.log.sample_tokens:
             self._print_sample()
+        self.checkpoints.wait()  # the last async save is committed before loggers close and the process exits
         for logger in self.loggers:
             logger.close()
         self.strategy.barrier()
@@ -269,6 +404,8 @@ class Trainer:
     def _print_header(self) -> None:
         if not self.info.is_main:
             return
+        from bigtrain.kernels.report import describe_kernels
+
         c = self.cfg
         self.echo(
             f"bigtrain: run {c.run.name!r} -> {self.run_dir}\n"
@@ -277,11 +414,13 @@ class Trainer:
             f"  device   {self.info.device} x {self.info.world_size}, strategy {c.parallel.strategy}, "
             f"compute {str(self.strategy.compute_dtype).replace('torch.', '')}, threads {torch.get_num_threads()}"
             f"{'' if self.peak_flops else ', MFU n/a (no known peak for this device)'}\n"
+            f"  kernels  {describe_kernels(c.model, self.info.device, self.strategy.compute_dtype)}\n"
             f"  batch    {c.train.global_batch_tokens:,} tokens/step = {self.global_batch_seqs} x {c.data.seq_len} "
             f"(micro {c.train.micro_batch_size}, grad accum {self.accum_steps})\n"
-            f"  data     {self.train_stream.num_tokens:,} train tokens"
+            f"  data     {self.loader.summary()} train"
             f"{f', {self.val_stream.num_tokens:,} val tokens' if self.val_stream else ''}, "
-            f"{c.train.max_steps} steps = {c.train.max_steps * c.train.global_batch_tokens / max(1, self.train_stream.num_tokens):.2f} epochs"
+            f"{c.train.max_steps} steps"
+            + (f" = {c.train.max_steps * c.train.global_batch_tokens / n:.2f} epochs" if (n := self.loader.shard_tokens()) else "")
         )
 
     def _print_sample(self) -> None:

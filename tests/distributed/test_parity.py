@@ -107,3 +107,31 @@ def test_nccl_on_cpu_exit_2(tmp_path: Path, demo_data: Path) -> None:
                    "parallel.backend=nccl", timeout=120)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "parallel.backend=nccl" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+# bf16 compute rounds differently per backend: FSDP2 keeps bf16 sharded params and reduces in fp32,
+# DeepSpeed casts the module to bf16 and steps an fp32 master, DDP/single autocast over fp32 weights.
+# Over 5 steps the losses stay within 1% and grad norms within 5% of the single-process bf16 run
+# (documented in docs/parallelism.md); fp32 runs agree to 1e-5 above.
+BF16_LOSS_REL, BF16_GRAD_NORM_REL = 1e-2, 5e-2
+
+
+@pytest.mark.slow
+def test_bf16_backends_agree_within_documented_bound(tmp_path: Path, demo_data: Path) -> None:
+    bf16 = [o for o in COMMON if not o.startswith("train.precision=")] + ["train.precision=bf16"]
+    proc = run_cli("train", "configs/debug.yaml", f"run.out_dir={tmp_path / 'single'}", *bf16, "run.num_threads=1",
+                   timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    want = train_records(tmp_path / "single")
+    for name, overrides in [("ddp", ["parallel.strategy=ddp"]), ("fsdp", ["parallel.strategy=fsdp"]),
+                            ("zero2", ["parallel.strategy=zero", "parallel.zero.stage=2"])]:
+        out = tmp_path / name
+        proc = run_torchrun("train", "configs/debug.yaml", f"run.out_dir={out}", *bf16, *overrides, timeout=TIMEOUT,
+                            env={"DS_ACCELERATOR": "cpu"})
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        got = train_records(out)
+        assert "bfloat16" in proc.stdout, f"{name} did not compute in bf16"
+        assert [r["step"] for r in got] == [r["step"] for r in want], name
+        for g, w in zip(got, want):
+            assert g["loss"] == pytest.approx(w["loss"], rel=BF16_LOSS_REL), (name, g["step"], g["loss"], w["loss"])
+            assert g["grad_norm"] == pytest.approx(w["grad_norm"], rel=BF16_GRAD_NORM_REL), (name, g["step"])

@@ -74,7 +74,7 @@ def test_sharding_saves_memory(measured: dict[str, list[dict]]) -> None:
     per_rank = {name: max(r["held"]["total"] for r in measured[name]) for name in CASES}
     assert per_rank["ddp"] == pytest.approx(single, rel=0.02)
     assert per_rank["fsdp"] <= 0.55 * single
-    # ZeRO-3 (fp32): partitions of params, grads, moments AND DeepSpeed's fp32 master copy, plus the
-    # whole persistent small parameters: (4 + 4 + 4 + 8) / 2 = 10 of single's 16 bytes per parameter.
-    assert per_rank["zero3"] <= 0.70 * single
+    # ZeRO-3 (fp32): partitions of params, grads and moments (the fp32 master shares the params'
+    # storage), plus the small parameters DeepSpeed keeps whole on every rank (persistence threshold).
+    assert per_rank["zero3"] <= 0.60 * single
     assert per_rank["zero3"] < per_rank["zero2"] <= per_rank["zero1"] < per_rank["ddp"]

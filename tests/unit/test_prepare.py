@@ -187,3 +187,49 @@ def test_existing_output_dir(tmp_path: Path) -> None:
     prepare_corpus([str(tmp_path / "a.txt")], out, vocab_size=300, overwrite=True, log=quiet)
     assert not (out / "keep.me").exists() and (out / "manifest.json").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "out"]
+
+
+def _shard_bytes(out: Path) -> dict[str, bytes]:
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.glob("*/shard_*.bin"))}
+
+
+def test_parallel_workers_write_identical_shards(corpus: Path, tmp_path: Path) -> None:
+    one = prepare_corpus([str(corpus)], tmp_path / "one", vocab_size=300, shard_tokens=500, num_workers=1, log=quiet)
+    two = prepare_corpus([str(corpus)], tmp_path / "two", vocab_size=300, shard_tokens=500, num_workers=2, log=quiet)
+    assert len(_shard_bytes(one)) > 4 and _shard_bytes(one) == _shard_bytes(two)
+
+
+def test_interrupted_prepare_resumes(corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import bigtrain.data.prepare as prep
+
+    ref = prepare_corpus([str(corpus)], tmp_path / "ref", vocab_size=300, shard_tokens=400, num_workers=1, log=quiet)
+    real, calls = prep._write_progress, []
+
+    def killed_after_three(build: Path, progress: dict) -> None:
+        real(build, progress)
+        calls.append(progress)
+        if len(calls) == 4:  # the initial record + three completed shards
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(prep, "_write_progress", killed_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_corpus([str(corpus)], tmp_path / "out", vocab_size=300, shard_tokens=400, num_workers=1, log=quiet)
+    assert (tmp_path / "out.partial" / "progress.json").exists() and not (tmp_path / "out").exists()
+    monkeypatch.setattr(prep, "_write_progress", real)
+    logs: list[str] = []
+    out = prepare_corpus([str(corpus)], tmp_path / "out", vocab_size=300, shard_tokens=400, num_workers=1,
+                         log=logs.append)
+    assert any("resuming" in line for line in logs)
+    assert _shard_bytes(out) == _shard_bytes(ref)
+    assert read_manifest(out)["splits"] == read_manifest(ref)["splits"]
+    assert not (tmp_path / "out.partial").exists()
+    # Different options never resume a build of other options.
+    (corpus / "extra.txt").write_text(doc(99))
+    with pytest.raises(KeyboardInterrupt):
+        monkeypatch.setattr(prep, "_write_progress", killed_after_three)
+        calls.clear()
+        prepare_corpus([str(corpus)], tmp_path / "o2", vocab_size=300, shard_tokens=400, num_workers=1, log=quiet)
+    monkeypatch.setattr(prep, "_write_progress", real)
+    logs.clear()
+    prepare_corpus([str(corpus)], tmp_path / "o2", vocab_size=300, shard_tokens=401, num_workers=1, log=logs.append)
+    assert any("discarding" in line for line in logs)

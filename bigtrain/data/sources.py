@@ -1,0 +1,216 @@
+"""Training sources: memory-mapped token shards and streamed raw text (text / jsonl / parquet).
+
+Every source turns into an endless (or ``max_epochs``-capped) sequence of training samples of
+``seq_len + 1`` tokens, addressed by the source-local sample index ``j``:
+
+* :class:`ShardSource` has random access: sample ``j`` is window ``perm_e[j % W]`` of epoch
+  ``e = j // W``, where ``W`` windows of ``seq_len + 1`` tokens (stride ``seq_len``) tile the
+  concatenated shards and ``perm_e`` is a seeded permutation. Its state is just ``j``.
+* :class:`TextSource` reads files in a seeded per-epoch order through Hugging Face ``datasets``
+  (streaming mode, local files only), tokenizes documents in DataLoader worker processes
+  (:mod:`bigtrain.data.streaming`) and packs them (:class:`~bigtrain.data.packing.Packer`):
+  sample ``j`` is tokens ``[j*L, j*L + L + 1)`` of the documents concatenated, each followed
+  by EOS. It must be read in order, so its state is the reading position (epoch, file, record,
+  token offset) — enough to resume mid-document without replaying anything.
+"""
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from bigtrain.data.config import SourceConfig
+from bigtrain.data.loader import TokenStream
+from bigtrain.data.packing import Packer
+from bigtrain.data.tokenizer import Tokenizer
+from bigtrain.errors import UserError
+
+SUFFIXES = {
+    "text": (".txt", ".txt.gz", ".md"),
+    "jsonl": (".jsonl", ".jsonl.gz", ".json", ".json.gz"),
+    "parquet": (".parquet",),
+}
+
+
+class Source(Protocol):
+    """What the mixer needs from a source."""
+
+    name: str
+    kind: str
+    weight: float
+
+    def take(self, j: int, out: np.ndarray | None) -> bool:
+        """Write sample ``j`` (``seq_len + 1`` tokens) into ``out`` (skip it if None), or raise Exhausted."""
+
+    def state(self) -> dict[str, Any]:
+        """JSON-able reading position (beyond the sample count, which the pipeline keeps)."""
+
+    def restore(self, state: dict[str, Any], count: int) -> None:
+        """Continue from a :meth:`state` taken when ``count`` samples had been taken."""
+
+    def progress(self, count: int) -> float:
+        """Epochs done after ``count`` samples (fractional where known)."""
+
+    def stats(self) -> dict[str, int]:
+        """Per-source counters for the training log."""
+
+    def close(self) -> None:
+        """Release worker processes / files."""
+
+
+class Exhausted(Exception):
+    """A source reached its ``max_epochs`` cap (the mixer drops it and renormalizes the weights)."""
+
+
+class ShardSource:
+    """Prepared token shards, memory-mapped; random access by sample index."""
+
+    kind = "shards"
+
+    def __init__(self, cfg: SourceConfig, name: str, index: int, *, seq_len: int, vocab_size: int,
+                 fingerprint: str | None, seed: int, shuffle: bool) -> None:
+        self.name, self.weight, self.index, self.max_epochs = name, cfg.weight, index, cfg.max_epochs
+        self.seq_len, self.seed, self.shuffle = seq_len, seed, shuffle
+        self.stream = TokenStream.open(cfg.paths, vocab_size=vocab_size, tokenizer_fingerprint=fingerprint,
+                                       what=f"source {name!r}")
+        self.num_windows = (self.stream.num_tokens - 1) // seq_len
+        if self.num_windows < 1:
+            raise UserError(
+                f"source {name!r} has {self.stream.num_tokens} tokens, fewer than one sequence of "
+                f"data.seq_len={seq_len} + 1; use more data or a shorter data.seq_len."
+            )
+        self._perm_epoch = -1
+        self._perm: np.ndarray | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return self.stream.num_tokens
+
+    def window(self, j: int) -> int:
+        """Window index of source-local sample ``j``."""
+        epoch, i = divmod(j, self.num_windows)
+        if not self.shuffle:
+            return i
+        if epoch != self._perm_epoch:
+            # Source 0 keeps the seed layout of the single-source loader, so old runs replay exactly.
+            key = [self.seed, epoch] if self.index == 0 else [self.seed, epoch, self.index]
+            self._perm, self._perm_epoch = np.random.default_rng(key).permutation(self.num_windows), epoch
+        assert self._perm is not None
+        return int(self._perm[i])
+
+    def take(self, j: int, out: np.ndarray | None) -> bool:
+        if self.max_epochs and j >= self.max_epochs * self.num_windows:
+            raise Exhausted(self.name)
+        if out is not None:
+            self.stream.read(self.window(j) * self.seq_len, self.seq_len + 1, out)
+        return True
+
+    def limit(self) -> int | None:
+        """Samples this source can give in all (None = unlimited)."""
+        return self.max_epochs * self.num_windows if self.max_epochs else None
+
+    def state(self) -> dict[str, Any]:
+        return {"kind": self.kind, "num_windows": self.num_windows}
+
+    def restore(self, state: dict[str, Any], count: int) -> None:
+        pass  # random access: the sample count is the whole position
+
+    def progress(self, count: int) -> float:
+        return count / self.num_windows
+
+    def stats(self) -> dict[str, int]:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+def resolve_files(specs: list[str], kind: str, name: str) -> list[Path]:
+    """Files of a text source: each spec a file, a directory (recursive) or a glob; UserError if none."""
+    suffixes = SUFFIXES[kind]
+    files: list[Path] = []
+    for spec in specs:
+        p = Path(spec).expanduser()
+        if p.is_file():
+            found = [p]
+        elif p.is_dir():
+            found = sorted(x for x in p.rglob("*") if x.is_file() and x.name.lower().endswith(suffixes)
+                           and not x.name.startswith("."))
+        elif glob.has_magic(spec):
+            found = sorted(Path(m) for m in glob.glob(str(p), recursive=True) if Path(m).is_file())
+        else:
+            raise UserError(f"source {name!r}: path {spec} does not exist. Check data.sources[].paths "
+                            f"(files, directories and globs are accepted).")
+        if not found:
+            raise UserError(f"source {name!r}: {spec} matches no {kind} files ({', '.join(suffixes)}); "
+                            f"check the glob or directory in data.sources[].paths.")
+        files += [f for f in found if f not in files]
+    return files
+
+
+def _check_parquet_column(files: list[Path], field: str, name: str) -> None:
+    """Parquet has a schema: a missing text column is a config mistake, found before training."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for f in files:
+        try:
+            schema = pq.read_schema(f)
+        except Exception as e:  # pyarrow raises several types for unreadable files
+            raise UserError(f"source {name!r}: cannot read {f} as Parquet ({e}).") from None
+        if field not in schema.names:
+            raise UserError(f"source {name!r}: {f} has no column {field!r} (columns: {', '.join(schema.names)}); "
+                            f"set data.sources[].text_field.")
+        t = schema.field(field).type
+        if not (pa.types.is_string(t) or pa.types.is_large_string(t)):
+            raise UserError(f"source {name!r}: column {field!r} of {f} has type {t}, expected strings.")
+
+
+class TextSource:
+    """Raw text / jsonl / parquet files streamed and tokenized on the fly; sequential access."""
+
+    def __init__(self, cfg: SourceConfig, name: str, index: int, *, tokenizer: Tokenizer, seq_len: int,
+                 seed: int, shuffle: bool, add_bos: bool, add_eos: bool, num_workers: int,
+                 max_bad_fraction: float) -> None:
+        self.kind, self.name, self.weight = cfg.kind, name, cfg.weight
+        self.files = resolve_files(cfg.paths, cfg.kind, name)
+        if cfg.kind == "parquet":
+            _check_parquet_column(self.files, cfg.text_field, name)
+        if add_bos and tokenizer.bos_id is None:
+            raise UserError("data.add_bos is true but the tokenizer has no BOS token; set data.add_bos: false.")
+        spec = {
+            "name": name, "kind": cfg.kind, "files": [str(f) for f in self.files], "text_field": cfg.text_field,
+            "tokenizer_json": tokenizer.backend.to_str(), "eos_token": tokenizer.eos_token,
+            "bos_id": tokenizer.bos_id if add_bos else None, "eos_id": tokenizer.eos_id if add_eos else None,
+            "seed": [seed, index], "shuffle": shuffle, "max_epochs": cfg.max_epochs,
+        }
+        self.packer = Packer(spec, seq_len=seq_len, num_workers=num_workers, max_bad_fraction=max_bad_fraction)
+
+    def take(self, j: int, out: np.ndarray | None) -> bool:
+        sample = self.packer.next_sample()
+        if sample is None:
+            raise Exhausted(self.name)
+        if out is not None:
+            out[:] = sample
+        return True
+
+    def state(self) -> dict[str, Any]:
+        return {"kind": self.kind, "num_files": len(self.files), **self.packer.state()}
+
+    def restore(self, state: dict[str, Any], count: int) -> None:
+        if state.get("num_files", len(self.files)) != len(self.files):
+            raise UserError(f"source {self.name!r} had {state['num_files']} files when the checkpoint was saved "
+                            f"and has {len(self.files)} now; the reading position cannot be restored. Restore the "
+                            f"files or give the changed source a new name.")
+        self.packer.restore(state)
+
+    def progress(self, count: int) -> float:
+        return self.packer.progress()
+
+    def stats(self) -> dict[str, int]:
+        return self.packer.stats()
+
+    def close(self) -> None:
+        self.packer.close()

@@ -1,0 +1,107 @@
+"""Non-finite policy (train.on_nonfinite) and Ctrl-C on one process, end to end through the CLI.
+
+`train.debug_poison_steps` multiplies the loss by NaN at the listed steps (a testing aid).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, run_cli
+
+# A tiny, fast variant of the debug run (one process).
+TINY = ["model.dim=64", "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=2", "data.seq_len=64",
+        "train.global_batch_tokens=512", "train.micro_batch_size=4", "train.lr_warmup_steps=1", "train.precision=fp32",
+        "eval.every_steps=0", "eval.at_end=false", "log.sample_at_end=false", "run.device=cpu", "run.num_threads=1"]
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
+
+
+def checkpoints(run_dir: Path) -> list[str]:
+    root = run_dir / "checkpoints"
+    return sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+
+
+def status(run_dir: Path) -> dict:
+    return json.loads((run_dir / "status.json").read_text())
+
+
+def test_stop_policy_exits_3_without_saving_a_poisoned_checkpoint(tmp_path: Path, demo_data: Path) -> None:
+    out = tmp_path / "stop"
+    proc = run_cli("train", "configs/debug.yaml", f"run.out_dir={out}", *TINY, "train.max_steps=6",
+                   "log.every_steps=5", "checkpoint.every_steps=2", "checkpoint.keep_last=5",
+                   "train.debug_poison_steps=[3]")
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert "non-finite loss or gradient norm at step 3" in proc.stderr and "Traceback" not in proc.stderr
+    # Step 2 was saved; the save at step 4 (weights already NaN) was refused; nothing after.
+    assert checkpoints(out) == ["step_000002"]
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_000002"
+    assert status(out)["status"] == "failed"
+
+
+def test_skip_policy_drops_bad_steps(tmp_path: Path, demo_data: Path) -> None:
+    """(Stopping after train.max_consecutive_skips in a row is covered by tests/unit/test_failures.py.)"""
+    out = tmp_path / "skip"
+    proc = run_cli("train", "configs/debug.yaml", f"run.out_dir={out}", *TINY, "train.max_steps=5", "log.every_steps=1",
+                   "train.on_nonfinite=skip", "train.debug_poison_steps=[2,3]")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    losses = train_losses(out)
+    assert [s for s, v in losses.items() if v != v] == [2, 3]  # NaN logged for the skipped steps
+    assert all(v == v for s, v in losses.items() if s not in (2, 3))  # the weights were never touched by them
+    assert "step 3: non-finite loss or gradient norm, update skipped (2 in a row, 2 in total)" in proc.stdout
+    assert checkpoints(out) == ["step_000005"]  # the final checkpoint is written (finite weights)
+
+
+def test_nonfinite_bad_config_is_a_user_error(tmp_path: Path) -> None:
+    from bigtrain.config import ConfigError, load_config
+
+    for override, needle in [("train.max_consecutive_skips=0", "train.max_consecutive_skips"),
+                             ("train.on_nonfinite=sometimes", "on_nonfinite"),
+                             ("train.debug_poison_steps=[0]", "train.debug_poison_steps")]:
+        with pytest.raises(ConfigError, match=needle):
+            load_config(REPO / "configs/debug.yaml", [override])
+    # The CLI turns it into status 2 and one paragraph (no traceback).
+    proc = run_cli("config", "show", "configs/debug.yaml", "train.on_nonfinite=skip", "parallel.strategy=zero")
+    assert proc.returncode == 2 and "train.on_nonfinite" in proc.stderr and "stop" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()[0]
+        if (run_dir / "metrics.jsonl").is_file() and max(train_losses(run_dir) or [0]) >= step:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"no step {step} within {timeout}s")
+
+
+def test_ctrl_c_saves_and_exits_cleanly(tmp_path: Path, demo_data: Path) -> None:
+    """SIGINT (Ctrl-C) in a debug run: finish the step, save, status preempted, exit 130, no traceback."""
+    out = tmp_path / "ctrl-c"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "bigtrain", "train", "configs/debug.yaml", f"run.out_dir={out}",
+                             *TINY, "train.max_steps=100000", "log.every_steps=1"],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for_step(out, 2, proc)
+        proc.send_signal(signal.SIGINT)
+        log = proc.communicate(timeout=120)[0]
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, log
+    assert "Traceback" not in log and "received SIGINT" in log, log
+    st = status(out)
+    assert st["status"] == "preempted" and st["signal"] == "SIGINT", st
+    saved = int((out / "checkpoints" / "latest").read_text().strip().split("_")[1])
+    assert saved == st["step"] >= 2 and saved == max(train_losses(out))
