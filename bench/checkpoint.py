@@ -21,10 +21,8 @@ import argparse
 import datetime as dt
 import io
 import os
-import platform
 import shutil
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -38,16 +36,8 @@ from bigtrain.model import build_on_meta
 from bigtrain.optim.optimizer import build_adamw
 from bigtrain.parallel.dist import DistInfo
 from bigtrain.parallel.single import SingleStrategy
+from benchinfo import cpu_name, git_commit  # bench/ is on sys.path when run as a script
 
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def build(preset: str, device: str):
@@ -150,7 +140,7 @@ def main() -> None:
 
     med = {k: statistics.median(v) for k, v in results.items()}
     best = {k: min(v) for k, v in results.items()}
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = git_commit()
     device = (f"GPU {torch.cuda.get_device_name()}" if args.device == "cuda"
               else f"CPU {cpu_name()} ({os.cpu_count()} cores)")
     out = io.StringIO()

@@ -21,9 +21,7 @@ import datetime as dt
 import io
 import json
 import os
-import platform
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -40,21 +38,12 @@ from bigtrain.data.pipeline import DataPipeline
 from bigtrain.data.shards import Shard, write_shard
 from bigtrain.data.tokenizer import Tokenizer
 from bigtrain.sections import parse_section
+from benchinfo import cpu_name, git_commit  # bench/ is on sys.path when run as a script
 
 WORDS = ("the of and to in a is that for it as was with be by on not he I this are or his from at which but have "
          "an had they you were their one all we can her has there been if more when will would who so no data model "
          "training token stream shard resume epoch").split()
 
-
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo (platform.processor() is empty on Linux)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 # --------------------------------------------------------------------------- memmap pair
@@ -220,7 +209,7 @@ def main() -> None:
 
     r, o, o8 = statistics.median(raw), statistics.median(ours), statistics.median(rank8)
     b, m = statistics.median(base), statistics.median(mine)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = git_commit()
     out = io.StringIO()
     out.write("# Data pipeline throughput (tokens/s delivered to one rank)\n\n")
     out.write(f"- date: {dt.date.today()}  commit: {commit} (plus the uncommitted data pipeline)\n")

@@ -14,9 +14,7 @@ import datetime as dt
 import io
 import json
 import os
-import platform
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -27,6 +25,7 @@ import torch
 from bigtrain.config import load_config
 from bigtrain.data.shards import Shard, list_shards
 from bigtrain.model import build_on_meta, materialize
+from benchinfo import cpu_name, git_commit  # bench/ is on sys.path when run as a script
 
 
 WARMUP_STEPS = 5  # excluded from both timings (allocator and first-call warm-up)
@@ -76,16 +75,6 @@ def bigtrain_loop(config: str, steps: int) -> float:
     return sum(windows) / len(windows)  # equal-length windows
 
 
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo (platform.processor() is empty on Linux)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -104,7 +93,7 @@ def main() -> None:
         ours.append(bigtrain_loop(args.config, args.steps))
         print(f"repeat {r + 1}/{args.repeats}: plain {plain[-1] * 1000:.0f} ms/step, bigtrain {ours[-1] * 1000:.0f} ms/step", flush=True)
     p, b = statistics.median(plain), statistics.median(ours)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = git_commit()
     out = io.StringIO()
     out.write(f"# Trainer overhead ({args.config})\n\n")
     out.write(f"- date: {dt.date.today()}  commit: {commit}\n")

@@ -25,7 +25,6 @@ import datetime as dt
 import io
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -33,6 +32,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from benchinfo import cpu_name, git_commit  # bench/ is on sys.path when run as a script
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = {  # name -> (train.compile, model.kernels, model.fp8)
@@ -226,15 +227,6 @@ def child_main(payload: str) -> None:
 # --------------------------------------------------------------------------- parent side
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
 
 def skip_reason(backend: str, variant: str, device: str) -> str | None:
     """Why a combination cannot run here (printed in the table), or None."""
@@ -325,7 +317,7 @@ def main() -> None:
                 rows.append((f"{preset}@{seq}", backend, variant, res, job))
 
     device = next((r[3]["device_name"] for r in rows if "device_name" in r[3]), args.device)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
+    commit = git_commit()
     import torch
 
     out = io.StringIO()

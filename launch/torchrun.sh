@@ -67,23 +67,6 @@ if [[ $# -lt 1 && "$VERB" == train ]]; then
   exit 2
 fi
 
-if [[ -n "${BIGTRAIN_PYTHON:-}" ]]; then
-  PY=$BIGTRAIN_PYTHON
-elif [[ -n "${VIRTUAL_ENV:-}" && -x "${VIRTUAL_ENV}/bin/python" ]]; then
-  PY=${VIRTUAL_ENV}/bin/python
-else
-  PY=$(command -v python3 || true)
-fi
-if [[ -z "$PY" ]] || ! "$PY" -c 'import bigtrain' 2>/dev/null; then
-  echo "torchrun.sh: cannot import bigtrain with python '${PY:-<none>}'; activate the venv (source .venv/bin/activate)" \
-       "or set BIGTRAIN_PYTHON=/path/to/venv/bin/python" >&2
-  exit 2
-fi
-
-if [[ -z "$NPROC_PER_NODE" ]]; then
-  # One process per visible GPU; one (CPU) process when there is none.
-  NPROC_PER_NODE=$("$PY" -c 'import torch; print(torch.cuda.device_count() or 1)')
-fi
 if ! [[ "$NNODES" =~ ^[0-9]+(:[0-9]+)?$ ]]; then
   echo "torchrun.sh: --nnodes must be a number (or MIN:MAX), got '$NNODES'" >&2; exit 2
 fi
@@ -91,6 +74,24 @@ if [[ "$NNODES" != 1 && -z "$RDZV_ENDPOINT" ]]; then
   echo "torchrun.sh: $NNODES nodes need a rendezvous address: --rdzv-endpoint HOST:PORT (or RDZV_ENDPOINT," \
        "or MASTER_ADDR and MASTER_PORT) reachable from every node" >&2
   exit 2
+fi
+
+if [[ -n "${BIGTRAIN_PYTHON:-}" ]]; then
+  PY=$BIGTRAIN_PYTHON
+elif [[ -n "${VIRTUAL_ENV:-}" && -x "${VIRTUAL_ENV}/bin/python" ]]; then
+  PY=${VIRTUAL_ENV}/bin/python
+else
+  PY=$(command -v python3 || true)
+fi
+if [[ -z "$PY" ]] || ! "$PY" -c 'import torch, bigtrain' 2>/dev/null; then
+  echo "torchrun.sh: cannot import torch and bigtrain with python '${PY:-<none>}'; activate the venv (source .venv/bin/activate)" \
+       "or set BIGTRAIN_PYTHON=/path/to/venv/bin/python" >&2
+  exit 2
+fi
+
+if [[ -z "$NPROC_PER_NODE" ]]; then
+  # One process per visible GPU; one (CPU) process when there is none.
+  NPROC_PER_NODE=$("$PY" -c 'import torch; print(torch.cuda.device_count() or 1)')
 fi
 
 # Forward SIGUSR1 too (torchrun's default list lacks it; without it torchrun dies of SIGUSR1 and takes

@@ -93,8 +93,8 @@ def eval_batches(stream: TokenStream, *, seq_len: int, micro_batch_size: int, ma
     """
     num_windows = (stream.num_tokens - 1) // seq_len
     total = num_windows // micro_batch_size
-    if max_batches:
-        total = min(total, max_batches)
+    if max_batches:  # a budget for all ranks together, rounded up so every rank gets at least one batch
+        total = min(total, -(-max_batches // world_size) * world_size)
     total -= total % world_size  # every rank runs the same number of forwards (sharded models need it)
     picked = total * micro_batch_size
     windows = [i * num_windows // picked for i in range(picked)] if picked else []

@@ -57,7 +57,7 @@ class EvalConfig(Section):
     """Periodic validation on the held-out split."""
 
     every_steps: int = doc_field(200, "Evaluate every N optimizer steps (0 = only at the end).")
-    max_batches: int = doc_field(20, "Micro-batches per evaluation (0 = the whole validation split).")
+    max_batches: int = doc_field(20, "Micro-batches per evaluation over all ranks, rounded up to a multiple of the world size (0 = the whole validation split).")
     at_end: bool = doc_field(True, "Also evaluate after the last step.")
     final_max_batches: int = doc_field(0, "Micro-batches for the evaluation after the last step (0 = the whole validation split).")
 

@@ -261,7 +261,7 @@ class Trainer:
                 last = i == len(micro_batches) - 1
                 with self.strategy.no_sync(self.model) if not last else contextlib.nullcontext():
                     with self.strategy.autocast():
-                        loss = self.nonfinite.poison(self.step + 1, self.model(inputs, targets))
+                        loss = self.nonfinite.poison(self.step + 1, self.model(inputs, targets, **self._doc_kwargs(batch)))
                     self.strategy.backward(loss / len(micro_batches))
                 loss_sum += loss.detach()
         with timer.phase("optimizer_s"):
@@ -279,6 +279,13 @@ class Trainer:
             self.nonfinite.observe(self.step, mean_loss, grad_norm)  # on device: no host sync here
         timer.step_done()
         return mean_loss, grad_norm, lr
+
+    def _doc_kwargs(self, batch: Any) -> dict[str, torch.Tensor]:
+        """Per-document masking inputs (data.document_ids: true) moved to the device; empty otherwise."""
+        if batch.doc_ids is None:
+            return {}
+        return {"doc_ids": batch.doc_ids.to(self.info.device, non_blocking=True),
+                "positions": batch.position_ids.to(self.info.device, non_blocking=True)}
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()

@@ -70,3 +70,18 @@ def test_train_on_a_mixture_logs_per_source_counts(tmp_path: Path, demo_data: Pa
     last = [r for r in records if r.get("kind") == "train"][-1]
     assert last["data/plays/samples"] + last["data/web/samples"] == 3 * 16
     assert last["data/plays/samples"] == 36 and last["data/web/docs"] > 0
+
+
+def test_document_ids_reach_the_model(tmp_path: Path, demo_data: Path) -> None:
+    """With data.document_ids the trainer passes doc ids to the model: attention stops at EOS, so the
+    first loss differs from the golden plain-causal run on the same data and weights."""
+    golden = json.loads((Path(__file__).parents[1] / "golden" / "debug_20_steps.json").read_text())
+    overrides = [o for o in golden["overrides"] if not o.startswith("train.max_steps")]
+    proc = run_cli("train", golden["config"], f"run.out_dir={tmp_path}", *overrides, "train.max_steps=1",
+                   "data.document_ids=true", timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    record = next(r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
+                  if r["kind"] == "train")
+    plain = golden["losses"][0]
+    assert record["loss"] == record["loss"] and abs(record["loss"] - plain) > 1e-4, (record["loss"], plain)
+    assert abs(record["loss"] - plain) < 0.5  # same data and init: masked, not broken

@@ -34,3 +34,12 @@ def test_eval_batches_fixed_and_split_over_ranks(tmp_path: Path) -> None:
     shards = [list(eval_batches(stream, seq_len=16, micro_batch_size=4, max_batches=0, rank=r, world_size=2)) for r in range(2)]
     assert len(shards[0]) + len(shards[1]) == len(all_batches)
     assert len(list(eval_batches(stream, seq_len=16, micro_batch_size=4, max_batches=3))) == 3
+
+
+def test_eval_budget_smaller_than_world_size_still_evaluates(tmp_path: Path) -> None:
+    """eval.max_batches=1 on 2 ranks rounds up to one batch per rank instead of evaluating nothing."""
+    stream = make_stream(tmp_path)
+    per_rank = [list(eval_batches(stream, seq_len=16, micro_batch_size=4, max_batches=1, rank=r, world_size=2))
+                for r in range(2)]
+    assert [len(b) for b in per_rank] == [1, 1]
+    assert not np.array_equal(per_rank[0][0].inputs.numpy(), per_rank[1][0].inputs.numpy())
