@@ -15,7 +15,7 @@ class CheckpointConfig(Section):
     resume: str = doc_field("never", "auto = continue from the newest checkpoint in the run folder if any; never = start fresh; or a path to a checkpoint folder.")
     keep_last: int = doc_field(2, "Keep this many newest checkpoints (older ones are deleted after a newer one is committed).")
     keep_every_steps: int = doc_field(0, "Also keep every checkpoint whose step is a multiple of this forever (permanent milestones; 0 = none).")
-    async_save: bool = doc_field(True, "Write checkpoints in a background thread: the step loop waits only for the copy to host memory (single/ddp/fsdp; DeepSpeed ZeRO saves synchronously).")
+    async_save: bool = doc_field(True, "Write checkpoints in a background thread: the step loop waits only for the copy to host memory (every strategy; for ZeRO, DeepSpeed's files are staged in host memory and written in the background).")
 
     def validate(self, path: str) -> None:
         if self.every_steps < 0:

@@ -23,36 +23,6 @@ def save(state: dict[str, Any], path: Path, process_group: Any | None) -> None:
     dcp.save(state, checkpoint_id=str(path), process_group=process_group, no_dist=process_group is None)
 
 
-def stage(state: Any, cache: dict[str, torch.Tensor], prefix: str = "") -> Any:
-    """A host-memory copy of ``state`` that the training step can no longer change (the async save's stall).
-
-    DTensors keep their mesh and placements around a copied local shard, so DCP still writes each
-    rank's own shard. Copies go into ``cache`` buffers reused from the previous save (same key,
-    shape and dtype): after the first save no memory is allocated, so the stall is one memcpy.
-    On CUDA the buffers are pinned, making the device-to-host copy a DMA.
-    """
-    if isinstance(state, dict):
-        return {k: stage(v, cache, f"{prefix}{k}.") for k, v in state.items()}
-    if isinstance(state, (list, tuple)):
-        return type(state)(stage(v, cache, f"{prefix}{i}.") for i, v in enumerate(state))
-    if not isinstance(state, torch.Tensor):
-        return state
-    from torch.distributed.tensor import DTensor
-
-    local = state.to_local() if isinstance(state, DTensor) else state
-    key = prefix.rstrip(".")
-    buf = cache.get(key)
-    if buf is None or buf.shape != local.shape or buf.dtype != local.dtype:
-        buf = torch.empty(local.shape, dtype=local.dtype, device="cpu",
-                          pin_memory=local.device.type == "cuda" and torch.cuda.is_available())
-        cache[key] = buf
-    buf.copy_(local.detach(), non_blocking=local.device.type == "cuda")
-    if isinstance(state, DTensor):
-        return DTensor.from_local(buf, state.device_mesh, state.placements, run_check=False,
-                                  shape=state.shape, stride=state.stride())
-    return buf
-
-
 def load(template: dict[str, Any], path: Path, process_group: Any | None) -> None:
     """Fill ``template`` (tensors / DTensors shaped for the current run) in place from ``path``."""
     import torch.distributed.checkpoint as dcp

@@ -16,8 +16,9 @@ replaces ``latest``. Resume trusts ``latest`` and what is older: a folder newer 
 is a save that crashed before its commit point.
 
 Async saves (``checkpoint.async_save``) pay only the device→host copy into reused host buffers in
-the step loop; DCP writes, checksums and the commit run in one background thread, over a dedicated gloo process group so
-they never interleave with the training collectives. At most one save is in flight: the next
+the step loop (:mod:`bigtrain.checkpoint.staging`; for ZeRO, DeepSpeed's checkpoint engine is wrapped
+to stage instead of write). The file writes, checksums and the commit run in one background thread,
+their collectives on a dedicated gloo process group so they never interleave with the training ones. At most one save is in flight: the next
 save, :meth:`CheckpointManager.wait` and the end of ``fit`` wait for it.
 """
 from __future__ import annotations
@@ -30,6 +31,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -38,6 +40,7 @@ import torch
 
 from bigtrain.checkpoint import dcp_io
 from bigtrain.checkpoint.config import CheckpointConfig
+from bigtrain.checkpoint.staging import host_copy, stage
 from bigtrain.checkpoint.manifest import (LATEST_FILE, MANIFEST_FILE, Manifest, ManifestError, check_files,
                                           checksum_files, fsync_dir, list_files, read_manifest, step_dirname,
                                           step_of, write_manifest)
@@ -173,29 +176,32 @@ class CheckpointManager:
                 "backend": strategy.checkpoint_format, "strategy": str(config.get("parallel", {}).get("strategy", "")),
                 "extra": {}}
         use_async = self.cfg.async_save if blocking is None else not blocking
+        write: Callable[[], None]
         if strategy.checkpoint_format == "deepspeed":
-            # DeepSpeed writes synchronously (its own files, its own collectives on the training group).
-            meta["extra"] = strategy.save_native(model, optimizer, tmp / DS_DIR)
-            self._finish(tmp, final, rank_state, meta)
-            return final
-        state = strategy.checkpoint_state(model, optimizer)
+            # DeepSpeed's own files; when async its checkpoint engine only stages them to host here.
+            meta["extra"] = strategy.save_native(model, optimizer, tmp / DS_DIR, staged=use_async)
+            write = strategy.write_staged
+        else:
+            state = strategy.checkpoint_state(model, optimizer)
+            if use_async:
+                state = stage(state, self._staging)  # the only part the step loop waits for
+            write = partial(dcp_io.save, state, tmp / DCP_DIR, pg)
         if not use_async:
-            dcp_io.save(state, tmp / DCP_DIR, pg)
+            write()
             self._finish(tmp, final, rank_state, meta)
             return final
-        staged = dcp_io.stage(state, self._staging)  # the only part the step loop waits for
         if torch.cuda.is_available():
             torch.cuda.synchronize()  # the non-blocking device-to-host copies have landed
-        rank_state = _host_copy(rank_state)
-        self._thread = threading.Thread(target=self._run_background, args=(tmp, final, rank_state, meta, staged),
+        rank_state = host_copy(rank_state)
+        self._thread = threading.Thread(target=self._run_background, args=(write, tmp, final, rank_state, meta),
                                         name=f"bigtrain-checkpoint-{step}", daemon=False)
         self._thread.start()
         return final
 
-    def _run_background(self, tmp: Path, final: Path, rank_state: dict[str, Any], meta: dict[str, Any],
-                        staged: dict[str, Any]) -> None:
+    def _run_background(self, write: Callable[[], None], tmp: Path, final: Path, rank_state: dict[str, Any],
+                        meta: dict[str, Any]) -> None:
         try:
-            dcp_io.save(staged, tmp / DCP_DIR, self._pg)
+            write()
             self._finish(tmp, final, rank_state, meta)
         except BaseException as exc:  # re-raised in the main thread by wait()
             self._error = exc
@@ -366,17 +372,6 @@ class CheckpointManager:
         else:
             reseed_rng(seed, manifest.step, self.rank)
         return Resumed(candidate, manifest.step, manifest.tokens_seen, data_state)
-
-
-def _host_copy(obj: Any) -> Any:
-    """Detach tensors of a small nested state (RNG, data) from anything the step loop may mutate."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: _host_copy(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_host_copy(v) for v in obj]
-    return obj
 
 
 def _verify(path: Path, *, checksums: bool) -> tuple[Manifest | None, list[str]]:

@@ -114,7 +114,14 @@ class Strategy(ABC):
 
         set_model_state_dict(self.unwrap(model), weights, options=StateDictOptions(full_state_dict=True))
 
-    def save_native(self, model: nn.Module, optimizer: torch.optim.Optimizer, path: Any) -> dict[str, Any]:
+    def save_native(self, model: nn.Module, optimizer: torch.optim.Optimizer, path: Any, *,
+                    staged: bool = False) -> dict[str, Any]:
+        """Write the backend's own checkpoint into ``path`` (collective); with ``staged``, only copy it to host
+        memory and leave the file writes to :meth:`write_staged`. Returns facts for the manifest."""
+        raise NotImplementedError(f"{type(self).__name__} writes checkpoints with torch.distributed.checkpoint")
+
+    def write_staged(self) -> None:
+        """Write the files a ``staged`` :meth:`save_native` left in host memory (no collectives; any thread)."""
         raise NotImplementedError(f"{type(self).__name__} writes checkpoints with torch.distributed.checkpoint")
 
     def load_native(self, model: nn.Module, optimizer: torch.optim.Optimizer, path: Any, *, saved_world_size: int,

@@ -244,12 +244,14 @@ class ZeroStrategy(Strategy):
     # -- checkpoint ------------------------------------------------------------------
     checkpoint_format = "deepspeed"
 
-    def save_native(self, model: nn.Module, optimizer: torch.optim.Optimizer, path: Any) -> dict[str, Any]:
+    def save_native(self, model: nn.Module, optimizer: torch.optim.Optimizer, path: Any, *,
+                    staged: bool = False) -> dict[str, Any]:
         """DeepSpeed's own checkpoint (every rank writes its partition) under ``path/state`` (collective).
 
         ``universal_checkpoint_info`` is set on the module first: stages 1/2 write it into the model
         states only when present, and DeepSpeed's universal conversion (needed to resume on another
-        world size) refuses checkpoints without it.
+        world size) refuses checkpoints without it. With ``staged`` (async saves) the files are only
+        copied to host memory here; :meth:`write_staged` writes them.
         """
         from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
                                                     UNIVERSAL_CHECKPOINT_VERSION_VALUE)
@@ -257,8 +259,20 @@ class ZeroStrategy(Strategy):
         module = self.engine.module
         if getattr(module, UNIVERSAL_CHECKPOINT_INFO, None) is None:
             setattr(module, UNIVERSAL_CHECKPOINT_INFO, {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE})
-        self.engine.save_checkpoint(str(path), tag=ZERO_TAG, client_state={}, save_latest=False)
+        if not isinstance(self.engine.checkpoint_engine, StagingCheckpointEngine):
+            self.engine.checkpoint_engine = StagingCheckpointEngine(self.engine.checkpoint_engine)
+        writer: StagingCheckpointEngine = self.engine.checkpoint_engine
+        writer.staging = staged
+        try:
+            self.engine.save_checkpoint(str(path), tag=ZERO_TAG, client_state={}, save_latest=False)
+        finally:
+            writer.staging = False
         return {"zero_stage": self.zero.stage, "deepspeed_tag": ZERO_TAG}
+
+    def write_staged(self) -> None:
+        engine = getattr(self.engine, "checkpoint_engine", None)
+        if isinstance(engine, StagingCheckpointEngine):
+            engine.write_pending()
 
     def load_native(self, model: nn.Module, optimizer: torch.optim.Optimizer, path: Any, *, saved_world_size: int,
                     scratch: Any) -> None:
@@ -500,6 +514,45 @@ class ZeroStrategy(Strategy):
 
 
 ZERO_TAG = "state"
+
+
+class StagingCheckpointEngine:
+    """Wraps DeepSpeed's checkpoint engine so that a save can be written in the background.
+
+    While ``staging`` is on, ``save(state, path)`` copies the state into reused host buffers
+    (:func:`bigtrain.checkpoint.staging.stage`) and queues it; :meth:`write_pending` later hands
+    the snapshots to the wrapped engine. Everything else (load, commit, makedirs, ...) is the
+    wrapped engine's, so the files are exactly what DeepSpeed writes itself.
+    """
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self.staging = False
+        self._pending: list[tuple[Any, str]] = []
+        self._buffers: dict[str, torch.Tensor] = {}
+        self._root = ""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def create(self, info: Any) -> Any:
+        self._root = str(info.save_dir)
+        return self._inner.create(info)
+
+    def save(self, state_dict: Any, path: str) -> None:
+        if not self.staging:
+            self._inner.save(state_dict, path)
+            return
+        from bigtrain.checkpoint.staging import stage
+
+        # Buffers are keyed by the file's place inside the checkpoint, so the next save reuses them.
+        key = os.path.relpath(path, self._root) + ":"
+        self._pending.append((stage(state_dict, self._buffers, key), path))
+
+    def write_pending(self) -> None:
+        pending, self._pending = self._pending, []
+        for state, path in pending:
+            self._inner.save(state, path)
 
 
 def convert_to_universal(ds_dir: Any, out_dir: Any) -> None:

@@ -197,3 +197,56 @@ def test_manifest_records_config(tmp_path: Path, trained) -> None:
 def test_bad_checkpoint_config(override: str, words: str) -> None:
     with pytest.raises(ConfigError, match=words):
         load_config(None, [override])
+
+
+def test_stage_freezes_a_snapshot_and_reuses_buffers() -> None:
+    from collections import OrderedDict
+
+    from bigtrain.checkpoint.staging import stage
+
+    class Scaler:  # stands in for DeepSpeed's loss scaler: a mutable non-tensor leaf
+        def __init__(self) -> None:
+            self.scale = 1.0
+
+    flat = torch.arange(10.0)
+    scaler = Scaler()
+    state = {"module": OrderedDict(w=flat[2:4]), "shapes": [torch.Size([2])], "scaler": scaler, "step": 3}
+    cache: dict[str, torch.Tensor] = {}
+    snap = stage(state, cache, "zero/file.pt:")
+    flat.add_(100)
+    scaler.scale = 2.0
+    assert isinstance(snap["module"], OrderedDict) and snap["shapes"] == [torch.Size([2])]
+    assert snap["module"]["w"].tolist() == [2.0, 3.0] and snap["module"]["w"].untyped_storage().nbytes() == 8
+    assert snap["scaler"].scale == 1.0 and snap["step"] == 3
+    again = stage(state, cache, "zero/file.pt:")
+    assert again["module"]["w"].data_ptr() == snap["module"]["w"].data_ptr()  # same host buffer, no new allocation
+    assert again["module"]["w"].tolist() == [102.0, 103.0]
+
+
+def test_deepspeed_engine_wrapper_defers_writes(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from bigtrain.parallel.zero import StagingCheckpointEngine
+
+    class Inner:  # DeepSpeed's TorchCheckpointEngine, reduced to what the wrapper touches
+        def create(self, info):
+            self.created = info.tag
+
+        def save(self, state, path):
+            torch.save(state, path)
+
+        def is_decoupled(self):
+            return False
+
+    engine = StagingCheckpointEngine(Inner())
+    engine.create(SimpleNamespace(save_dir=str(tmp_path), tag="state"))
+    weights = torch.ones(3)
+    engine.staging = True
+    engine.save({"w": weights}, str(tmp_path / "a.pt"))
+    weights.zero_()  # the next training step changes the weights before the background write
+    assert not (tmp_path / "a.pt").exists() and engine.is_decoupled() is False
+    engine.write_pending()
+    assert torch.equal(torch.load(tmp_path / "a.pt")["w"], torch.ones(3))
+    engine.staging = False
+    engine.save({"w": weights}, str(tmp_path / "b.pt"))  # not staging: written at once
+    assert torch.equal(torch.load(tmp_path / "b.pt")["w"], torch.zeros(3))
