@@ -1,11 +1,12 @@
 """``torch.distributed.checkpoint`` (DCP) reading and writing for the single, DDP and FSDP2 backends.
 
-Every rank writes its own shard (``__<rank>_0.distcp``) plus, on the coordinator, ``.metadata``;
+Every rank writes its own shard files (``__<rank>_<n>.distcp``, one per writer thread) plus, on the coordinator, ``.metadata``;
 nothing is gathered to rank 0. Loading reshards: each rank reads the pieces of the saved shards
 that overlap the tensors it holds now, whatever the world size was at save time.
 """
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -16,11 +17,24 @@ import torch
 warnings.filterwarnings("ignore", message=".*torch.distributed is disabled, unavailable or uninitialized.*")
 
 
+def writer_threads() -> int:
+    """Writer threads per rank: the CPUs this process may use, shared with the other ranks of its node, at most 4.
+
+    DCP serializes and writes one file per thread; on a 2-core machine two threads cut the save time
+    by ~30% (bench/checkpoint.py), more threads than cores only add contention.
+    """
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(4, cpus // local_ranks))
+
+
 def save(state: dict[str, Any], path: Path, process_group: Any | None) -> None:
     """Write ``state`` (may hold DTensors) as a DCP checkpoint into ``path`` (collective over the group)."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemWriter
 
-    dcp.save(state, checkpoint_id=str(path), process_group=process_group, no_dist=process_group is None)
+    writer = FileSystemWriter(str(path), single_file_per_rank=True, sync_files=True, thread_count=writer_threads())
+    dcp.save(state, storage_writer=writer, process_group=process_group, no_dist=process_group is None)
 
 
 def load(template: dict[str, Any], path: Path, process_group: Any | None) -> None:
