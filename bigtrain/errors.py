@@ -8,3 +8,14 @@ class UserError(Exception):
 
 EXIT_OK = 0
 EXIT_USER_ERROR = 2
+
+
+def missing_package(package: str, what: str, alternative: str, error: ImportError) -> UserError:
+    """The error for a feature whose optional import failed: what needs it, how to install it, what to use instead.
+
+    bigtrain imports deepspeed, datasets, wandb and matplotlib only where a feature needs them, so that a
+    ``pip install --no-deps`` (e.g. on a GPU image) still trains; choosing the feature then says this.
+    """
+    return UserError(f"{what} needs the `{package}` package, which cannot be imported ({error}). Install it "
+                     f"(`pip install -c constraints.txt {package}` in a bigtrain checkout; `make setup` installs "
+                     f"it), or {alternative}.")

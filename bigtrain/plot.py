@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from bigtrain.errors import UserError
+from bigtrain.errors import UserError, missing_package
 from bigtrain.runs import read_metrics, summarize_run
 
 # (title, record kind, x key, y key, y label, log-scale y)
@@ -50,7 +50,10 @@ def _labels(run_dirs: list[Path]) -> list[str]:
 
 def plot_runs(run_dirs: Sequence[str | Path], out: str | Path, *, smooth: float = 0.8) -> Path:
     """Draw the comparison figure for ``run_dirs`` into ``out`` (format from its suffix)."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise missing_package("matplotlib", "bigtrain plot", "read metrics.jsonl with your own tools", exc) from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

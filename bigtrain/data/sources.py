@@ -25,7 +25,7 @@ from bigtrain.data.config import SourceConfig
 from bigtrain.data.loader import TokenStream
 from bigtrain.data.packing import Packer
 from bigtrain.data.tokenizer import Tokenizer
-from bigtrain.errors import UserError
+from bigtrain.errors import UserError, missing_package
 
 SUFFIXES = {
     "text": (".txt", ".txt.gz", ".md"),
@@ -176,6 +176,12 @@ class TextSource:
                  max_bad_fraction: float) -> None:
         self.kind, self.name, self.weight = cfg.kind, name, cfg.weight
         self.files = resolve_files(cfg.paths, cfg.kind, name)
+        try:  # imported here, in the main process, so a missing package is a clear error, not a worker crash
+            import datasets  # noqa: F401
+        except ImportError as exc:
+            raise missing_package("datasets", f"data source {name!r} (kind {cfg.kind})",
+                                  "convert the files to token shards with `bigtrain data prepare` and use kind: shards",
+                                  exc) from None
         if cfg.kind == "parquet":
             _check_parquet_column(self.files, cfg.text_field, name)
         if add_bos and tokenizer.bos_id is None:

@@ -85,7 +85,12 @@ def _import_deepspeed() -> Any:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import logging
 
-    import deepspeed  # noqa: PLC0415 - optional heavy dependency, imported only when chosen
+    try:
+        import deepspeed  # noqa: PLC0415 - optional heavy dependency, imported only when chosen
+    except ImportError as exc:
+        from bigtrain.errors import missing_package
+
+        raise missing_package("deepspeed", "parallel.strategy=zero", "use parallel.strategy=fsdp", exc) from None
     from deepspeed.utils import logger as ds_logger
 
     ds_logger.setLevel(logging.WARNING)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol
 from urllib.parse import urlparse
 
-from bigtrain.errors import UserError
+from bigtrain.errors import UserError, missing_package
 from bigtrain.train.status import read_status, write_status
 
 if TYPE_CHECKING:
@@ -287,8 +287,7 @@ def resolve_wandb_mode(configured: str) -> str:
         return mode
     source = f"WANDB_MODE={env}" if env else f"log.wandb.mode={mode}"
     if importlib.util.find_spec("wandb") is None:
-        raise UserError(f"{source} needs the wandb package, which is not installed: `pip install wandb`, "
-                        f"or set log.wandb.mode=disabled.")
+        raise missing_package("wandb", source, "set log.wandb.mode=disabled", ModuleNotFoundError("No module named 'wandb'"))
     if mode == "online" and not wandb_credentials_found():
         raise UserError(
             f"{source} but no W&B API key was found (WANDB_API_KEY is unset, no netrc entry for {_wandb_host()}, "
@@ -310,7 +309,10 @@ class WandbLogger:
     """
 
     def __init__(self, run_dir: Path, cfg: "RunConfig", mode: str, *, resumed: bool) -> None:
-        import wandb
+        try:
+            import wandb
+        except ImportError as exc:
+            raise missing_package("wandb", f"log.wandb.mode={mode}", "set log.wandb.mode=disabled", exc) from None
 
         id_file = run_dir / WANDB_ID_FILE
         run_id = id_file.read_text().strip() if resumed and id_file.is_file() else None

@@ -154,3 +154,49 @@ def test_import_does_not_pull_heavy_optional_modules() -> None:
             "bad = [m for m in ('deepspeed', 'wandb', 'datasets', 'triton') if m in sys.modules]; print(bad)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert proc.stdout.strip() == "[]", proc.stdout + proc.stderr
+
+
+# Runs the CLI with the optional packages made unimportable, as on a GPU image where bigtrain was
+# installed with --no-deps: training works; features that need a missing package say so (exit 2).
+WITHOUT_OPTIONAL = """
+import importlib.abc, importlib.machinery, sys
+class Missing(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in {"deepspeed", "datasets", "wandb", "accelerate", "matplotlib", "transformers"}:
+            return importlib.machinery.ModuleSpec(name, self)  # found, but importing it fails
+    def exec_module(self, module):
+        raise ModuleNotFoundError(f"No module named {module.__name__!r}")
+sys.meta_path.insert(0, Missing())
+from bigtrain.cli import main
+sys.argv[0] = "bigtrain"
+sys.exit(main())
+"""
+
+
+def run_without_optional(*args: str):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("WANDB_MODE", "WANDB_DISABLED")}  # the config decides
+    return subprocess.run([sys.executable, "-c", WITHOUT_OPTIONAL, *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, env={**env, "OMP_NUM_THREADS": "2"})
+
+
+def test_trains_without_optional_packages(tmp_path: Path, demo_data: Path) -> None:
+    tiny = [f"run.out_dir={tmp_path / 'run'}", "train.max_steps=2", "eval.every_steps=0", "eval.max_batches=1",
+            "eval.final_max_batches=1", "log.sample_at_end=false", "checkpoint.every_steps=1", "run.num_threads=2"]
+    proc = run_without_optional("train", "configs/debug.yaml", *tiny)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (tmp_path / "run" / "checkpoints" / "step_000002" / "manifest.json").is_file()
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text('{"text": "hello world"}\n')
+    for extra, needles in [
+        (["parallel.strategy=zero"], ["parallel.strategy=zero needs the `deepspeed` package", "parallel.strategy=fsdp"]),
+        (["log.wandb.mode=offline"], ["log.wandb.mode=offline needs the `wandb` package", "log.wandb.mode=disabled"]),
+        ([f'data.sources=[{{"kind": "jsonl", "paths": ["{jsonl}"]}}]'], ["needs the `datasets` package", "data prepare"]),
+    ]:
+        assert_user_error(run_without_optional("train", "configs/debug.yaml", *tiny, "checkpoint.resume=never", *extra),
+                          *needles)
+    assert_user_error(run_without_optional("plot", str(tmp_path / "run"), "--out", str(tmp_path / "p.png")),
+                      "bigtrain plot needs the `matplotlib` package")

@@ -173,7 +173,7 @@ def test_early_check_reads_the_raw_yaml(no_wandb_credentials: Path, monkeypatch:
 def test_missing_packages_are_user_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setattr(loggers.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(UserError, match="needs the wandb package"):
+    with pytest.raises(UserError, match="needs the `wandb` package"):
         resolve_wandb_mode("offline")
     with pytest.raises(UserError, match="log.tensorboard=true needs the tensorboard package"):
         preflight(load_config(None, ["log.tensorboard=true"]))
