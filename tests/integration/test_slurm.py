@@ -113,8 +113,7 @@ PartitionName=debug Nodes=n1,n2 Default=YES MaxTime=INFINITE State=UP
             self.daemons.append(subprocess.Popen(["slurmd", "-D", "-N", node], env=self.env, stdout=log, stderr=log))
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            out = self.run("sinfo", "-h", "-o", "%T %D", check=False).stdout.split()
-            if out[:2] == ["idle", "2"]:
+            if self.nodes_idle():
                 return
             if any(d.poll() is not None for d in self.daemons):
                 break
@@ -159,6 +158,17 @@ PartitionName=debug Nodes=n1,n2 Default=YES MaxTime=INFINITE State=UP
     def job(self, job_id: str) -> dict[str, str]:
         out = self.run("scontrol", "-o", "show", "job", job_id).stdout
         return dict(item.split("=", 1) for item in out.split() if "=" in item)
+
+    def nodes_idle(self) -> bool:
+        return self.run("sinfo", "-h", "-o", "%T %D", check=False).stdout.split()[:2] == ["idle", "2"]
+
+    def wait_nodes_idle(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.nodes_idle():
+                return
+            time.sleep(0.5)
+        raise AssertionError(f"the nodes did not become idle within {timeout}s: " + self.logs())
 
     def wait_state(self, job_id: str, states: set[str], timeout: float = JOB_TIMEOUT, log: Path | None = None) -> dict:
         deadline = time.monotonic() + timeout
@@ -229,6 +239,11 @@ def test_usr1_checkpoints_requeues_resumes_and_matches(slurm: LocalSlurm, uninte
     assert 3 <= stopped < 40
     assert (out / "checkpoints" / "latest").read_text().strip() == f"step_{stopped:06d}"
     slurm.wait_state(job_id, {"PENDING"}, log=log)
+    # Slurm's requeue delay also protects the restart from the revoked credential of the attempt
+    # before: slurmd rejects a credential issued in the same second as the revocation ("Job
+    # credential revoked", job FAILED). So let the nodes drain and the clock move on first.
+    slurm.wait_nodes_idle()
+    time.sleep(2)
     slurm.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
 
     info = slurm.wait_state(job_id, {"COMPLETED", "FAILED", "CANCELLED"}, log=log)
