@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 from typing import Any, Iterator
 
 import torch
@@ -29,8 +30,7 @@ class DDPStrategy(SingleStrategy):
         model.init_weights(seed)  # type: ignore[operator]
         ddp = DistributedDataParallel(
             model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-            broadcast_buffers=False,  # the only buffers (rotary tables) are derived, equal on every rank
-            gradient_as_bucket_view=True,
+            gradient_as_bucket_view=True, **_no_buffer_sync_per_forward(),
         )
         return ddp, make_optimizer(model)
 
@@ -50,3 +50,14 @@ class DDPStrategy(SingleStrategy):
 
     def unwrap(self, model: nn.Module) -> nn.Module:
         return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def _no_buffer_sync_per_forward() -> dict[str, bool]:
+    """The only buffers (rotary tables) are derived and equal on every rank: never broadcast them per forward.
+
+    torch 2.13 renamed `broadcast_buffers` to `forward_sync_buffers` (and warns on the old name);
+    torch 2.11, our GPU image, knows only the old one.
+    """
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
