@@ -145,8 +145,9 @@ class Watchdog:
             if idle > self.timeout_s:
                 print(f"bigtrain: rank {self.rank} of {self.world_size} on {socket.gethostname()} (pid {os.getpid()}): "
                       f"no training step finished for {idle:.0f}s after step {self._step} (parallel.timeout_s="
-                      f"{self.timeout_s:g}); another rank probably died or hangs. Stacks of this rank's threads:",
-                      file=sys.stderr, flush=True)
+                      f"{self.timeout_s:g}); another rank probably died or hangs.", file=sys.stderr, flush=True)
+                _print_peers(self.rank, self.world_size)
+                print("Stacks of this rank's threads:", file=sys.stderr, flush=True)
                 faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
                 sys.stderr.flush()
                 os._exit(EXIT_RANK_FAILURE)
@@ -167,3 +168,13 @@ def report_rank_failure(exc: BaseException) -> None:
         hint = " (a collective failed: another rank probably died or hangs; its own log says why)"
     print(f"bigtrain: rank {rank} of {world} on {socket.gethostname()} (pid {os.getpid()}) failed: "
           f"{type(exc).__name__}: {text}{hint}", file=sys.stderr, flush=True)
+    if hint:
+        _print_peers(rank, world)
+
+
+def _print_peers(rank: int, world: int) -> None:
+    """Name the peers that went silent (train/peers.py); takes a few heartbeat intervals."""
+    from bigtrain.train.peers import describe_current_peers
+
+    for line in describe_current_peers():
+        print(f"bigtrain: rank {rank} of {world}: {line}", file=sys.stderr, flush=True)

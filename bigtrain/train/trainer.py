@@ -34,7 +34,9 @@ from bigtrain.train.loggers import (ConsoleLogger, JsonlLogger, Logger, StatusLo
 from bigtrain.train.metrics import bits_per_byte, memory_gib, memory_stats, mfu, peak_flops
 from bigtrain.train.profiler import ProfilerWindow
 from bigtrain.train.timing import StepTimer
+from bigtrain.train import peers
 from bigtrain.train.failures import NonFiniteGuard, Watchdog
+from bigtrain.train.peers import PeerHeartbeat
 from bigtrain.train.signals import StopRequest
 from bigtrain.train.status import write_status
 
@@ -208,6 +210,9 @@ class Trainer:
         self.stop_request = StopRequest(self.info.world_size, backend=backend)  # collective: every rank builds it
         # Steps only (armed after step 1); collectives fail on their own after parallel.timeout_s.
         self.watchdog = Watchdog(2 * cfg.parallel.timeout_s, self.info.rank, self.info.world_size)
+        # Heartbeats in the launcher's store, so a survivor can name the rank that died or hangs.
+        self.peers = PeerHeartbeat.from_env(self.info.rank, self.info.world_size, cfg.parallel.timeout_s)
+        peers.set_current(self.peers)
 
     def _check_finite(self, where: str) -> None:
         if self.cfg.train.on_nonfinite == "stop":
@@ -223,6 +228,8 @@ class Trainer:
             self.watchdog.disarm()
             return 0
         self.watchdog.beat(self.step)
+        if self.peers is not None:
+            self.peers.step = self.step  # published by the heartbeat thread
         # Multi-rank it is an all-reduce where fast ranks wait for stragglers: part of the breakdown.
         with self.timer.phase("collectives_s") if self.info.world_size > 1 else contextlib.nullcontext():
             return self.stop_request.agreed()
@@ -331,7 +338,8 @@ class Trainer:
         if self.console is not None:
             self.console.start(self.step)  # the ETA clock
         try:
-            with self.stop_request, self.watchdog:  # SIGUSR1/SIGTERM/SIGINT handlers; no-progress watchdog
+            # SIGUSR1/SIGTERM/SIGINT handlers; no-progress watchdog; heartbeats for the peers
+            with self.stop_request, self.watchdog, self.peers or contextlib.nullcontext():
                 summary = self._fit()
         except BaseException as exc:  # also KeyboardInterrupt/SystemExit: the run did not finish
             if self.status is not None:

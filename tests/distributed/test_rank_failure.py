@@ -2,8 +2,9 @@
 
 * SIGUSR1 to one rank only: both agree on the stop step (all-reduce of the stop flag), checkpoint
   once and exit 75.
-* SIGKILL one rank: the other exits non-zero quickly, naming itself and the failed collective.
-* SIGSTOP one rank (a hang): the other exits non-zero within parallel.timeout_s.
+* SIGKILL one rank: the other exits non-zero quickly, naming itself, the failed collective and the
+  silent peer.
+* SIGSTOP one rank (a hang): the other exits non-zero within parallel.timeout_s, naming the peer.
 """
 from __future__ import annotations
 
@@ -120,3 +121,5 @@ def test_other_rank_exits_nonzero_within_the_timeout(tmp_path: Path, demo_data: 
         assert "bigtrain: rank 0 of 2" in log, log  # names itself ...
         assert "another rank" in log, log  # ... says what probably happened
         assert "Traceback" in log or "Stacks of this rank" in log, log  # ... and where it was
+        # ... and which peer went silent, from the heartbeats in the launcher's store (train/peers.py).
+        assert "bigtrain: rank 0 of 2: rank 1 (host " in log and "is silent: last heard" in log, log
