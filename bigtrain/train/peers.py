@@ -50,10 +50,11 @@ class PeerBeat:
 class PeerHeartbeat:
     """Publishes this rank's heartbeat; :meth:`describe_peers` tells who stopped beating."""
 
-    def __init__(self, rank: int, world_size: int, interval_s: float, store: Any = None,
-                 where: str = "the launcher's store") -> None:
+    def __init__(self, rank: int, world_size: int, interval_s: float, store: Any,
+                 address: tuple[str, int]) -> None:
         self.rank, self.world_size, self.interval_s = rank, world_size, interval_s
-        self.store, self.where = store, where
+        self.store, self.address = store, address
+        self.where = f"the store at {address[0]}:{address[1]}"
         self.step = 0
         self.state = "training"
         self._seq = 0
@@ -74,7 +75,7 @@ class PeerHeartbeat:
                                   wait_for_workers=False)
         except (RuntimeError, ValueError, OSError):
             return None  # no store to share: failures are still reported, without naming peers
-        return cls(rank, world_size, beat_interval(timeout_s), store, where=f"the store at {host}:{port}")
+        return cls(rank, world_size, beat_interval(timeout_s), store, (host, int(port)))
 
     def _key(self, rank: int) -> str:
         return f"{self._prefix}/{rank}"
@@ -130,6 +131,8 @@ class PeerHeartbeat:
         watch_s = 2.5 * self.interval_s if watch_s is None else watch_s
         peers = [r for r in range(self.world_size) if r != self.rank]
         try:
+            # A plain connection first: a store op on a dead server logs a C++ stack trace before it raises.
+            socket.create_connection(self.address, timeout=5).close()
             self.store.set_timeout(datetime.timedelta(seconds=5))
             before = self.read(peers)
             time.sleep(watch_s)

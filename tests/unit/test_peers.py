@@ -24,7 +24,7 @@ def client(master: dist.TCPStore) -> dist.TCPStore:
 
 
 def heartbeat(master: dist.TCPStore, rank: int, world: int = 4) -> PeerHeartbeat:
-    return PeerHeartbeat(rank, world, INTERVAL, client(master), where=f"the store at 127.0.0.1:{master.port}")
+    return PeerHeartbeat(rank, world, INTERVAL, client(master), ("127.0.0.1", master.port))
 
 
 def test_names_silent_never_seen_and_lagging_peers(master: dist.TCPStore) -> None:
