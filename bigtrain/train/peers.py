@@ -95,11 +95,11 @@ class PeerHeartbeat:
             self.state = "failed"
 
     def beat_once(self) -> bool:
-        self._seq += 1
-        value = json.dumps({"seq": self._seq, "step": self.step, "host": socket.gethostname(), "pid": os.getpid(),
-                            "state": self.state, "time": time.time()})
         try:
-            with self._lock:
+            with self._lock:  # the thread and __exit__ both beat: one sequence, in order
+                self._seq += 1
+                value = json.dumps({"seq": self._seq, "step": self.step, "host": socket.gethostname(),
+                                    "pid": os.getpid(), "state": self.state, "time": time.time()})
                 self.store.set(self._key(self.rank), value)
             return True
         except Exception:  # noqa: BLE001 - the store is gone (its host died): nothing left to tell

@@ -36,7 +36,6 @@ from bigtrain.train.profiler import ProfilerWindow
 from bigtrain.train.timing import StepTimer
 from bigtrain.train import peers
 from bigtrain.train.failures import NonFiniteGuard, Watchdog
-from bigtrain.train.peers import PeerHeartbeat
 from bigtrain.train.signals import StopRequest
 from bigtrain.train.status import write_status
 
@@ -211,7 +210,7 @@ class Trainer:
         # Steps only (armed after step 1); collectives fail on their own after parallel.timeout_s.
         self.watchdog = Watchdog(2 * cfg.parallel.timeout_s, self.info.rank, self.info.world_size)
         # Heartbeats in the launcher's store, so a survivor can name the rank that died or hangs.
-        self.peers = PeerHeartbeat.from_env(self.info.rank, self.info.world_size, cfg.parallel.timeout_s)
+        self.peers = peers.PeerHeartbeat.from_env(self.info.rank, self.info.world_size, cfg.parallel.timeout_s)
         peers.set_current(self.peers)
 
     def _check_finite(self, where: str) -> None:
