@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import random
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -140,14 +140,18 @@ class Trainer:
 
     def _prepare_run_dir(self) -> None:
         existed = self.run_dir.exists()
+        # Every rank probes with its own file: a shared name let one rank unlink the probe another
+        # rank had just written (its unlink then failed with ENOENT on a perfectly writable folder).
+        probe = self.run_dir / f".write-test.{self.info.rank}.{os.getpid()}"
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            probe = self.run_dir / ".write-test"
             probe.write_text("ok")
             probe.unlink()
         except OSError as exc:
             if not existed:
-                shutil.rmtree(self.run_dir, ignore_errors=True)
+                # Only an empty folder is removed: other ranks may already be writing into it.
+                with contextlib.suppress(OSError):
+                    self.run_dir.rmdir()
             raise UserError(
                 f"cannot write to the run folder {str(self.run_dir)!r} ({exc.strerror or exc}); "
                 f"set run.out_dir to a writable location."
