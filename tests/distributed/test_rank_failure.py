@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, free_port
 
 TINY = ["model.dim=64", "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=2", "data.seq_len=64",
         "train.global_batch_tokens=512", "train.micro_batch_size=4", "train.lr_warmup_steps=1", "train.precision=fp32",
@@ -27,11 +26,6 @@ TINY = ["model.dim=64", "model.num_layers=2", "model.num_heads=2", "model.num_kv
         "parallel.strategy=ddp", "log.console=false"]
 TIMEOUT_S = 20  # parallel.timeout_s for these runs
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_ranks(out: Path, *overrides: str, world: int = 2) -> list[subprocess.Popen]:

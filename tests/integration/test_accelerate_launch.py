@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, run_torchrun
+from tests.conftest import REPO, free_port, run_torchrun
 
 pytest.importorskip("accelerate")
 
@@ -24,18 +23,13 @@ TRAIN = ["train", "configs/debug.yaml", "parallel.strategy=ddp", "train.max_step
          "log.sample_at_end=false", "checkpoint.every_steps=0", "checkpoint.at_end=false", "run.num_threads=1"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _accelerate(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     config = tmp_path / "accelerate.yaml"
     config.write_text(
         "compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\nnum_processes: 2\nnum_machines: 1\n"
         "machine_rank: 0\nmixed_precision: 'no'\nuse_cpu: false\nrdzv_backend: static\nsame_network: true\n"
-        f"main_process_port: {_free_port()}\n"
+        f"main_process_port: {free_port()}\n"
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf"), "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), *args]

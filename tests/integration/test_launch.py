@@ -8,13 +8,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, free_port
 
 TINY = ["model.dim=64", "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=2", "data.seq_len=64",
         "train.max_steps=4", "train.global_batch_tokens=512", "train.micro_batch_size=4", "train.lr_warmup_steps=1",
@@ -22,11 +21,6 @@ TINY = ["model.dim=64", "model.num_layers=2", "model.num_heads=2", "model.num_kv
         "eval.final_max_batches=2", "log.sample_at_end=false", "run.device=cpu", "parallel.strategy=ddp",
         "checkpoint.every_steps=2"]
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch_env(**extra: str) -> dict[str, str]:

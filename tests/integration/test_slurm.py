@@ -21,7 +21,7 @@ from typing import Iterator
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, free_ports
 
 PACKAGES = ["slurmctld", "slurmd", "slurm-client"]
 TINY = ["model.dim=64", "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=2", "data.seq_len=64",
@@ -31,16 +31,6 @@ TINY = ["model.dim=64", "model.num_layers=2", "model.num_heads=2", "model.num_kv
         "train.max_steps=40"]
 JOB_TIMEOUT = 240
 
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def _ensure_slurm_installed() -> None:
@@ -67,7 +57,7 @@ class LocalSlurm:
         self.daemons: list[subprocess.Popen] = []
 
     def write_config(self) -> None:
-        ctld, slurmd, n1, n2 = _free_ports(4)
+        ctld, slurmd, n1, n2 = free_ports(4)
         host = socket.gethostname()
         r = self.root
         for sub in ("state", "spool-n1", "spool-n2"):

@@ -1,8 +1,6 @@
 """held_state_bytes measures what a rank holds; plan_memory predicts it (CPU, fp32)."""
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -12,6 +10,7 @@ from bigtrain.model import build_on_meta, count_parameters
 from bigtrain.optim.optimizer import build_adamw
 from bigtrain.parallel.memory import held_state_bytes
 from bigtrain.plan import plan_memory
+from tests.conftest import free_port
 
 DEBUG = ["train.micro_batch_size=2"]
 
@@ -86,17 +85,12 @@ def test_plan_single_matches_measured_debug() -> None:
         assert _close(held[key], planned), (key, held[key], planned)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture
 def one_rank_group():
     if dist.is_initialized():
         pytest.skip("a process group already exists in this process")
-    dist.init_process_group("gloo", world_size=1, rank=0, init_method=f"tcp://127.0.0.1:{_free_port()}")
+    dist.init_process_group("gloo", world_size=1, rank=0, init_method=f"tcp://127.0.0.1:{free_port()}")
     try:
         yield
     finally:
