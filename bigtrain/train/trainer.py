@@ -31,10 +31,10 @@ from bigtrain.parallel import dist
 from bigtrain.parallel.strategy import build_strategy
 from bigtrain.train.loggers import (ConsoleLogger, JsonlLogger, Logger, StatusLogger, TensorBoardLogger, WandbLogger,
                                     preflight)
+from bigtrain.train import peers
 from bigtrain.train.metrics import bits_per_byte, memory_gib, memory_stats, mfu, peak_flops
 from bigtrain.train.profiler import ProfilerWindow
 from bigtrain.train.timing import StepTimer
-from bigtrain.train import peers
 from bigtrain.train.failures import NonFiniteGuard, Watchdog
 from bigtrain.train.signals import StopRequest
 from bigtrain.train.status import write_status

@@ -41,4 +41,3 @@ def test_ranks_preparing_one_run_folder_at_once_all_succeed(tmp_path: Path) -> N
         thread.join()
     assert errors == []
     assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml"]  # no probe left behind
-
