@@ -13,7 +13,13 @@ from bigtrain.errors import EXIT_OK, EXIT_USER_ERROR, UserError
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    import os
+
+    from bigtrain import messages
     from bigtrain.sections import apply_overrides, load_yaml
+
+    # Under torchrun every rank runs this: errors found before the trainer starts print once (rank 0).
+    messages.set_rank(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
     from bigtrain.train.loggers import early_wandb_check
 
     # Fail fast (before torch loads) when W&B is set to online without credentials.
@@ -31,8 +37,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         trainer = Trainer(cfg)
         summary = trainer.fit()
     except NonFiniteError as exc:  # every rank raises it (they see the same global values); one prints
-        if dist.env_world()[0] == 0:
-            print(f"bigtrain: error: {exc}", file=sys.stderr)
+        messages.warn(f"bigtrain: error: {exc}")
         return EXIT_NONFINITE
     except Exception as exc:
         report_rank_failure(exc)  # which rank, where; then the traceback
@@ -145,7 +150,7 @@ def _cmd_runs(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from bigtrain.checkpoint.export import export_checkpoint
+    from bigtrain.export import export_checkpoint
 
     export_checkpoint(args.checkpoint, args.to, args.out)
     return EXIT_OK
@@ -291,7 +296,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except UserError as exc:
-        print(f"bigtrain: error: {exc}", file=sys.stderr)
+        from bigtrain import messages
+
+        messages.warn(f"bigtrain: error: {exc}")  # once per launch: rank 0 (other ranks found the same)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("bigtrain: interrupted", file=sys.stderr)

@@ -6,6 +6,9 @@ Layout of one checkpoint (every rank writes its own files; nothing is gathered t
         manifest.json          step, tokens, world size, backend, config (+hash), every file's size and CRC32
         dcp/                   model + optimizer: torch.distributed.checkpoint shards   (single, ddp, fsdp)
         ds/state/              model + optimizer: DeepSpeed's own checkpoint            (zero)
+
+The model + optimizer part is written and read by a checkpoint backend (:mod:`bigtrain.checkpoint.backend`:
+``dcp`` or ``deepspeed``, the one the strategy names); this module owns everything around it.
         rank/rank_00000.pt     per-rank data-pipeline state and RNG states (python, numpy, torch, cuda)
     RUN_DIR/checkpoints/latest  name of the newest committed checkpoint
 
@@ -27,32 +30,28 @@ import os
 import random
 import shutil
 import signal
-import sys
 import threading
 import time
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
+from torch import nn
 
-from bigtrain.checkpoint import dcp_io
+from bigtrain import messages
+from bigtrain.checkpoint.backend import CheckpointBackend, backend_for
 from bigtrain.checkpoint.config import CheckpointConfig
-from bigtrain.checkpoint.staging import host_copy, stage
 from bigtrain.checkpoint.manifest import (LATEST_FILE, MANIFEST_FILE, Manifest, ManifestError, check_files,
                                           checksum_files, fsync_dir, list_files, read_manifest, step_dirname,
                                           step_of, write_manifest)
+from bigtrain.checkpoint.staging import host_copy
 from bigtrain.errors import UserError
+from bigtrain.parallel.dist import DistInfo
+from bigtrain.parallel.strategy import Strategy
 
-if TYPE_CHECKING:
-    from bigtrain.parallel.dist import DistInfo
-
-Print = Callable[[str], None]
 RANK_DIR = "rank"
-DCP_DIR = "dcp"
-DS_DIR = "ds"
 # Test hook: "before_manifest", "before_rename" or "before_latest", optionally "@STEP": SIGKILL this
 # process at that point of the commit (tests/distributed/test_resume_kill.py proves recovery).
 KILL_ENV = "BIGTRAIN_CHECKPOINT_KILL_AT"
@@ -99,11 +98,6 @@ def _kill_point(point: str, step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _rank0_print(msg: str) -> None:
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(msg, file=sys.stderr, flush=True)
-
-
 @dataclass
 class Resumed:
     """What a resume restored, for the trainer's counters."""
@@ -117,19 +111,24 @@ class Resumed:
 class CheckpointManager:
     """The checkpoints of one run folder: save (sync or async), retention, selection, verification, load."""
 
-    def __init__(self, run_dir: str | Path, cfg: CheckpointConfig | None = None, *, info: "DistInfo | None" = None,
-                 echo: Print | None = None, keep_last: int | None = None) -> None:
+    def __init__(self, run_dir: str | Path, cfg: CheckpointConfig | None = None, *, info: DistInfo | None = None,
+                 keep_last: int | None = None) -> None:
         self.root = Path(run_dir) / "checkpoints"
         self.cfg = cfg or CheckpointConfig()
         self.keep_last = keep_last if keep_last is not None else self.cfg.keep_last
         self.rank = info.rank if info else 0
         self.world_size = info.world_size if info else 1
-        self.echo = echo or print
         self._pg: Any = None
         self._pg_ready = False
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
-        self._staging: dict[str, torch.Tensor] = {}  # host buffers reused by every async save
+        self._backend: CheckpointBackend | None = None  # created on first use (it keeps async-save buffers)
+
+    def backend(self, strategy: Strategy) -> CheckpointBackend:
+        """This run's checkpoint backend (the format ``strategy`` saves in)."""
+        if self._backend is None or self._backend.format != strategy.checkpoint_format:
+            self._backend = backend_for(strategy.checkpoint_format)
+        return self._backend
 
     # ------------------------------------------------------------------ collectives (dedicated group)
     def _group(self) -> Any | None:
@@ -159,7 +158,8 @@ class CheckpointManager:
         return out
 
     # ------------------------------------------------------------------ save
-    def save(self, step: int, *, strategy: Any, model: Any, optimizer: Any, rank_state: dict[str, Any],
+    def save(self, step: int, *, strategy: Strategy, model: nn.Module, optimizer: torch.optim.Optimizer,
+             rank_state: dict[str, Any],
              tokens_seen: int, config: dict[str, Any], config_hash: str, blocking: bool | None = None) -> Path:
         """Checkpoint ``step`` on every rank (collective). Returns when the step loop may continue:
         after the host copy for async DCP saves, after the commit otherwise."""
@@ -176,16 +176,10 @@ class CheckpointManager:
                 "backend": strategy.checkpoint_format, "strategy": str(config.get("parallel", {}).get("strategy", "")),
                 "extra": {}}
         use_async = self.cfg.async_save if blocking is None else not blocking
-        write: Callable[[], None]
-        if strategy.checkpoint_format == "deepspeed":
-            # DeepSpeed's own files; when async its checkpoint engine only stages them to host here.
-            meta["extra"] = strategy.save_native(model, optimizer, tmp / DS_DIR, staged=use_async)
-            write = strategy.write_staged
-        else:
-            state = strategy.checkpoint_state(model, optimizer)
-            if use_async:
-                state = stage(state, self._staging)  # the only part the step loop waits for
-            write = partial(dcp_io.save, state, tmp / DCP_DIR, pg)
+        # Async: the backend only copies the state to host memory here; the job writes the files later.
+        job = self.backend(strategy).save(strategy, model, optimizer, tmp, staged=use_async, process_group=pg)
+        meta["extra"] = job.extra
+        write = job.write
         if not use_async:
             write()
             self._finish(tmp, final, rank_state, meta)
@@ -306,7 +300,7 @@ class CheckpointManager:
             dirs = [p for p in dirs if (step_of(p) or 0) <= limit]
         return sorted(dirs, key=lambda p: step_of(p) or 0, reverse=True)
 
-    def latest(self, *, checksums: bool = False, report: Print | None = None) -> Path | None:
+    def latest(self, *, checksums: bool = False, report: Callable[[str], None] | None = None) -> Path | None:
         """Newest candidate whose manifest and files check out (sizes; with ``checksums`` also CRC32)."""
         for path in self.candidates():
             manifest, problems = _verify(path, checksums=checksums)
@@ -328,8 +322,8 @@ class CheckpointManager:
         problems = [p for part in self._gather(mine) for p in part]
         return manifest, problems
 
-    def load(self, path: Path, *, strategy: Any, model: Any, optimizer: Any, current_config: dict[str, Any],
-             seed: int, auto: bool) -> Resumed | None:
+    def load(self, path: Path, *, strategy: Strategy, model: nn.Module, optimizer: torch.optim.Optimizer,
+             current_config: dict[str, Any], seed: int, auto: bool) -> Resumed | None:
         """Verify ``path`` (falling back to older checkpoints when ``auto``), check the config, restore
         model/optimizer/RNG; return the counters and data state (None: nothing usable, start fresh)."""
         self._group()
@@ -341,14 +335,12 @@ class CheckpointManager:
             message = f"checkpoint {candidate} is corrupt or incomplete: " + "; ".join(problems)
             if not auto:
                 raise UserError(message + ". Pass another checkpoint to checkpoint.resume (see `bigtrain ckpt ls`).")
-            if self.rank == 0:
-                self.echo(f"warning: {message}; skipping it")
+            messages.warn(f"warning: {message}; skipping it")
         else:
-            if self.rank == 0:
-                self.echo("warning: no checkpoint verified; starting from scratch")
+            messages.warn("warning: no checkpoint verified; starting from scratch")
             return None
         assert manifest is not None
-        check_config(candidate, manifest.config, current_config, echo=self.echo if self.rank == 0 else None)
+        check_config(candidate, manifest.config, current_config)
         if manifest.backend != strategy.checkpoint_format:
             raise UserError(
                 f"cannot resume from {candidate}: it was saved by parallel.strategy={manifest.strategy} "
@@ -356,13 +348,8 @@ class CheckpointManager:
                 f"({strategy.checkpoint_format} format). Resume with parallel.strategy={manifest.strategy}, or export it "
                 f"(`bigtrain export {candidate} --to hf OUT`) and start a new run with model.init_from=OUT."
             )
-        if manifest.backend == "deepspeed":
-            strategy.load_native(model, optimizer, candidate / DS_DIR, saved_world_size=manifest.world_size,
-                                 scratch=candidate / "universal")
-        else:
-            template = strategy.checkpoint_state(model, optimizer)
-            dcp_io.load(template, candidate / DCP_DIR, self._pg)
-            strategy.load_checkpoint_state(model, optimizer, template)
+        self.backend(strategy).load(strategy, model, optimizer, candidate, saved_world_size=manifest.world_size,
+                                    process_group=self._pg)
         same_world = manifest.world_size == self.world_size
         own = candidate / rank_file(self.rank)
         data_source = own if same_world else candidate / rank_file(0)
@@ -402,7 +389,7 @@ def _not_architecture() -> set[str]:
 
 
 # Sections whose changes are allowed on resume, with a warning.
-_WARN_SECTIONS = ("train.", "data.", "optim.")
+_WARN_SECTIONS = ("train.", "data.")
 
 
 def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> tuple[list[str], list[str]]:
@@ -421,15 +408,16 @@ def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> tuple[list
     return arch, soft
 
 
-def check_config(path: Path, saved: dict[str, Any], current: dict[str, Any], echo: Print | None) -> None:
+def check_config(path: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:
     """Refuse a changed architecture (listing the keys); warn about changed optimizer/LR/data settings."""
     arch, soft = config_changes(saved, current)
     if arch:
         raise UserError(f"cannot resume from {path}: the model architecture changed:\n  " + "\n  ".join(arch) +
                         "\nUse the checkpoint's model settings, or start a new run folder "
                         "(optionally from its weights: `bigtrain export` + model.init_from).")
-    if soft and echo is not None:
-        echo("warning: resuming with changed settings (the new values apply from here on):\n  " + "\n  ".join(soft))
+    if soft:
+        messages.warn("warning: resuming with changed settings (the new values apply from here on):\n  "
+                      + "\n  ".join(soft))
 
 
 def resolve_resume(resume: str, run_dir: Path) -> Path | None:
@@ -441,14 +429,14 @@ def resolve_resume(resume: str, run_dir: Path) -> Path | None:
     if resume == "never":
         return None
     if resume == "auto":
-        return CheckpointManager(run_dir).latest(report=_rank0_print)
+        return CheckpointManager(run_dir).latest(report=messages.warn)
     path = Path(resume).expanduser()
     if (path / MANIFEST_FILE).is_file():
         return path
     if path.is_dir() and step_of(path) is not None:
         raise UserError(f"checkpoint.resume={resume!r}: {path / MANIFEST_FILE} is missing, so this checkpoint was "
                         f"never committed (or was damaged). Pass an older checkpoint or the run folder.")
-    found = CheckpointManager(path).latest(report=_rank0_print) if path.is_dir() else None
+    found = CheckpointManager(path).latest(report=messages.warn) if path.is_dir() else None
     if found is None:
         raise UserError(
             f"checkpoint.resume={resume!r}: no checkpoint there. Give a checkpoint folder (…/checkpoints/step_N), "
@@ -463,12 +451,7 @@ def load_model_weights(path: Path) -> tuple[dict[str, torch.Tensor], Manifest]:
         manifest = read_manifest(path)
     except ManifestError as exc:
         raise UserError(f"{exc}; pass a committed checkpoint folder (…/checkpoints/step_N) or a run folder.") from None
-    if manifest.backend == "deepspeed":
-        from bigtrain.parallel.zero import consolidate_zero_checkpoint
-
-        weights = consolidate_zero_checkpoint(path / DS_DIR)
-    else:
-        weights = dcp_io.read_full(path / DCP_DIR, "model")
+    weights = backend_for(manifest.backend).read_full_weights(path)
     return {k: v.float() if v.is_floating_point() else v for k, v in weights.items()}, manifest
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from typing import Any, Iterator
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -41,12 +41,6 @@ class DDPStrategy(SingleStrategy):
 
     def clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor:
         return super().clip_grad_norm(self.unwrap(model), max_norm)
-
-    def state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        return super().state_dict(self.unwrap(model), optimizer)
-
-    def load_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-        super().load_state_dict(self.unwrap(model), optimizer, state)
 
     def unwrap(self, model: nn.Module) -> nn.Module:
         return model.module if isinstance(model, DistributedDataParallel) else model

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from bigtrain import messages
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -58,9 +60,13 @@ def install_fault_handlers() -> None:
 
 
 def init(requested_device: str = "auto") -> DistInfo:
-    """Describe this process; a process group is only created by multi-rank strategies."""
+    """Describe this process; a process group is only created by multi-rank strategies.
+
+    Also tells :mod:`bigtrain.messages` this process's rank, so user-facing messages print once.
+    """
     install_fault_handlers()
     rank, local_rank, world = env_world()
+    messages.set_rank(rank, world)
     return DistInfo(rank, local_rank, world, resolve_device(requested_device, local_rank))
 
 

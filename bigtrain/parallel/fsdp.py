@@ -3,19 +3,18 @@
 The meta-device model is sharded block by block and then at the root, on a 1-D DeviceMesh
 (plain FSDP) or a 2-D ("replicate", "shard") mesh (HSDP); only then is it materialized with
 ``to_empty`` and initialized shard by shard, so no rank ever holds the full model. Checkpoints
-are sharded (:meth:`Strategy.checkpoint_state`: each rank writes its own DTensor shards with
-torch.distributed.checkpoint, which reshards on load); :meth:`FSDPStrategy.state_dict` still
-gives full, unsharded states on rank 0 for code that wants them.
+are sharded (:mod:`bigtrain.checkpoint.dcp`: each rank writes its own DTensor shards with
+torch.distributed.checkpoint, which reshards on load).
 """
 from __future__ import annotations
 
 import contextlib
-import sys
 from typing import Any, ContextManager, Iterator
 
 import torch
 from torch import nn
 
+from bigtrain import messages
 from bigtrain.errors import UserError
 from bigtrain.parallel import dist
 from bigtrain.parallel.apply import blocks, parallelize
@@ -26,15 +25,6 @@ from bigtrain.parallel.init import sharded_filler
 from bigtrain.parallel.strategy import OptimizerFactory, Strategy
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def _fsdp_api() -> tuple[Any, Any, Any]:
-    """(fully_shard, MixedPrecisionPolicy, CPUOffloadPolicy) from wherever this torch keeps them."""
-    try:
-        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
-    except ImportError:  # torch < 2.6
-        from torch.distributed._composable.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard  # type: ignore
-    return fully_shard, MixedPrecisionPolicy, CPUOffloadPolicy
 
 
 class FSDPStrategy(Strategy):
@@ -65,10 +55,11 @@ class FSDPStrategy(Strategy):
         return init_device_mesh(self.device.type, (world,), mesh_dim_names=("shard",))
 
     def wrap(self, model: nn.Module, make_optimizer: OptimizerFactory, seed: int) -> tuple[nn.Module, torch.optim.Optimizer]:
-        fully_shard, MixedPrecisionPolicy, CPUOffloadPolicy = _fsdp_api()
-        if self.info.world_size == 1 and self.info.is_main:
-            print("bigtrain: note: parallel.strategy=fsdp on one process: nothing is sharded (mixed precision and "
-                  "CPU offload still apply); launch more processes with torchrun to shard.", file=sys.stderr)
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+        if self.info.world_size == 1:
+            messages.warn("bigtrain: note: parallel.strategy=fsdp on one process: nothing is sharded (mixed precision "
+                          "and CPU offload still apply); launch more processes with torchrun to shard.")
         dist.ensure_process_group(self.info, dist.resolve_backend(self.cfg.backend, self.device), self.cfg.timeout_s)
         self.mesh = self._build_mesh()
         mp = MixedPrecisionPolicy(param_dtype=None if self.param_dtype == torch.float32 else self.param_dtype,
@@ -121,35 +112,3 @@ class FSDPStrategy(Strategy):
     def step(self, optimizer: torch.optim.Optimizer) -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-
-    # -- checkpoint ------------------------------------------------------------------
-    def state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        """Full states on rank 0 (empty elsewhere); the optimizer in torch's index-keyed layout,
-        the same as the single and DDP backends write, so checkpoints move between backends."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-        msd, osd = get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return {"model": msd, "optimizer": _fqn_to_index(osd) if osd else {}}
-
-    def load_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
-        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-        set_state_dict(model, optimizer, model_state_dict=state["model"],
-                       optim_state_dict=_index_to_fqn(state["optimizer"], model, optimizer), options=options)
-
-
-def _fqn_to_index(osd: dict[str, Any]) -> dict[str, Any]:
-    """{state: {fqn: ...}, param_groups: [{params: [fqn]}]} → torch's {state: {i: ...}, params: [i]}."""
-    order = [fqn for group in osd["param_groups"] for fqn in group["params"]]
-    index = {fqn: i for i, fqn in enumerate(order)}
-    return {"state": {index[fqn]: s for fqn, s in osd["state"].items()},
-            "param_groups": [{**g, "params": [index[f] for f in g["params"]]} for g in osd["param_groups"]]}
-
-
-def _index_to_fqn(osd: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Inverse of :func:`_fqn_to_index` for this optimizer (index i = i-th parameter over its groups)."""
-    names = {id(p): name for name, p in model.named_parameters()}
-    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
-    return {"state": {order[int(i)]: s for i, s in osd.get("state", {}).items()},
-            "param_groups": [{**g, "params": [order[int(i)] for i in g["params"]]} for g in osd.get("param_groups", [])]}

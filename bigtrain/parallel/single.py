@@ -1,7 +1,6 @@
 """One process, one device: the reference backend every other backend must match."""
 from __future__ import annotations
 
-from typing import Any
 
 import torch
 from torch import nn
@@ -35,10 +34,3 @@ class SingleStrategy(Strategy):
     def step(self, optimizer: torch.optim.Optimizer) -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-
-    def state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        return {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
-
-    def load_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])

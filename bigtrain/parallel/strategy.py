@@ -1,23 +1,34 @@
-"""The Strategy interface: everything the trainer needs from a parallelism backend.
+"""The Strategy interface: everything the trainer needs from a parallelism backend, and nothing more.
 
 The trainer calls only these methods, so switching single ↔ DDP ↔ FSDP2 ↔ ZeRO never
 touches the loop or the model. Backends live in their own modules; :func:`build_strategy`
 picks one from ``parallel.strategy``.
+
+=========================  ===========================================================================
+set-up                     ``wrap`` (shard/wrap a meta-device model, materialize, init, build the
+                           optimizer), ``load_model_weights`` (``model.init_from``)
+each micro-batch           ``autocast``, ``no_sync`` (accumulation), ``backward``
+each step                  ``clip_grad_norm``, ``step``, ``reduce_mean`` (the logged loss, eval sums)
+end of run / generation    ``barrier``, ``unwrap`` (the plain model inside the wrapper)
+attributes                 ``info``, ``device``, ``compute_dtype``, ``checkpoint_format``
+=========================  ===========================================================================
+
+Checkpoints are not written here: ``checkpoint_format`` names the backend of
+:mod:`bigtrain.checkpoint.backend` (``dcp`` or ``deepspeed``) that saves and loads this strategy's
+state. ``held_state_bytes`` is for measurement (tests, ``bigtrain plan`` validation), not the loop.
 """
 from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator
+from typing import Any, Callable, ContextManager, Iterator
 
 import torch
 from torch import nn
 
+from bigtrain.errors import UserError
 from bigtrain.parallel.config import ParallelConfig
 from bigtrain.parallel.dist import DistInfo
-
-if TYPE_CHECKING:
-    from bigtrain.train.config import TrainConfig
 
 OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
 
@@ -72,61 +83,15 @@ class Strategy(ABC):
             torch.distributed.barrier()
 
     # -- checkpoint ------------------------------------------------------------------
-    @abstractmethod
-    def state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        """{"model": ..., "optimizer": ...}: full (unsharded) states, complete at least on rank 0.
-
-        Called on every rank (gathering may be collective). Checkpoints do not use it (they are
-        sharded: :meth:`checkpoint_state` / :meth:`save_native`); it is for consumers that want one
-        full copy in torch's index-keyed optimizer layout.
-        """
-
-    @abstractmethod
-    def load_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None: ...
-
-    # Checkpoint files: "dcp" = torch.distributed.checkpoint shards written by every rank from
-    # checkpoint_state(); "deepspeed" = the backend's own files (save_native / load_native).
+    # The checkpoint format this backend's state is saved in: "dcp" (torch.distributed.checkpoint,
+    # bigtrain.checkpoint.dcp) or "deepspeed" (the engine's own files, bigtrain.checkpoint.deepspeed).
     checkpoint_format = "dcp"
-
-    def checkpoint_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        """{"model", "optimizer"} as this rank holds them (FSDP: DTensor shards; no gathering), keyed by
-        parameter name, for torch.distributed.checkpoint. Also the template a resume loads into."""
-        from torch.distributed.checkpoint.state_dict import get_state_dict
-
-        # get_state_dict creates AdamW's lazy state (a zero-gradient, lr=0 step: weights unchanged)
-        # so a checkpoint taken before the first step still has every key a later one has.
-        msd, osd = get_state_dict(self.unwrap(model), optimizer)
-        return {"model": msd, "optimizer": osd}
-
-    def load_checkpoint_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-        """Apply a loaded :meth:`checkpoint_state`; the optimizer hyperparameters of this run's config win
-        (lr, betas, weight decay may differ from the checkpoint's; the trainer warns about it)."""
-        from torch.distributed.checkpoint.state_dict import set_state_dict
-
-        hyper = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-        set_state_dict(self.unwrap(model), optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-        for group, values in zip(optimizer.param_groups, hyper):
-            group.update(values)
 
     def load_model_weights(self, model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
         """Overwrite the weights with full (unsharded) tensors present on every rank (``model.init_from``)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
         set_model_state_dict(self.unwrap(model), weights, options=StateDictOptions(full_state_dict=True))
-
-    def save_native(self, model: nn.Module, optimizer: torch.optim.Optimizer, path: Any, *,
-                    staged: bool = False) -> dict[str, Any]:
-        """Write the backend's own checkpoint into ``path`` (collective); with ``staged``, only copy it to host
-        memory and leave the file writes to :meth:`write_staged`. Returns facts for the manifest."""
-        raise NotImplementedError(f"{type(self).__name__} writes checkpoints with torch.distributed.checkpoint")
-
-    def write_staged(self) -> None:
-        """Write the files a ``staged`` :meth:`save_native` left in host memory (no collectives; any thread)."""
-        raise NotImplementedError(f"{type(self).__name__} writes checkpoints with torch.distributed.checkpoint")
-
-    def load_native(self, model: nn.Module, optimizer: torch.optim.Optimizer, path: Any, *, saved_world_size: int,
-                    scratch: Any) -> None:
-        raise NotImplementedError(f"{type(self).__name__} reads checkpoints with torch.distributed.checkpoint")
 
     def held_state_bytes(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
         """Bytes of parameters, gradients and optimizer state this rank really holds (local shards only)."""
@@ -152,17 +117,17 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def build_strategy(cfg: ParallelConfig, info: DistInfo, precision: str, *, train: "TrainConfig | None" = None,
-                   accum_steps: int = 1) -> Strategy:
+def build_strategy(cfg: ParallelConfig, info: DistInfo, *, precision: str, compile: bool, micro_batch_size: int,
+                   grad_clip: float, accum_steps: int) -> Strategy:
     """Pick the backend named by ``parallel.strategy`` (each imported only when chosen).
 
-    ``train.compile`` is applied, with activation checkpointing, by :func:`bigtrain.parallel.apply.parallelize`.
+    The values from other sections are passed explicitly: ``compile`` (``train.compile``, applied with
+    activation checkpointing by :func:`bigtrain.parallel.apply.parallelize`); ``micro_batch_size``,
+    ``grad_clip`` and ``accum_steps`` go into ZeRO's DeepSpeed config (DeepSpeed owns the
+    accumulation boundary and clipping); the other backends ignore them.
     """
-    compile = bool(train.compile) if train is not None else False
     if cfg.strategy == "single":
         if info.world_size > 1:
-            from bigtrain.errors import UserError
-
             raise UserError(
                 f"parallel.strategy=single runs one process, but this launch has {info.world_size} processes; "
                 f"use parallel.strategy=ddp, fsdp or zero, or launch one process."
@@ -180,7 +145,7 @@ def build_strategy(cfg: ParallelConfig, info: DistInfo, precision: str, *, train
         return FSDPStrategy(info, precision, cfg, compile=compile)
     if cfg.strategy == "zero":
         from bigtrain.parallel.zero import ZeroStrategy
-        from bigtrain.train.config import TrainConfig as _TrainConfig
 
-        return ZeroStrategy(info, precision, cfg, train or _TrainConfig(), accum_steps)
+        return ZeroStrategy(info, precision, cfg, compile=compile, micro_batch_size=micro_batch_size,
+                            grad_clip=grad_clip, accum_steps=accum_steps)
     raise ValueError(f"strategy {cfg.strategy!r} is not available in this build")

@@ -24,7 +24,7 @@ class TrainConfig(Section):
     beta2: float = doc_field(0.95, "AdamW beta2.")
     adam_eps: float = doc_field(1e-8, "AdamW epsilon.")
     grad_clip: float = doc_field(1.0, "Clip the global gradient norm to this value (0 = no clipping).")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = doc_field("auto", "auto = bf16 autocast on GPUs that support it, fp32 on CPU.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = doc_field("auto", "auto = bf16 autocast on GPUs that support it, fp32 on CPU. fp16 only with parallel.strategy=zero (DeepSpeed's dynamic loss scaling).")
     compile: bool = doc_field(False, "torch.compile each Transformer block (applied before sharding).")
     on_nonfinite: Literal["stop", "skip"] = doc_field("stop", "NaN/Inf loss or grad norm: stop = exit with status 3 without saving a checkpoint (checked on log steps and before every save; no per-step host sync); skip = drop that step's update (costs one host sync per step). See docs/multinode.md.")
     max_consecutive_skips: int = doc_field(5, "on_nonfinite=skip: stop (status 3) after this many non-finite steps in a row.")

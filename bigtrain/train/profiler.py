@@ -13,20 +13,20 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
+
+from bigtrain import messages
 
 
 class ProfilerWindow:
     """Starts the profiler before step ``first`` and writes the results after step ``last``."""
 
-    def __init__(self, steps: list[int] | tuple[int, ...], run_dir: Path, device: torch.device,
-                 *, echo: Callable[[str], None] = print) -> None:
+    def __init__(self, steps: list[int] | tuple[int, ...], run_dir: Path, device: torch.device) -> None:
         self.first, self.last = (int(steps[0]), int(steps[1])) if steps else (0, -1)
         self.out_dir = run_dir / "profile"
         self.cuda = device.type == "cuda" and torch.cuda.is_available()
-        self.echo = echo
         self._prof: Any = None
         self.written: list[Path] = []
 
@@ -79,6 +79,6 @@ class ProfilerWindow:
             torch.cuda.memory._dump_snapshot(str(snapshot))
             torch.cuda.memory._record_memory_history(enabled=None)
             self.written.append(snapshot)
-        self.echo(f"profile of steps {self.first}-{self.last} written to {self.out_dir}/ "
+        messages.say(f"profile of steps {self.first}-{self.last} written to {self.out_dir}/ "
                   f"({', '.join(p.name for p in self.written)})")
         return time.perf_counter() - t0

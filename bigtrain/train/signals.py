@@ -2,7 +2,8 @@
 
 Clusters warn a job before killing it: Slurm sends SIGUSR1 ``--signal=USR1@<seconds>`` before the
 time limit and SIGTERM on preemption or ``scancel``; a person presses Ctrl-C (SIGINT). The handler
-only records the signal. At the next step boundary every rank contributes its flag to one
+only records the signal and when it arrived (printing from a signal handler can deadlock on the
+stream lock it interrupted); the loop reports it (:meth:`StopRequest.describe`). At the next step boundary every rank contributes its flag to one
 all-reduce (MAX), so all ranks stop after the *same* step even when only some of them were
 signalled, then the trainer saves a checkpoint and the CLI exits with :data:`EXIT_PREEMPTED`.
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from types import FrameType
 from typing import Any
 
@@ -36,6 +38,7 @@ class StopRequest:
     def __init__(self, world_size: int, *, backend: str = "gloo") -> None:
         self.world_size = world_size
         self.signum = 0  # the first stop signal received by this process (0 = none)
+        self.received_at = 0.0  # its wall-clock time (time.time())
         self._previous: dict[int, Any] = {}
         self._group: Any = None
         if world_size > 1 and dist.is_initialized() and backend != "gloo":
@@ -58,14 +61,19 @@ class StopRequest:
         if signum == signal.SIGINT and self.signum == signal.SIGINT:
             raise KeyboardInterrupt  # the second Ctrl-C: the user does not want to wait for the save
         if not self.signum:
-            self.signum = signum
-            # Printed from the handler so the log shows when it arrived, not only when it was acted on.
-            print(f"bigtrain: received {signal.Signals(signum).name}; stopping after the current step "
-                  f"and saving a checkpoint", flush=True)
+            self.signum, self.received_at = signum, time.time()
 
     def request(self, signum: int = signal.SIGTERM) -> None:
         """Ask for a stop from code (tests, hooks), as if ``signum`` had arrived."""
-        self.signum = self.signum or signum
+        if not self.signum:
+            self.signum, self.received_at = signum, time.time()
+
+    def describe(self) -> str:
+        """What this process received and when, for the log ("" when nothing was received here)."""
+        if not self.signum:
+            return ""
+        at = time.strftime("%H:%M:%S", time.localtime(self.received_at))
+        return f"received {self.name(self.signum)} at {at} ({time.time() - self.received_at:.1f}s ago)"
 
     # ------------------------------------------------------------------ agreement
     def agreed(self) -> int:

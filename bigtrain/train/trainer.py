@@ -12,15 +12,15 @@ import os
 import random
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bigtrain import messages
 from bigtrain.checkpoint.manager import CheckpointManager, capture_rng, resolve_resume
-from bigtrain.config import RunConfig
-from bigtrain.data.loader import TokenStream, eval_batches
+from bigtrain.data.batches import TokenStream, eval_batches
 from bigtrain.data.pipeline import DataPipeline
 from bigtrain.data.tokenizer import load_tokenizer
 from bigtrain.errors import UserError
@@ -36,10 +36,10 @@ from bigtrain.train.metrics import bits_per_byte, memory_gib, memory_stats, mfu,
 from bigtrain.train.profiler import ProfilerWindow
 from bigtrain.train.timing import StepTimer
 from bigtrain.train.failures import NonFiniteGuard, Watchdog
+from bigtrain.train.fault_injection import install_loss_poison
+from bigtrain.train.run_config import RunConfig
 from bigtrain.train.signals import StopRequest
 from bigtrain.train.status import write_status
-
-Print = Callable[[str], None]
 
 
 def seed_everything(seed: int) -> None:
@@ -51,8 +51,8 @@ def seed_everything(seed: int) -> None:
 class Trainer:
     """Builds every component of a run from its config and trains it."""
 
-    def __init__(self, cfg: RunConfig, *, echo: Print = print) -> None:
-        self.cfg, self.echo = cfg, echo
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
         if cfg.run.num_threads:
             torch.set_num_threads(cfg.run.num_threads)
         self.info = dist.init(cfg.run.device)
@@ -86,9 +86,10 @@ class Trainer:
                                 cfg.parallel.timeout_s)
 
         # --- Model: built on meta, placed/sharded/initialized by the strategy.
-        self.strategy = build_strategy(cfg.parallel, self.info, cfg.train.precision,
-                                       train=cfg.train, accum_steps=self.accum_steps)
         t = cfg.train
+        self.strategy = build_strategy(cfg.parallel, self.info, precision=t.precision, compile=t.compile,
+                                       micro_batch_size=t.micro_batch_size, grad_clip=t.grad_clip,
+                                       accum_steps=self.accum_steps)
         self.model, self.optimizer = self.strategy.wrap(
             build_on_meta(cfg.model),
             lambda m: build_adamw(m, lr=t.lr, weight_decay=t.weight_decay, betas=(t.beta1, t.beta2), eps=t.adam_eps),
@@ -99,12 +100,12 @@ class Trainer:
         self.num_params = count_parameters(cfg.model)
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
         self.peak_flops = peak_flops(self.info.device)
-        self.checkpoints = CheckpointManager(self.run_dir, cfg.checkpoint, info=self.info, echo=self.echo)
-        self.last_checkpoint_stall_s: float | None = None
+        self.checkpoints = CheckpointManager(self.run_dir, cfg.checkpoint, info=self.info)
+        self.last_checkpoint_stall_s = 0.0
         if cfg.model.init_from and self.resume_from is None:  # continued pretraining from HF Llama weights
-            from bigtrain.checkpoint.export import init_from_hf
+            from bigtrain.checkpoint.hf import init_from_hf
 
-            init_from_hf(cfg.model.init_from, cfg.model, self.strategy, self.model, echo=self.echo if self.info.is_main else None)
+            init_from_hf(cfg.model.init_from, cfg.model, self.strategy, self.model)
         self.step = 0
         self.tokens_seen = 0
         self.timer = StepTimer(self.info.device)
@@ -121,6 +122,8 @@ class Trainer:
         self.console: ConsoleLogger | None = None
         self.status: StatusLogger | None = None
         self.profiler: ProfilerWindow | None = None
+        self._previous_sink: messages.Sink | None = None
+        self._sink_installed = False
         if not self.info.is_main:
             return
         self.loggers.append(JsonlLogger(self.run_dir / "metrics.jsonl"))
@@ -129,14 +132,15 @@ class Trainer:
         if cfg.log.console:
             self.console = ConsoleLogger(cfg.train.max_steps, stream=None)
             self.loggers.append(self.console)
-            if self.console.tty:
-                self.echo = self.console.wrap_echo(self.echo)  # messages print above the progress bar
+            if self.console.tty:  # messages print above the progress bar (restored when fit ends)
+                self._previous_sink = messages.set_sink(self.console.wrap_echo(print))
+                self._sink_installed = True
         if self.wandb_mode != "disabled":
             self.loggers.append(WandbLogger(self.run_dir, cfg, self.wandb_mode, resumed=resumed))
         if cfg.log.tensorboard:
             self.loggers.append(TensorBoardLogger(self.run_dir, cfg))
         if cfg.log.profile.steps:
-            self.profiler = ProfilerWindow(cfg.log.profile.steps, self.run_dir, self.info.device, echo=self.echo)
+            self.profiler = ProfilerWindow(cfg.log.profile.steps, self.run_dir, self.info.device)
 
     def _prepare_run_dir(self) -> None:
         existed = self.run_dir.exists()
@@ -170,8 +174,7 @@ class Trainer:
         self.loader.load_state_dict(resumed.data_state)
         self.step, self.tokens_seen = resumed.step, resumed.tokens_seen
         self.resume_from = resumed.path
-        if self.info.is_main:
-            self.echo(f"resumed from {resumed.path} at step {self.step} ({self.tokens_seen:,} tokens seen)")
+        messages.say(f"resumed from {resumed.path} at step {self.step} ({self.tokens_seen:,} tokens seen)")
 
     def state_dict(self) -> dict[str, Any]:
         """This rank's small state next to the model/optimizer shards: data position, RNG, counters."""
@@ -189,7 +192,7 @@ class Trainer:
         ``blocking=True`` returns after the commit. The time the loop was blocked is logged as
         ``checkpoint_stall_s`` and kept in ``self.last_checkpoint_stall_s``.
         """
-        self._check_finite("before saving a checkpoint")  # a poisoned state is never written
+        self.nonfinite.check("before saving a checkpoint")  # a poisoned state is never written
         t0 = time.perf_counter()
         path = self.checkpoints.save(self.step, strategy=self.strategy, model=self.model, optimizer=self.optimizer,
                                      rank_state=self.state_dict(), tokens_seen=self.tokens_seen,
@@ -199,16 +202,15 @@ class Trainer:
         background = self.checkpoints.in_flight
         self._emit({"kind": "checkpoint", "step": self.step, "path": str(path), "checkpoint_stall_s": stall,
                     "async": background})
-        if self.info.is_main:
-            self.echo(f"{'saving' if background else 'saved'} checkpoint {path} (step loop blocked {stall:.2f}s)")
+        messages.say(f"{'saving' if background else 'saved'} checkpoint {path} (step loop blocked {stall:.2f}s)")
         return path
 
     # ------------------------------------------------------------------ fault tolerance (train/signals.py, failures.py)
     def _init_fault_tolerance(self) -> None:
         cfg = self.cfg
         # (skip + ZeRO is rejected by RunConfig.validate: DeepSpeed's norm comes too late to skip the step.)
-        self.nonfinite = NonFiniteGuard(cfg.train.on_nonfinite, cfg.train.max_consecutive_skips,
-                                        cfg.train.debug_poison_steps, self.info.device)
+        self.nonfinite = NonFiniteGuard(cfg.train.on_nonfinite, cfg.train.max_consecutive_skips, self.info.device)
+        install_loss_poison(self.strategy.unwrap(self.model), cfg.train.debug_poison_steps, lambda: self.step + 1)
         backend = dist.resolve_backend(cfg.parallel.backend, self.info.device)
         self.stop_request = StopRequest(self.info.world_size, backend=backend)  # collective: every rank builds it
         # Steps only (armed after step 1); collectives fail on their own after parallel.timeout_s.
@@ -216,10 +218,6 @@ class Trainer:
         # Heartbeats in the launcher's store, so a survivor can name the rank that died or hangs.
         self.peers = peers.PeerHeartbeat.from_env(self.info.rank, self.info.world_size, cfg.parallel.timeout_s)
         peers.set_current(self.peers)
-
-    def _check_finite(self, where: str) -> None:
-        if self.cfg.train.on_nonfinite == "stop":
-            self.nonfinite.check(where)
 
     def _stop_requested(self, is_last: bool) -> int:
         """Step boundary: heartbeat, then the stop signal every rank agrees on (0 = go on).
@@ -234,20 +232,28 @@ class Trainer:
         if self.peers is not None:
             self.peers.step = self.step  # published by the heartbeat thread
         # Multi-rank it is an all-reduce where fast ranks wait for stragglers: part of the breakdown.
-        with self.timer.phase("collectives_s") if self.info.world_size > 1 else contextlib.nullcontext():
+        with self._collectives_phase():
             return self.stop_request.agreed()
+
+    def _collectives_phase(self) -> contextlib.AbstractContextManager[Any]:
+        """Time spent in the step's collectives (multi-rank only; a single process has none)."""
+        return self.timer.phase("collectives_s") if self.info.world_size > 1 else contextlib.nullcontext()
 
     def _stop_on_signal(self, signum: int, last_train: dict[str, Any]) -> dict[str, Any]:
         """Preemption: commit a checkpoint of this step, mark the run preempted, return to the CLI (exit 75/130)."""
         name = StopRequest.name(signum)
+        if received := self.stop_request.describe():  # only the ranks the signal reached say so
+            label = messages.rank_label()
+            messages.say(f"bigtrain: {label + ': ' if label else ''}{received}; stopping after step {self.step} "
+                         f"and saving a checkpoint", every_rank=True)
         every = self.cfg.checkpoint.every_steps
         if not (every and self.step % every == 0):  # not already saved by the loop at this step
             self.save_checkpoint(blocking=True)
         self.checkpoints.wait()  # an async save must be committed before the process exits
         if self.info.is_main:
             write_status(self.run_dir, "preempted", signal=name, step=self.step, tokens=self.tokens_seen)
-            self.echo(f"stopped by {name} after step {self.step}: checkpoint committed; exiting with status "
-                      f"{StopRequest.exit_status(signum)} (resume with checkpoint.resume=auto)")
+        messages.say(f"stopped by {name} after step {self.step}: checkpoint committed; exiting with status "
+                     f"{StopRequest.exit_status(signum)} (resume with checkpoint.resume=auto)")
         for logger in self.loggers:
             logger.close()
         self.strategy.barrier()
@@ -271,22 +277,19 @@ class Trainer:
                 last = i == len(micro_batches) - 1
                 with self.strategy.no_sync(self.model) if not last else contextlib.nullcontext():
                     with self.strategy.autocast():
-                        loss = self.nonfinite.poison(self.step + 1, self.model(inputs, targets, **self._doc_kwargs(batch)))
+                        loss = self.model(inputs, targets, **self._doc_kwargs(batch))
                     self.strategy.backward(loss / len(micro_batches))
                 loss_sum += loss.detach()
+        with self._collectives_phase():
+            mean_loss = self.strategy.reduce_mean(loss_sum / len(micro_batches))  # the same on every rank
         with timer.phase("optimizer_s"):
             grad_norm = self.strategy.clip_grad_norm(self.model, self.cfg.train.grad_clip)
-            if self.cfg.train.on_nonfinite == "skip" and self.nonfinite.skip_update(
-                    self.step + 1, self.strategy.reduce_mean(loss_sum / len(micro_batches)), grad_norm):
-                self.optimizer.zero_grad(set_to_none=True)  # drop the update; data and schedule move on
-            else:
+            if self.nonfinite.allows_update(self.step + 1, mean_loss, grad_norm):
                 self.strategy.step(self.optimizer)
+            else:
+                self.optimizer.zero_grad(set_to_none=True)  # drop the update; data and schedule move on
         self.step += 1
         self.tokens_seen += self.cfg.train.global_batch_tokens
-        with timer.phase("collectives_s") if self.info.world_size > 1 else contextlib.nullcontext():
-            mean_loss = self.strategy.reduce_mean(loss_sum / len(micro_batches))
-        if self.cfg.train.on_nonfinite == "stop":
-            self.nonfinite.observe(self.step, mean_loss, grad_norm)  # on device: no host sync here
         timer.step_done()
         return mean_loss, grad_norm, lr
 
@@ -349,6 +352,10 @@ class Trainer:
                 self.status.finish("failed", step=self.step, tokens=self.tokens_seen,
                                    error=f"{type(exc).__name__}: {exc}"[:1000])
             raise
+        finally:
+            if self._sink_installed:
+                messages.set_sink(self._previous_sink)
+                self._sink_installed = False
         if self.status is not None:
             self.status.finish("finished", step=self.step, tokens=self.tokens_seen)
         return summary
@@ -373,17 +380,9 @@ class Trainer:
             is_last = self.step == cfg.train.max_steps
             if self.step % cfg.log.every_steps == 0 or self.step == 1 or is_last:
                 loss_value = loss.item()  # the only host sync of a step, and only on log steps
-                self._check_finite(f"at log step {self.step}")
-                elapsed = time.perf_counter() - t_window
-                tokens_per_s = steps_window * cfg.train.global_batch_tokens / elapsed
-                per_device = tokens_per_s / self.info.world_size
-                last_train = {
-                    "kind": "train", "step": self.step, "tokens": self.tokens_seen, "loss": loss_value,
-                    "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tokens_per_s,
-                    "mfu": mfu(per_device, self.flops_per_token, self.peak_flops),
-                    "step_time_s": elapsed / steps_window, "memory_gib": memory_gib(self.info.device),
-                    "epoch": self.loader.epoch, **self.loader.log_stats(), **self.timer.summary(), **memory_stats(self.info.device),
-                }
+                self.nonfinite.check(f"at log step {self.step}")
+                last_train = self._train_record(loss_value, grad_norm, lr, time.perf_counter() - t_window,
+                                                steps_window)
                 self._emit(last_train)
                 t_window, steps_window = time.perf_counter(), 0
             if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0 and not is_last:
@@ -391,11 +390,9 @@ class Trainer:
                 last_eval = self.evaluate()
                 t_window += time.perf_counter() - t_eval  # evaluation time is not training throughput
             if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0 and not is_last:
-                t_ckpt = time.perf_counter()
                 self.save_checkpoint()
                 # The loop was blocked this long: it counts in step time and shows as checkpoint_stall_s.
-                stall = getattr(self, "last_checkpoint_stall_s", None)
-                self.timer.add("checkpoint_stall_s", time.perf_counter() - t_ckpt if stall is None else stall)
+                self.timer.add("checkpoint_stall_s", self.last_checkpoint_stall_s)
             if signum := self._stop_requested(is_last):
                 return self._stop_on_signal(signum, last_train)
         train_time = time.perf_counter() - t_start
@@ -415,6 +412,20 @@ class Trainer:
                 "loss": last_train.get("loss"), **(last_eval or {})}
 
     # ------------------------------------------------------------------ output
+    def _train_record(self, loss: float, grad_norm: torch.Tensor, lr: float, elapsed_s: float,
+                      num_steps: int) -> dict[str, Any]:
+        """The ``kind: train`` metrics record of a log step, over the ``num_steps`` steps since the last one."""
+        tokens_per_s = num_steps * self.cfg.train.global_batch_tokens / elapsed_s
+        per_device = tokens_per_s / self.info.world_size
+        return {
+            "kind": "train", "step": self.step, "tokens": self.tokens_seen, "loss": loss,
+            "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tokens_per_s,
+            "mfu": mfu(per_device, self.flops_per_token, self.peak_flops),
+            "step_time_s": elapsed_s / num_steps, "memory_gib": memory_gib(self.info.device),
+            "epoch": self.loader.epoch, **self.loader.log_stats(), **self.timer.summary(),
+            **memory_stats(self.info.device),
+        }
+
     def _emit(self, record: dict[str, Any]) -> None:
         for logger in self.loggers:
             logger.log(record)
@@ -425,14 +436,16 @@ class Trainer:
         from bigtrain.kernels.report import describe_kernels
 
         c = self.cfg
-        self.echo(
+        kernels = describe_kernels(c.model.kernels, fp8=c.model.fp8, head_dim=c.model.head_dim, device=self.info.device,
+                                   compute_dtype=self.strategy.compute_dtype)
+        messages.say(
             f"bigtrain: run {c.run.name!r} -> {self.run_dir}\n"
             f"  model    {self.num_params / 1e6:.2f}M params ({c.model.num_layers} layers, dim {c.model.dim}, "
             f"{c.model.num_heads} heads / {c.model.kv_heads} kv), {self.flops_per_token / 1e6:.1f} MFLOP/token\n"
             f"  device   {self.info.device} x {self.info.world_size}, strategy {c.parallel.strategy}, "
             f"compute {str(self.strategy.compute_dtype).replace('torch.', '')}, threads {torch.get_num_threads()}"
             f"{'' if self.peak_flops else ', MFU n/a (no known peak for this device)'}\n"
-            f"  kernels  {describe_kernels(c.model, self.info.device, self.strategy.compute_dtype)}\n"
+            f"  kernels  {kernels}\n"
             f"  batch    {c.train.global_batch_tokens:,} tokens/step = {self.global_batch_seqs} x {c.data.seq_len} "
             f"(micro {c.train.micro_batch_size}, grad accum {self.accum_steps})\n"
             f"  data     {self.loader.summary()} train"
@@ -443,11 +456,10 @@ class Trainer:
 
     def _print_sample(self) -> None:
         """Every rank generates (sharded models need every rank in each forward); rank 0 prints."""
-        from bigtrain.generate import generate
+        from bigtrain.model.sampling import generate
 
         text = generate(self.strategy.unwrap(self.model), self.tokenizer, self.cfg.log.sample_prompt,
                         max_new_tokens=self.cfg.log.sample_tokens, temperature=0.8, top_k=50,
                         device=self.info.device, seed=self.cfg.run.seed)
-        if self.info.is_main:
-            self.echo("sample:\n" + self.cfg.log.sample_prompt + text)
+        messages.say("sample:\n" + self.cfg.log.sample_prompt + text)
 

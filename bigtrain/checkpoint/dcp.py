@@ -1,4 +1,4 @@
-"""``torch.distributed.checkpoint`` (DCP) reading and writing for the single, DDP and FSDP2 backends.
+"""The ``dcp`` checkpoint backend: ``torch.distributed.checkpoint`` files for the single, DDP and FSDP2 strategies.
 
 Every rank writes its own shard files (``__<rank>_<n>.distcp``, one per writer thread) plus, on the coordinator, ``.metadata``;
 nothing is gathered to rank 0. Loading reshards: each rank reads the pieces of the saved shards
@@ -12,6 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
+
+from bigtrain.checkpoint.backend import SaveJob
+from bigtrain.checkpoint.staging import stage
+from bigtrain.parallel.strategy import Strategy
 
 # One process needs no process group; DCP warns about that on every call, which is only noise here.
 warnings.filterwarnings("ignore", message=".*torch.distributed is disabled, unavailable or uninitialized.*")
@@ -54,3 +59,47 @@ def read_full(path: Path, key: str = "model") -> dict[str, torch.Tensor]:
     _load_state_dict(sd, storage_reader=FileSystemReader(str(path)), planner=_EmptyStateDictLoadPlanner(keys={key}),
                      no_dist=True)
     return dict(sd[key])
+
+
+def model_and_optimizer_state(strategy: Strategy, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """{"model", "optimizer"} as this rank holds them (FSDP: DTensor shards; no gathering), keyed by parameter
+    name. What a save writes, and the template a load fills in."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    # get_state_dict creates AdamW's lazy state (a zero-gradient, lr=0 step: weights unchanged)
+    # so a checkpoint taken before the first step still has every key a later one has.
+    msd, osd = get_state_dict(strategy.unwrap(model), optimizer)
+    return {"model": msd, "optimizer": osd}
+
+
+class DCPBackend:
+    """Every rank writes its own shards under ``dcp/``; a load reshards to this run's layout."""
+
+    format = "dcp"
+    subdir = "dcp"
+
+    def __init__(self) -> None:
+        self._staging: dict[str, torch.Tensor] = {}  # host buffers reused by every async save
+
+    def save(self, strategy: Strategy, model: nn.Module, optimizer: torch.optim.Optimizer, ckpt_dir: Path, *,
+             staged: bool, process_group: Any | None) -> SaveJob:
+        state = model_and_optimizer_state(strategy, model, optimizer)
+        if staged:
+            state = stage(state, self._staging)  # the only part of an async save the step loop waits for
+        target = ckpt_dir / self.subdir
+        return SaveJob(write=lambda: save(state, target, process_group))
+
+    def load(self, strategy: Strategy, model: nn.Module, optimizer: torch.optim.Optimizer, ckpt_dir: Path, *,
+             saved_world_size: int, process_group: Any | None) -> None:
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        template = model_and_optimizer_state(strategy, model, optimizer)
+        load(template, ckpt_dir / self.subdir, process_group)
+        hyper = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        set_state_dict(strategy.unwrap(model), optimizer, model_state_dict=template["model"],
+                       optim_state_dict=template["optimizer"])
+        for group, values in zip(optimizer.param_groups, hyper, strict=True):
+            group.update(values)  # this run's hyperparameters win (the trainer warns when they changed)
+
+    def read_full_weights(self, ckpt_dir: Path) -> dict[str, torch.Tensor]:
+        return read_full(ckpt_dir / self.subdir, "model")

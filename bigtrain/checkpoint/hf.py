@@ -1,24 +1,25 @@
-"""Export checkpoints to Hugging Face Llama format (or one torch state dict) and import HF Llama weights.
+"""The Hugging Face Llama format: weight names, ``config.json``, safetensors files, both directions.
 
 bigtrain's decoder *is* the Llama architecture (pre-norm RMSNorm, rotate-half RoPE, SwiGLU, GQA), so
-export is a renaming: no permutation of the q/k projections is needed. Export reads any checkpoint
-(DCP from single/DDP/FSDP, or DeepSpeed ZeRO) in one CPU process, whatever world size wrote it.
+conversion is a renaming: no permutation of the q/k projections is needed. ``bigtrain export``
+(:mod:`bigtrain.export`) writes this format; ``model.init_from`` reads it (:func:`init_from_hf`).
 Files are written with ``safetensors`` only; ``transformers`` is never imported here.
 """
 from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
+from torch import nn
 
+from bigtrain import messages
 from bigtrain.errors import UserError
 from bigtrain.model.config import ModelConfig
+from bigtrain.parallel.strategy import Strategy
 
-Print = Callable[[str], None]
 DEFAULT_SHARD_BYTES = 5 * 1024**3  # transformers' default max_shard_size
 SAFETENSORS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -168,64 +169,6 @@ def read_safetensors_dir(path: Path) -> dict[str, torch.Tensor]:
                     f"with safetensors weights (e.g. written by `bigtrain export CKPT --to hf OUT`).")
 
 
-# ---------------------------------------------------------------------------- export
-def _copy_tokenizer(config: dict[str, Any], out: Path) -> tuple[list[str], int | None]:
-    """Copy the run's tokenizer.json (+ a minimal tokenizer_config.json); (files, eos id or None)."""
-    tok_path = Path(str(config.get("data", {}).get("tokenizer", "")))
-    if not tok_path.is_file():
-        return [], None
-    shutil.copyfile(tok_path, out / "tokenizer.json")
-    files = ["tokenizer.json"]
-    eos_id = None
-    try:
-        from bigtrain.data.tokenizer import Tokenizer
-
-        tok = Tokenizer.from_file(tok_path)
-        eos_id = tok.eos_id
-        (out / "tokenizer_config.json").write_text(json.dumps({
-            "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": tok.eos_token, "bos_token": tok.eos_token,
-            "model_max_length": int(config.get("model", {}).get("max_seq_len", 2048)),
-        }, indent=2))
-        files.append("tokenizer_config.json")
-    except Exception:  # noqa: BLE001 - a tokenizer bigtrain cannot parse is still copied as is
-        pass
-    return files, eos_id
-
-
-def export_checkpoint(source: str | Path, to: str, out: str | Path, *, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-                      echo: Print = print) -> Path:
-    """``bigtrain export``: a checkpoint (or a run folder's latest) → HF Llama folder or one torch file."""
-    from bigtrain.checkpoint.manager import load_model_weights, resolve_resume
-    from bigtrain.config import config_from_dict
-
-    src = Path(source)
-    if not src.exists():
-        raise UserError(f"{str(src)!r} does not exist; pass a checkpoint folder (…/checkpoints/step_N) or a run folder.")
-    ckpt = resolve_resume(str(src), src)
-    assert ckpt is not None
-    weights, manifest = load_model_weights(ckpt)
-    model_cfg = config_from_dict(manifest.config).model
-    out = Path(out)
-    if to == "torch":
-        target = out / "model.pt" if out.is_dir() else out
-        target.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(weights, target)
-        echo(f"exported {ckpt} (step {manifest.step}) -> {target} ({len(weights)} tensors, bigtrain names)")
-        return target
-    if to != "hf":
-        raise UserError(f"--to {to!r}: use hf (Hugging Face Llama folder) or torch (one state-dict file).")
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"{out} exists and is not empty; pass a new or empty folder to export into.")
-    out.mkdir(parents=True, exist_ok=True)
-    tok_files, eos_id = _copy_tokenizer(manifest.config, out)
-    files = write_safetensors(to_hf_state(weights, model_cfg), out, max_shard_bytes=max_shard_bytes,
-                              metadata={"bigtrain_step": str(manifest.step)})
-    (out / "config.json").write_text(json.dumps(hf_config(model_cfg, eos_token_id=eos_id), indent=2))
-    note = "" if tok_files else " (no tokenizer copied: the run's data.tokenizer file was not found)"
-    echo(f"exported {ckpt} (step {manifest.step}) -> {out}: config.json, {', '.join(files + tok_files)}{note}")
-    return out
-
-
 # ---------------------------------------------------------------------------- import (model.init_from)
 def load_hf_weights(path: str | Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """bigtrain-named fp32 weights from an HF Llama folder, after checking its shape equals ``cfg``."""
@@ -257,7 +200,7 @@ def load_hf_weights(path: str | Path, cfg: ModelConfig) -> dict[str, torch.Tenso
     return weights
 
 
-def init_from_hf(path: str | Path, cfg: ModelConfig, strategy: Any, model: Any, echo: Print | None = None) -> None:
+def init_from_hf(path: str | Path, cfg: ModelConfig, strategy: Strategy, model: nn.Module) -> None:
     """Overwrite a freshly initialized (possibly sharded) model with HF Llama weights, through the strategy."""
     weights = load_hf_weights(path, cfg)
     expected = {k for k in strategy.unwrap(model).state_dict() if not k.startswith("rope_")}
@@ -267,5 +210,4 @@ def init_from_hf(path: str | Path, cfg: ModelConfig, strategy: Any, model: Any, 
         raise UserError(f"model.init_from={str(path)!r}: missing tensors {', '.join(missing[:5])}"
                         f"{' ...' if len(missing) > 5 else ''}.")
     strategy.load_model_weights(model, weights)
-    if echo is not None:
-        echo(f"initialized weights from {os.fspath(path)} ({len(weights)} tensors)")
+    messages.say(f"initialized weights from {os.fspath(path)} ({len(weights)} tensors)")

@@ -1,0 +1,130 @@
+"""RunConfig: the composition of every component's section, loaded strictly from YAML + overrides.
+
+It lives in ``train/`` because the trainer is what consumes the whole of it; every other layer
+receives only its own section. Tools import it as ``bigtrain.config`` (which re-exports it).
+
+    cfg = load_config("configs/debug.yaml", ["train.lr=1e-3", "model.num_layers=4"])
+
+Sections are owned by their components (``model``, ``data``, ``train``/``eval``/``log``,
+``parallel``, ``checkpoint``); this module only composes them and checks the values that
+span sections (e.g. batch tokens vs. sequence length).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+from bigtrain.checkpoint.config import CheckpointConfig
+from bigtrain.data.config import DataConfig
+from bigtrain.model.config import ModelConfig
+from bigtrain.parallel.config import ParallelConfig
+from bigtrain.sections import (
+    ConfigError,
+    Section,
+    apply_overrides,
+    config_hash,
+    doc_field,
+    dump_yaml,
+    load_yaml,
+    parse_section,
+    to_dict,
+)
+from bigtrain.train.config import EvalConfig, LogConfig, TrainConfig
+
+__all__ = ["RunConfig", "RunSection", "ConfigError", "load_config"]
+
+
+@dataclass(frozen=True)
+class RunSection(Section):
+    """Identity and placement of a run."""
+
+    name: str = doc_field("run", "Human-readable run name (used by loggers).")
+    out_dir: str = doc_field("runs/run", "The run folder: config.yaml, metrics.jsonl and checkpoints/ are written here.")
+    seed: int = doc_field(0, "Seed for weights, data order and sampling.")
+    device: Literal["auto", "cpu", "cuda"] = doc_field("auto", "auto = CUDA if available, else CPU.")
+    num_threads: int = doc_field(0, "CPU threads for torch (0 = torch's default).")
+
+    def validate(self, path: str) -> None:
+        if not self.out_dir:
+            raise ConfigError(f"{path}.out_dir: must name the run folder.")
+        if self.num_threads < 0:
+            raise ConfigError(f"{path}.num_threads: must be >= 0.")
+
+
+@dataclass(frozen=True)
+class RunConfig(Section):
+    """A whole training run."""
+
+    run: RunSection = doc_field(RunSection(), "Run identity, output folder, seed and device.")
+    model: ModelConfig = doc_field(ModelConfig(), "Model shape.")
+    data: DataConfig = doc_field(DataConfig(), "Training and validation data.")
+    train: TrainConfig = doc_field(TrainConfig(), "Optimization.")
+    eval: EvalConfig = doc_field(EvalConfig(), "Validation.")
+    parallel: ParallelConfig = doc_field(ParallelConfig(), "Distribution across processes.")
+    checkpoint: CheckpointConfig = doc_field(CheckpointConfig(), "Checkpointing and resume.")
+    log: LogConfig = doc_field(LogConfig(), "Logging.")
+
+    def validate(self, path: str) -> None:
+        seq, micro = self.data.seq_len, self.train.micro_batch_size
+        if seq > self.model.max_seq_len:
+            raise ConfigError(
+                f"data.seq_len: {seq} exceeds model.max_seq_len={self.model.max_seq_len}; "
+                f"lower data.seq_len or raise model.max_seq_len."
+            )
+        if self.train.global_batch_tokens % seq:
+            lo = max(seq, self.train.global_batch_tokens // seq * seq)
+            raise ConfigError(
+                f"train.global_batch_tokens: {self.train.global_batch_tokens} is not divisible by "
+                f"data.seq_len={seq}; use a multiple such as {lo} or {lo + seq}."
+            )
+        seqs = self.train.global_batch_tokens // seq
+        if seqs % micro:
+            raise ConfigError(
+                f"train.global_batch_tokens: {self.train.global_batch_tokens} tokens = {seqs} sequences of "
+                f"{seq}, not divisible by train.micro_batch_size={micro}; make the global batch a multiple of "
+                f"micro_batch_size * seq_len = {micro * seq} tokens."
+            )
+        if self.train.precision == "fp16" and self.parallel.strategy != "zero":
+            # fp16 gradients underflow without loss scaling, and only DeepSpeed's engine scales the loss
+            # (dynamic, skipping overflow steps); training fp16 unscaled would silently learn less.
+            raise ConfigError(
+                f"train.precision: fp16 needs dynamic loss scaling, which bigtrain provides only with "
+                f"parallel.strategy=zero (DeepSpeed's loss scaler); with parallel.strategy={self.parallel.strategy} "
+                f"use train.precision=bf16 (same speed on GPUs that have it, no loss scaling needed) or fp32."
+            )
+        if self.train.on_nonfinite == "skip" and self.parallel.strategy == "zero":
+            raise ConfigError("train.on_nonfinite: skip does not work with parallel.strategy=zero (DeepSpeed computes the "
+                              "gradient norm inside its optimizer step, too late to skip it); use train.on_nonfinite=stop.")
+
+    def batch_layout(self, world_size: int) -> tuple[int, int]:
+        """(sequences per step across ranks, gradient-accumulation steps) for ``world_size`` ranks."""
+        seqs = self.train.global_batch_tokens // self.data.seq_len
+        per_pass = self.train.micro_batch_size * world_size
+        if seqs % per_pass:
+            raise ConfigError(
+                f"train.global_batch_tokens: {seqs} sequences per step cannot be split over {world_size} ranks x "
+                f"micro_batch_size {self.train.micro_batch_size}; make it a multiple of {per_pass * self.data.seq_len} tokens."
+            )
+        return seqs, seqs // per_pass
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    def to_yaml(self) -> str:
+        return dump_yaml(self.to_dict())
+
+    def hash(self) -> str:
+        return config_hash(self.to_dict())
+
+
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RunConfig:
+    """Load a YAML config (or the defaults when path is None), apply overrides, validate."""
+    data = load_yaml(path) if path is not None else {}
+    data = apply_overrides(data, overrides)
+    return parse_section(RunConfig, data, "")
+
+
+def config_from_dict(data: dict[str, Any]) -> RunConfig:
+    """Rebuild a RunConfig from its plain-data form (e.g. a run folder's config.yaml)."""
+    return parse_section(RunConfig, data, "")

@@ -1,0 +1,43 @@
+"""The run folder is prepared by every rank at once; the preparation must not race with itself."""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from types import SimpleNamespace
+
+from bigtrain.train.trainer import Trainer
+
+
+def _bare_trainer(run_dir: Path, rank: int) -> Trainer:
+    """Just the attributes ``_prepare_run_dir`` reads (a full Trainer builds a model and data)."""
+    trainer = Trainer.__new__(Trainer)
+    trainer.run_dir = run_dir
+    trainer.info = SimpleNamespace(rank=rank, is_main=rank == 0)
+    trainer.cfg = SimpleNamespace(to_yaml=lambda: "run: {}\n")
+    return trainer
+
+
+def test_ranks_preparing_one_run_folder_at_once_all_succeed(tmp_path: Path) -> None:
+    # CI once failed a 2-rank run with "cannot write to the run folder (No such file or directory)":
+    # both ranks used one probe file name and one unlinked it under the other.
+    run_dir = tmp_path / "run"
+    ranks, rounds = 8, 200
+    errors: list[BaseException] = []
+    start = threading.Barrier(ranks)
+
+    def prepare(rank: int) -> None:
+        trainer = _bare_trainer(run_dir, rank)
+        start.wait()
+        try:
+            for _ in range(rounds):
+                trainer._prepare_run_dir()
+        except BaseException as exc:  # noqa: BLE001 - collected and reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=prepare, args=(rank,)) for rank in range(ranks)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml"]  # no probe left behind
