@@ -10,16 +10,15 @@ otherwise — logged once. This module imports torch only; a Triton module is im
 from __future__ import annotations
 
 import importlib.util
-import logging
 import os
 
 import torch
 
+from bigtrain import messages
 from bigtrain.kernels import reference
 from bigtrain.kernels.reference import IGNORE_INDEX
 
 KERNEL_BACKENDS = ("torch", "triton")
-log = logging.getLogger("bigtrain.kernels")
 _warned: set[str] = set()
 
 
@@ -70,7 +69,7 @@ def use_triton(kernels: str, x: torch.Tensor) -> bool:
         return True
     if x.device.type not in _warned and x.device.type != "meta":
         _warned.add(x.device.type)
-        log.warning("model.kernels=triton: %s; using the torch reference ops.", reason)
+        messages.warn(f"warning: model.kernels=triton: {reason}; using the torch reference ops.")
     return False
 
 

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from bigtrain import messages
 from bigtrain.parallel.config import ParallelConfig
 
 _CHECKPOINTED: dict[type, type] = {}
@@ -59,7 +60,6 @@ def apply_compile(model: nn.Module) -> None:
 
 
 FP8_MIN_CAPABILITY = (8, 9)  # Ada / Hopper: the first GPUs with FP8 tensor cores
-log = logging.getLogger("bigtrain.parallel")
 
 
 def fp8_emulated() -> bool:
@@ -110,7 +110,7 @@ def apply_fp8(model: nn.Module) -> int:
                         "or set model.fp8=false.") from None
     emulate = fp8_emulated()
     if emulate:
-        log.warning("model.fp8: no FP8-capable GPU; torchao emulates FP8 matmuls (correct but slow; for tests).")
+        messages.warn("warning: model.fp8: no FP8-capable GPU; torchao emulates FP8 matmuls (correct but slow; for tests).")
     before = sum(isinstance(m, nn.Linear) for m in model.modules())
     convert_to_float8_training(model, config=Float8LinearConfig(emulate=emulate), module_filter_fn=_fp8_filter)
     return before - sum(type(m) is nn.Linear for m in model.modules())
