@@ -9,7 +9,7 @@ import torch
 
 from bigtrain.data.streaming import file_order
 from bigtrain.errors import UserError
-from tests.unit.test_data_pipeline import (
+from tests.data.test_data_pipeline import (
     EOS,
     assert_resume_exact,
     data_config,
@@ -176,7 +176,7 @@ def test_workers_split_blocks_without_overlap(tmp_path: Path, monkeypatch: pytes
     from types import SimpleNamespace
 
     import bigtrain.data.streaming as streaming
-    from tests.unit.test_data_pipeline import TOK
+    from tests.data.test_data_pipeline import TOK
 
     write_jsonl(tmp_path / "j", files=2, docs_per_file=70, seed=4)
     files = sorted(str(p) for p in (tmp_path / "j").glob("*.jsonl"))

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.unit.kernel_testing import assert_close, leaf64  # sets TRITON_INTERPRET=1 first
+from tests.kernels.kernel_testing import assert_close, leaf64  # sets TRITON_INTERPRET=1 first
 
 from bigtrain.kernels import reference as ref
 from bigtrain.kernels.linear_cross_entropy import default_chunk_tokens, linear_cross_entropy

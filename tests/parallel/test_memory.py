@@ -10,7 +10,7 @@ from bigtrain.model import build_on_meta, count_parameters
 from bigtrain.optim.optimizer import build_adamw
 from bigtrain.parallel.memory import held_state_bytes
 from bigtrain.plan import plan_memory
-from tests.conftest import free_port
+from tests.helpers import free_port
 
 DEBUG = ["train.micro_batch_size=2"]
 

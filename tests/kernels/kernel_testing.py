@@ -1,7 +1,7 @@
 """Shared helpers for the kernel tests: Triton's CPU interpreter and float64 comparisons.
 
 ``TRITON_INTERPRET=1`` must be set before a ``@triton.jit`` kernel module is imported, so the
-kernel test modules import :mod:`tests.unit.kernel_testing` first.
+kernel test modules import :mod:`tests.kernels.kernel_testing` first.
 """
 from __future__ import annotations
 

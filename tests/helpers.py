@@ -1,0 +1,270 @@
+"""Helpers shared by the tests: CLI/torchrun subprocesses, free ports, in-process training and
+``run_distributed``, which runs a function in N spawned gloo ranks and returns their results.
+
+Import them from here (``from tests.helpers import ...``); ``conftest.py`` holds fixtures only.
+This module imports neither torch nor bigtrain at import time: the spawned ranks import it first,
+before their environment (thread counts, rank variables) is set.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pickle
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------------------------- subprocesses
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m bigtrain ...` in a subprocess and capture its output."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "2", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "bigtrain", *args], cwd=cwd or REPO, capture_output=True,
+                          text=True, timeout=timeout, env=full_env)
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run ``bigtrain.cli.main(args)`` in this process (no interpreter start-up), capturing what it prints.
+
+    The same code path as ``python -m bigtrain`` from argument parsing to the exit status; an
+    exception that main() does not turn into a status propagates (so "no traceback" is implied by
+    getting a CompletedProcess back). Use ``run_cli`` where the process itself matters (signals,
+    imports, the ``python -m`` entry point).
+    """
+    import io
+
+    from bigtrain import messages
+    from bigtrain.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    previous_sink = messages.set_sink(None)  # messages go to the (redirected) stdout/stderr
+    try:
+        with _Env(env or {}), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(list(args))
+            except SystemExit as exc:  # argparse's usage errors
+                code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        messages.set_sink(previous_sink)
+    return subprocess.CompletedProcess(["bigtrain", *args], code, out.getvalue(), err.getvalue())
+
+
+def run_torchrun(*args: str, nproc: int = 2, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `torchrun --standalone --nproc-per-node=N -m bigtrain ...` (gloo on CPU) and capture output."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "bigtrain", *args]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+def free_ports(n: int = 1) -> list[int]:
+    """``n`` distinct TCP ports free on 127.0.0.1 right now (all bound at once, so no duplicates)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def free_port() -> int:
+    """One TCP port free on 127.0.0.1 right now."""
+    return free_ports(1)[0]
+
+
+# ---------------------------------------------------------------------------------------------- run folders
+def read_metrics(run_dir: Path) -> list[dict]:
+    """Every record of RUN_DIR/metrics.jsonl."""
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_records(run_dir: Path) -> list[dict]:
+    """The ``kind: train`` records of RUN_DIR/metrics.jsonl, in order."""
+    return [r for r in read_metrics(run_dir) if r.get("kind") == "train"]
+
+
+# ---------------------------------------------------------------------------------------------- in-process training
+def build_trainer(config: str | Path, overrides: list[str] | tuple[str, ...]) -> Any:
+    """A Trainer for ``config`` with ``overrides``, built in this process. Its messages go through
+    ``bigtrain.messages`` (capture them with ``bigtrain.messages.capture()``)."""
+    from bigtrain.config import load_config
+    from bigtrain.train.trainer import Trainer
+
+    return Trainer(load_config(config, list(overrides)))
+
+
+def train(out_dir: Path, *overrides: str, config: str | Path = "configs/debug.yaml") -> tuple[dict, list[str]]:
+    """Train ``config`` to the end in this process (console logger off); returns (fit's summary, the
+    messages it printed)."""
+    from bigtrain import messages
+
+    with messages.capture() as lines:
+        trainer = build_trainer(config, [f"run.out_dir={out_dir}", *overrides, "log.console=false"])
+        summary = trainer.fit()
+    return summary, lines
+
+
+# ---------------------------------------------------------------------------------------------- run_distributed
+class _Env:
+    """Set environment variables for the duration of a block (spawned children inherit them)."""
+
+    def __init__(self, values: dict[str, str]) -> None:
+        self.values, self.saved = values, {}
+
+    def __enter__(self) -> None:
+        self.saved = {k: os.environ.get(k) for k in self.values}
+        os.environ.update(self.values)
+
+    def __exit__(self, *exc: object) -> None:
+        for key, value in self.saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _die_with_parent() -> None:
+    """Linux: this process gets SIGKILL when the process that started it dies (no orphans if pytest is killed)."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def _rank_main(payload: bytes, rank: int, world_size: int, process_group: bool, pg_timeout_s: float,
+               results: Any) -> None:
+    """Entry point of one spawned rank: own process group (so the parent can kill it with its
+    children), stack dumps on SIGUSR2, optional gloo group, then ``fn(rank, *args)``."""
+    os.setsid()
+    _die_with_parent()
+    import faulthandler
+
+    faulthandler.enable(all_threads=True)
+    faulthandler.register(signal.SIGUSR2, all_threads=True, chain=False)
+    try:
+        fn, args = pickle.loads(payload)  # imports the test module (and torch) only now
+        dist = None
+        if process_group:
+            import datetime
+
+            import torch.distributed as dist
+
+            dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=world_size,
+                                    timeout=datetime.timedelta(seconds=pg_timeout_s))
+        result = pickle.dumps(fn(rank, *args))
+        if dist is None:
+            import torch.distributed as dist  # the function's code may have created one (a Trainer does)
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()  # nobody tears the store down under a rank that is still finishing
+            dist.destroy_process_group()
+        results.put((rank, "ok", result))
+    except BaseException:  # noqa: BLE001 - also SystemExit/KeyboardInterrupt: reported, never swallowed
+        results.put((rank, "error", traceback.format_exc()))
+        results.close()
+        results.join_thread()
+        os._exit(1)  # no clean-up that could block on a collective the other ranks never join
+
+
+def _kill(proc: Any) -> None:
+    """SIGKILL a rank and everything it started (it leads its own process group once started)."""
+    if proc.pid is None:
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(Exception):
+        proc.kill()
+    proc.join(timeout=10)
+
+
+def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float = 300,
+                    env: dict[str, str] | None = None, process_group: bool = False) -> list[Any]:
+    """Run ``fn(rank, *args)`` in ``world_size`` spawned processes; return the results in rank order.
+
+    Each rank sees the torchrun environment (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE,
+    MASTER_ADDR=127.0.0.1, MASTER_PORT=a free port) and OMP_NUM_THREADS=1, plus ``env``.
+    ``process_group=True`` initializes a gloo process group there first (a ``Trainer`` creates its
+    own from that environment, so leave it False for those). ``fn`` and ``args`` must be
+    picklable (``fn`` a module-level function of an importable module) and so must the results.
+
+    A rank that raises fails the test with that rank's traceback; a rank that dies without a
+    result, or any rank still running after ``timeout_s`` (stacks dumped first), fails it too.
+    Every rank, and whatever it started, is killed before this returns or raises.
+    """
+    import multiprocessing
+
+    import pytest
+
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    payload = pickle.dumps((fn, args))
+    port = str(free_port())
+    procs = []
+    start = time.monotonic()
+    try:
+        for rank in range(world_size):
+            rank_env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **(env or {}), "RANK": str(rank),
+                        "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
+                        "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+            proc = ctx.Process(target=_rank_main, name=f"rank{rank}",
+                               args=(payload, rank, world_size, process_group, timeout_s, results))
+            with _Env(rank_env):  # inherited at exec: set before the rank imports torch
+                proc.start()
+            procs.append(proc)
+
+        done: dict[int, Any] = {}
+        errors: dict[int, str] = {}
+        gone_at: dict[int, float] = {}
+        while len(done) < world_size and not errors:
+            try:
+                rank, status, value = results.get(timeout=0.1)
+            except queue.Empty:
+                now = time.monotonic()
+                for rank, proc in enumerate(procs):
+                    if rank not in done and proc.exitcode is not None:
+                        # Its result may still be in the pipe: allow a moment before calling it lost.
+                        if now - gone_at.setdefault(rank, now) > 2.0:
+                            errors[rank] = f"exited with status {proc.exitcode} without a result (killed or crashed)"
+                if not errors and now - start > timeout_s:
+                    running = [r for r in range(world_size) if r not in done]
+                    for r in running:  # where was it? (faulthandler, to the test's captured stderr)
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(procs[r].pid, signal.SIGUSR2)
+                    time.sleep(1.0)
+                    pytest.fail(f"run_distributed: {fn.__name__} timed out after {timeout_s:.0f}s; ranks "
+                                f"{running} still running (their stacks are in the captured stderr)", pytrace=False)
+                continue
+            if status == "ok":
+                done[rank] = pickle.loads(value)
+            else:
+                errors[rank] = value
+        if errors:
+            first = next(iter(errors))
+            with contextlib.suppress(queue.Empty):  # other ranks' reports that already arrived (often echoes)
+                while True:
+                    rank, status, value = results.get(timeout=0.2)
+                    if status == "error":
+                        errors.setdefault(rank, value)
+            report = "\n".join(f"--- rank {r} of {world_size}:\n{tb}" for r, tb in errors.items())  # first first
+            pytest.fail(f"run_distributed: {fn.__name__} failed on rank {first} of {world_size} (first to fail)\n"
+                        f"{report}", pytrace=False)
+        return [done[r] for r in range(world_size)]
+    finally:
+        for proc in procs:
+            if proc.exitcode is None:
+                _kill(proc)
+            else:
+                proc.join()
+        results.close()
+        results.cancel_join_thread()
