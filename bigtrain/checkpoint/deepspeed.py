@@ -57,8 +57,11 @@ class DeepSpeedBackend:
         size) refuses checkpoints without it. With ``staged`` the files are only copied to host memory
         here; the returned job writes them.
         """
-        from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
-                                                    UNIVERSAL_CHECKPOINT_VERSION_VALUE)
+        from deepspeed.checkpoint.constants import (
+            UNIVERSAL_CHECKPOINT_INFO,
+            UNIVERSAL_CHECKPOINT_VERSION_KEY,
+            UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+        )
 
         zero = _zero(strategy)
         engine = zero.engine
@@ -180,7 +183,7 @@ def _load_universal(zero: ZeroStrategy, zero_dir: Path) -> None:
     global_state = torch.load(zero_dir / "optimizer_state.pt", map_location="cpu", weights_only=False)
     # AdamW's scalar state (step): stage 3 keeps it in the global file, stages 1/2 per parameter.
     inner_sd = global_state.get("optimizer_state_dict") or {"state": {}}
-    first = next(iter(inner_sd["state"].values()), {})
+    first: dict[str, Any] = next(iter(inner_sd["state"].values()), {})
     scalars = {k: v for k, v in first.items() if not (isinstance(v, torch.Tensor) and v.ndim > 0)}
     weights: dict[str, torch.Tensor] = {}
     state: dict[int, dict[str, Any]] = {}
@@ -213,6 +216,7 @@ def _set_full_optimizer_state(zero: ZeroStrategy, saved: dict[int, dict[str, Any
             if isinstance(value, torch.Tensor) and value.ndim > 0:
                 safe_set_full_optimizer_state(p, value.to(zero.device, torch.float32), key)
     zopt = zero.zero_optimizer
+    assert zopt is not None  # a checkpoint written with optimizer state has a ZeRO optimizer (stage >= 1)
     # Stage 3 keeps the flat partitions out of param_groups between steps.
     flats = (list(zopt.fp32_partitioned_groups_flat) if zero.zero.stage == 3
              else [flat for group in inner.param_groups for flat in group["params"]])
@@ -270,7 +274,7 @@ def _relink_optimizer_state(zero: ZeroStrategy) -> None:
     groups (bigtrain's no-decay group) have no state yet; relinking fixes those views.
     """
     zopt = zero.zero_optimizer
-    if hasattr(zopt, "_lazy_init_hp_params_optimizer_state"):
+    if zopt is not None and hasattr(zopt, "_lazy_init_hp_params_optimizer_state"):
         zopt._hp_optimizer_states_linked = False
         zopt._lazy_init_hp_params_optimizer_state()
 

@@ -147,10 +147,10 @@ def write_safetensors(tensors: dict[str, torch.Tensor], out_dir: Path, *, max_sh
         fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
         save_file(shard, str(out_dir / fname), metadata=meta)
         names.append(fname)
-        weight_map.update({k: fname for k in shard})
+        weight_map.update(dict.fromkeys(shard, fname))
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     (out_dir / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    return names + [INDEX_FILE]
+    return [*names, INDEX_FILE]
 
 
 def read_safetensors_dir(path: Path) -> dict[str, torch.Tensor]:

@@ -56,7 +56,7 @@ def list_checkpoints(run_dir: str | Path) -> str:
     if len(rows) == 1:
         return f"{root}: no checkpoints\n"
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return f"{root}\n" + "\n".join(lines) + "\n(sizes and manifests only; `bigtrain ckpt verify` checks checksums)\n"
 

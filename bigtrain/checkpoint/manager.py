@@ -6,11 +6,11 @@ Layout of one checkpoint (every rank writes its own files; nothing is gathered t
         manifest.json          step, tokens, world size, backend, config (+hash), every file's size and CRC32
         dcp/                   model + optimizer: torch.distributed.checkpoint shards   (single, ddp, fsdp)
         ds/state/              model + optimizer: DeepSpeed's own checkpoint            (zero)
+        rank/rank_00000.pt     per-rank data-pipeline state and RNG states (python, numpy, torch, cuda)
+    RUN_DIR/checkpoints/latest  name of the newest committed checkpoint
 
 The model + optimizer part is written and read by a checkpoint backend (:mod:`bigtrain.checkpoint.backend`:
 ``dcp`` or ``deepspeed``, the one the strategy names); this module owns everything around it.
-        rank/rank_00000.pt     per-rank data-pipeline state and RNG states (python, numpy, torch, cuda)
-    RUN_DIR/checkpoints/latest  name of the newest committed checkpoint
 
 Commit protocol (a crash at any point leaves the previous checkpoint intact and selected):
 write everything into ``step_000123.tmp/``; every rank checksums and fsyncs a share of the files;
@@ -26,15 +26,17 @@ save, :meth:`CheckpointManager.wait` and the end of ``fit`` wait for it.
 """
 from __future__ import annotations
 
+import builtins
 import os
 import random
 import shutil
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,9 +45,20 @@ from torch import nn
 from bigtrain import messages
 from bigtrain.checkpoint.backend import CheckpointBackend, backend_for
 from bigtrain.checkpoint.config import CheckpointConfig
-from bigtrain.checkpoint.manifest import (LATEST_FILE, MANIFEST_FILE, Manifest, ManifestError, check_files,
-                                          checksum_files, fsync_dir, list_files, read_manifest, step_dirname,
-                                          step_of, write_manifest)
+from bigtrain.checkpoint.manifest import (
+    LATEST_FILE,
+    MANIFEST_FILE,
+    Manifest,
+    ManifestError,
+    check_files,
+    checksum_files,
+    fsync_dir,
+    list_files,
+    read_manifest,
+    step_dirname,
+    step_of,
+    write_manifest,
+)
 from bigtrain.checkpoint.staging import host_copy
 from bigtrain.errors import UserError
 from bigtrain.parallel.dist import DistInfo
@@ -259,7 +272,7 @@ class CheckpointManager:
         """Delete committed checkpoints beyond ``keep_last`` that are not ``keep_every_steps`` milestones,
         and leftovers of crashed saves; never the one just committed. Returns what was deleted."""
         committed = self.list()
-        keep = {p for p in committed[-self.keep_last:]}
+        keep = set(committed[-self.keep_last:])
         every = self.cfg.keep_every_steps
         deleted = []
         for path in committed:
@@ -274,7 +287,7 @@ class CheckpointManager:
         return deleted
 
     # ------------------------------------------------------------------ find
-    def list(self) -> list[Path]:
+    def list(self) -> builtins.list[Path]:
         """Folders that look committed (final name + manifest), oldest first."""
         if not self.root.is_dir():
             return []
@@ -288,7 +301,7 @@ class CheckpointManager:
         name = pointer.read_text().strip()
         return self.root / name if name else None
 
-    def candidates(self) -> list[Path]:
+    def candidates(self) -> builtins.list[Path]:
         """Committed checkpoints a resume may use, newest first: ``latest`` and older ones.
 
         A folder newer than ``latest`` lost its save before the commit point and is ignored.
@@ -303,7 +316,7 @@ class CheckpointManager:
     def latest(self, *, checksums: bool = False, report: Callable[[str], None] | None = None) -> Path | None:
         """Newest candidate whose manifest and files check out (sizes; with ``checksums`` also CRC32)."""
         for path in self.candidates():
-            manifest, problems = _verify(path, checksums=checksums)
+            _, problems = _verify(path, checksums=checksums)
             if not problems:
                 return path
             if report:
@@ -311,7 +324,7 @@ class CheckpointManager:
         return None
 
     # ------------------------------------------------------------------ load
-    def verify_distributed(self, path: Path) -> tuple[Manifest | None, list[str]]:
+    def verify_distributed(self, path: Path) -> tuple[Manifest | None, builtins.list[str]]:
         """Full check (sizes + CRC32) with the files split over the ranks (collective when distributed)."""
         try:
             manifest = read_manifest(path)
@@ -361,7 +374,7 @@ class CheckpointManager:
         return Resumed(candidate, manifest.step, manifest.tokens_seen, data_state)
 
 
-def _verify(path: Path, *, checksums: bool) -> tuple[Manifest | None, list[str]]:
+def _verify(path: Path, *, checksums: bool) -> tuple[Manifest | None, builtins.list[str]]:
     try:
         manifest = read_manifest(path)
     except ManifestError as exc:

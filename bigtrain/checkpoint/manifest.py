@@ -14,9 +14,10 @@ from __future__ import annotations
 import json
 import os
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 MANIFEST_FILE = "manifest.json"
 LATEST_FILE = "latest"

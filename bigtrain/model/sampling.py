@@ -1,7 +1,8 @@
 """Sampling text from a decoder: temperature and top-k, one token at a time (no KV cache: for samples, not serving)."""
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 
@@ -30,7 +31,7 @@ def generate(model: Decoder, tokenizer: TextCodec, prompt: str, *, max_new_token
     was_training = model.training
     model.eval()
     ids = tokenizer.encode(prompt) if prompt else []
-    context = [tokenizer.eos_id] + ids  # EOS marks a document start, as in training
+    context = [tokenizer.eos_id, *ids]  # EOS marks a document start, as in training
     gen = torch.Generator(device="cpu").manual_seed(seed)
     new: list[int] = []
     window = model.cfg.max_seq_len

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,8 +24,8 @@ _CHECKPOINTED: dict[type, type] = {}
 def _checkpointed_class(cls: type) -> type:
     """``cls`` with its forward recomputed in backward (non-reentrant checkpointing)."""
     if cls not in _CHECKPOINTED:
-        def forward(self: nn.Module, *args: object, **kwargs: object) -> object:
-            return checkpoint(super(new_cls, self).forward, *args, use_reentrant=False, **kwargs)
+        def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+            return checkpoint(super(new_cls, self).forward, *args, use_reentrant=False, **kwargs)  # type: ignore[arg-type]  # new_cls is a type (made just below); mypy sees a variable
 
         new_cls = type(f"Checkpointed{cls.__name__}", (cls,), {"forward": forward, "__module__": cls.__module__})
         _CHECKPOINTED[cls] = new_cls
@@ -39,7 +40,7 @@ def checkpoint_module(module: nn.Module) -> None:
 
 def blocks(model: nn.Module) -> list[nn.Module]:
     """The repeated Transformer blocks (the unit of checkpointing, compiling and sharding)."""
-    return list(model.layers.values())  # type: ignore[union-attr, operator]
+    return list(model.layers.values())  # type: ignore[operator]  # Decoder.layers is a ModuleDict
 
 
 def apply_activation_checkpointing(model: nn.Module, mode: str, every: int = 1) -> int:
@@ -80,7 +81,7 @@ def _quiet_cpu_import() -> Iterator[None]:
     try:
         yield
     finally:
-        for lg, level in zip(loggers, levels):
+        for lg, level in zip(loggers, levels, strict=True):
             lg.setLevel(level)
 
 

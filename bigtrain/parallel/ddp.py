@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -30,7 +30,7 @@ class DDPStrategy(SingleStrategy):
         model.init_weights(seed)  # type: ignore[operator]
         ddp = DistributedDataParallel(
             model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-            gradient_as_bucket_view=True, **_no_buffer_sync_per_forward(),
+            gradient_as_bucket_view=True, **_no_buffer_sync_per_forward(),  # type: ignore[arg-type]  # a bool flag whose name depends on the torch version
         )
         return ddp, make_optimizer(model)
 

@@ -91,10 +91,9 @@ def init_process_group(info: DistInfo, backend: str, timeout_s: int) -> None:
 
     if info.world_size <= 1 or is_initialized():
         return
-    kwargs = {}
-    if backend == "nccl":
-        kwargs["device_id"] = info.device  # eager NCCL init, bound to this rank's GPU
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+    # nccl: eager init, bound to this rank's GPU
+    device_id = info.device if backend == "nccl" else None
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s), device_id=device_id)
 
 
 def destroy_process_group() -> None:

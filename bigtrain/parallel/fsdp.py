@@ -9,7 +9,8 @@ torch.distributed.checkpoint, which reshards on load).
 from __future__ import annotations
 
 import contextlib
-from typing import Any, ContextManager, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -85,7 +86,7 @@ class FSDPStrategy(Strategy):
         return model, make_optimizer(model)
 
     # -- step ----------------------------------------------------------------------
-    def autocast(self) -> ContextManager[Any]:
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.param_dtype == self.compute_dtype:
             return contextlib.nullcontext()  # MixedPrecisionPolicy already computes in compute_dtype
         return super().autocast()

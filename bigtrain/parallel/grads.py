@@ -6,20 +6,10 @@ sharded and unsharded gradients would disagree; fp64 makes them agree to ~1e-9.
 """
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
-
-
-def _dtensor_type() -> type | None:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch < 2.4
-        try:
-            from torch.distributed._tensor import DTensor  # type: ignore[no-redef]
-        except ImportError:
-            return None
-    return DTensor
+from torch.distributed.tensor import DTensor
 
 
 def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
@@ -31,10 +21,9 @@ def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float) -> torc
     params = [p for p in parameters if p.grad is not None]
     if not params:
         return torch.zeros(())
-    grads = [p.grad for p in params]
+    grads = [p.grad for p in params if p.grad is not None]
     total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, 2.0, dtype=torch.float64) for g in grads]))
-    dtensor = _dtensor_type()
-    if dtensor is not None and isinstance(total, dtensor):
+    if isinstance(total, DTensor):
         total = total.full_tensor()
     total = total.float()
     if max_norm > 0:

@@ -42,10 +42,7 @@ def sharded_filler(seed: int) -> Filler:
 
     @torch.no_grad()
     def fill(param: torch.Tensor, std: float, name: str) -> None:
-        try:
-            from torch.distributed.tensor import DTensor
-        except ImportError:  # torch < 2.4
-            from torch.distributed._tensor import DTensor  # type: ignore[no-redef]
+        from torch.distributed.tensor import DTensor
         if not isinstance(param, DTensor):
             plain(param, std, name)
             return

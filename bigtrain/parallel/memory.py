@@ -8,7 +8,7 @@ padding are counted as the allocator sees them — whole storages, padding inclu
 """
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn

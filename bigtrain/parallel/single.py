@@ -1,7 +1,6 @@
 """One process, one device: the reference backend every other backend must match."""
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 

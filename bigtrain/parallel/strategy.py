@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from typing import Any, Callable, ContextManager, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -47,7 +48,7 @@ class Strategy(ABC):
         """Take a meta-device model; shard/wrap it, materialize and init it, build the optimizer."""
 
     # -- step ----------------------------------------------------------------------
-    def autocast(self) -> ContextManager[Any]:
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
         """Mixed-precision context for forward passes (a no-op in fp32)."""
         if self.compute_dtype == torch.float32:
             return contextlib.nullcontext()
@@ -91,7 +92,7 @@ class Strategy(ABC):
         """Overwrite the weights with full (unsharded) tensors present on every rank (``model.init_from``)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-        set_model_state_dict(self.unwrap(model), weights, options=StateDictOptions(full_state_dict=True))
+        set_model_state_dict(self.unwrap(model), dict(weights), options=StateDictOptions(full_state_dict=True))
 
     def held_state_bytes(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
         """Bytes of parameters, gradients and optimizer state this rank really holds (local shards only)."""

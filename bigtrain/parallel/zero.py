@@ -1,8 +1,10 @@
 """DeepSpeed ZeRO stages 0/1/2/3 behind the :class:`Strategy` interface.
 
-This is the only module that imports ``deepspeed`` (lazily, inside :meth:`ZeroStrategy.wrap`).
-Users never write a DeepSpeed JSON: :func:`deepspeed_config` generates it from ``parallel.zero``
-and the ``train`` section, then merges ``parallel.zero.extra`` on top.
+This is the only module of ``parallel/`` that imports ``deepspeed`` (lazily: :func:`import_deepspeed`,
+also used by the checkpoint backend :mod:`bigtrain.checkpoint.deepspeed`, which reads and writes
+the engine's files). Users never write a DeepSpeed JSON: :func:`deepspeed_config` generates it from
+``parallel.zero`` and the values the trainer passes (micro-batch size, accumulation, clipping), then
+merges ``parallel.zero.extra`` on top.
 
 How the trainer's loop maps onto the DeepSpeed engine:
 
@@ -24,7 +26,8 @@ import contextlib
 import copy
 import json
 import os
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -84,7 +87,7 @@ def import_deepspeed() -> Any:
     import logging
 
     try:
-        import deepspeed  # noqa: PLC0415 - optional heavy dependency, imported only when chosen
+        import deepspeed
     except ImportError as exc:
         from bigtrain.errors import missing_package
 
@@ -173,14 +176,14 @@ class ZeroStrategy(Strategy):
             return 0
         if self.zero.stage == 3:
             pairs = list(zip(getattr(zopt, "fp16_partitioned_groups_flat", []),
-                             getattr(zopt, "fp32_partitioned_groups_flat", [])))
+                             getattr(zopt, "fp32_partitioned_groups_flat", []), strict=True))
         else:
             import torch.distributed as tdist
 
             dp_groups = getattr(zopt, "real_dp_process_group", [])
             pairs = [(groups[tdist.get_rank(group=dp_groups[i])], master) for i, (groups, master) in
                      enumerate(zip(getattr(zopt, "parallel_partitioned_bit16_groups", []),
-                                   getattr(zopt, "single_partition_of_fp32_groups", [])))]
+                                   getattr(zopt, "single_partition_of_fp32_groups", []), strict=True))]
         shared = 0
         for working, master in pairs:
             if (working is None or master is None or working is master or working.dtype != master.dtype
@@ -300,13 +303,13 @@ class ZeroStrategy(Strategy):
                     grads.append(value)
                 elif isinstance(value, dict):
                     for v in value.values():
-                        grads.extend(v if isinstance(v, list) else [v])
+                        grads.extend(x for x in (v if isinstance(v, list) else [v]) if isinstance(x, torch.Tensor))
                 elif isinstance(value, list):
                     grads.extend(v for v in value if isinstance(v, torch.Tensor))
             for flat in self._masters():
                 if flat.grad is not None:
                     grads.append(flat.grad)
-        n_grads = _count((g for g in grads if isinstance(g, torch.Tensor)), seen)
+        n_grads = _count(grads, seen)
 
         inner = self.inner_optimizer()
         n_optim = _count(list(self._masters()) + list(_optimizer_tensors(inner)), seen)

@@ -28,7 +28,7 @@ import socket
 import sys
 import threading
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 
@@ -103,7 +103,7 @@ class NonFiniteGuard:
         if self.policy != "stop":
             return
         self._fold_pending()
-        first = int(self._first_bad.tolist())
+        first = int(self._first_bad.item())  # the one host sync
         if first:
             raise NonFiniteError(
                 f"non-finite loss or gradient norm at step {first} (found {where}); stopping without saving a "
@@ -128,7 +128,7 @@ class Watchdog:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="bigtrain-watchdog", daemon=True)
 
-    def __enter__(self) -> "Watchdog":
+    def __enter__(self) -> Watchdog:
         self._thread.start()
         return self
 

@@ -8,7 +8,8 @@ the step itself has no fault-injection code in it. (Checkpoint commits have thei
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn

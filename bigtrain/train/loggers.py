@@ -15,8 +15,9 @@ import secrets
 import string
 import sys
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlparse
 
 from bigtrain.errors import UserError, missing_package
@@ -42,7 +43,7 @@ class JsonlLogger:
     """Appends one JSON object per record to RUN_DIR/metrics.jsonl (flushed each line)."""
 
     def __init__(self, path: Path) -> None:
-        self.fh = open(path, "a", buffering=1)
+        self.fh = open(path, "a", buffering=1)  # noqa: SIM115 - open for the logger's lifetime; close() closes it
 
     def log(self, record: dict[str, Any]) -> None:
         self.fh.write(json.dumps({**record, "time": round(time.time(), 3)}) + "\n")
@@ -113,7 +114,7 @@ class ConsoleLogger:
 
     def bar(self, step: int) -> str:
         frac = min(1.0, step / max(1, self.max_steps))
-        filled = int(round(frac * self.BAR_WIDTH))
+        filled = round(frac * self.BAR_WIDTH)
         eta = self.eta_s(step)
         elapsed = 0.0 if self._t0 is None else time.perf_counter() - self._t0
         return (f"[{'#' * filled}{'.' * (self.BAR_WIDTH - filled)}] {100 * frac:3.0f}% "
@@ -308,7 +309,7 @@ class WandbLogger:
     that rewinds to an earlier checkpoint logs its steps again instead of being dropped.
     """
 
-    def __init__(self, run_dir: Path, cfg: "RunConfig", mode: str, *, resumed: bool) -> None:
+    def __init__(self, run_dir: Path, cfg: RunConfig, mode: str, *, resumed: bool) -> None:
         try:
             import wandb
         except ImportError as exc:
@@ -321,7 +322,8 @@ class WandbLogger:
         try:
             self.run = wandb.init(
                 project=w.project, entity=w.entity or None, name=w.name or cfg.run.name, tags=list(w.tags) or None,
-                config=cfg.to_dict(), dir=str(run_dir), id=run_id, resume="allow", mode=mode,
+                config=cfg.to_dict(), dir=str(run_dir), id=run_id, resume="allow",
+                mode=mode,  # type: ignore[arg-type]  # one of log.wandb.mode's values, checked by its section
                 # Our own console lines and progress bar stay as they are (no stdout wrapping).
                 settings=wandb.Settings(console="off"),
             )
@@ -347,7 +349,7 @@ class WandbLogger:
 class TensorBoardLogger:
     """Scalars under RUN_DIR/tensorboard (``tensorboard --logdir RUN_DIR/tensorboard``)."""
 
-    def __init__(self, run_dir: Path, cfg: "RunConfig") -> None:
+    def __init__(self, run_dir: Path, cfg: RunConfig) -> None:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
@@ -366,7 +368,7 @@ class TensorBoardLogger:
         self.writer.close()
 
 
-def preflight(cfg: "RunConfig") -> str:
+def preflight(cfg: RunConfig) -> str:
     """Check the logging set-up before anything expensive happens; returns the W&B mode to use."""
     steps = cfg.log.profile.steps
     if steps and steps[0] > cfg.train.max_steps:

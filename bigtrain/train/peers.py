@@ -65,7 +65,7 @@ class PeerHeartbeat:
         self._prefix = f"{KEY_PREFIX}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
 
     @classmethod
-    def from_env(cls, rank: int, world_size: int, timeout_s: float) -> "PeerHeartbeat | None":
+    def from_env(cls, rank: int, world_size: int, timeout_s: float) -> PeerHeartbeat | None:
         """A client of the launcher's TCPStore (MASTER_ADDR:MASTER_PORT); None for one rank or no store."""
         host, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
         if world_size <= 1 or not host or not port:
@@ -81,7 +81,7 @@ class PeerHeartbeat:
         return f"{self._prefix}/{rank}"
 
     # ------------------------------------------------------------------ publishing
-    def __enter__(self) -> "PeerHeartbeat":
+    def __enter__(self) -> PeerHeartbeat:
         self.beat_once()  # a first beat before any collective can fail
         self._thread.start()
         return self
@@ -102,7 +102,7 @@ class PeerHeartbeat:
                                     "pid": os.getpid(), "state": self.state, "time": time.time()})
                 self.store.set(self._key(self.rank), value)
             return True
-        except Exception:  # noqa: BLE001 - the store is gone (its host died): nothing left to tell
+        except Exception:
             return False
 
     def _run(self) -> None:
@@ -137,9 +137,9 @@ class PeerHeartbeat:
             before = self.read(peers)
             time.sleep(watch_s)
             after = self.read(peers)
-        except Exception as exc:  # noqa: BLE001 - any store failure means its host is gone
-            return [f"could not read the peers' heartbeats from {self.where} ({type(exc).__name__}); the process "
-                    f"hosting it (rank 0 of a hand launch, or the torchrun agent on the first node) probably died"]
+        except Exception as exc:
+            return [(f"could not read the peers' heartbeats from {self.where} ({type(exc).__name__}); the process "
+                     f"hosting it (rank 0 of a hand launch, or the torchrun agent on the first node) probably died")]
         now = time.time()
         silent, never, behind = [], [], []
         for r in peers:
@@ -164,7 +164,7 @@ class PeerHeartbeat:
 def _capped(lines: list[str], what: str) -> list[str]:
     if len(lines) <= MAX_NAMED:
         return lines
-    return lines[:MAX_NAMED] + [f"... and {len(lines) - MAX_NAMED} more {what}"]
+    return [*lines[:MAX_NAMED], f"... and {len(lines) - MAX_NAMED} more {what}"]
 
 
 def _ranks(ranks: list[int]) -> str:

@@ -11,9 +11,10 @@ span sections (e.g. batch tokens vs. sequence length).
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 from bigtrain.checkpoint.config import CheckpointConfig
 from bigtrain.data.config import DataConfig
@@ -32,7 +33,7 @@ from bigtrain.sections import (
 )
 from bigtrain.train.config import EvalConfig, LogConfig, TrainConfig
 
-__all__ = ["RunConfig", "RunSection", "ConfigError", "load_config"]
+__all__ = ["ConfigError", "RunConfig", "RunSection", "load_config"]
 
 
 @dataclass(frozen=True)

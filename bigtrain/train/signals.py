@@ -46,7 +46,7 @@ class StopRequest:
             self._group = dist.new_group(backend="gloo")
 
     # ------------------------------------------------------------------ handlers
-    def __enter__(self) -> "StopRequest":
+    def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():
             for sig in STOP_SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)

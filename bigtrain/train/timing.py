@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 
@@ -37,7 +37,7 @@ class StepTimer:
         self._pool: list[torch.cuda.Event] = []  # events are reused: creating one per phase per step is wasteful
         self._steps = 0
 
-    def _event(self) -> "torch.cuda.Event":
+    def _event(self) -> torch.cuda.Event:
         if self._pool:
             return self._pool.pop()
         return torch.cuda.Event(enable_timing=True)

@@ -29,17 +29,24 @@ from bigtrain.optim.optimizer import build_adamw
 from bigtrain.optim.schedule import LRSchedule
 from bigtrain.parallel import dist
 from bigtrain.parallel.strategy import build_strategy
-from bigtrain.train.loggers import (ConsoleLogger, JsonlLogger, Logger, StatusLogger, TensorBoardLogger, WandbLogger,
-                                    preflight)
 from bigtrain.train import peers
-from bigtrain.train.metrics import bits_per_byte, memory_gib, memory_stats, mfu, peak_flops
-from bigtrain.train.profiler import ProfilerWindow
-from bigtrain.train.timing import StepTimer
 from bigtrain.train.failures import NonFiniteGuard, Watchdog
 from bigtrain.train.fault_injection import install_loss_poison
+from bigtrain.train.loggers import (
+    ConsoleLogger,
+    JsonlLogger,
+    Logger,
+    StatusLogger,
+    TensorBoardLogger,
+    WandbLogger,
+    preflight,
+)
+from bigtrain.train.metrics import bits_per_byte, memory_gib, memory_stats, mfu, peak_flops
+from bigtrain.train.profiler import ProfilerWindow
 from bigtrain.train.run_config import RunConfig
 from bigtrain.train.signals import StopRequest
 from bigtrain.train.status import write_status
+from bigtrain.train.timing import StepTimer
 
 
 def seed_everything(seed: int) -> None:
@@ -456,9 +463,12 @@ class Trainer:
 
     def _print_sample(self) -> None:
         """Every rank generates (sharded models need every rank in each forward); rank 0 prints."""
+        from bigtrain.model import Decoder
         from bigtrain.model.sampling import generate
 
-        text = generate(self.strategy.unwrap(self.model), self.tokenizer, self.cfg.log.sample_prompt,
+        model = self.strategy.unwrap(self.model)
+        assert isinstance(model, Decoder)  # wrappers (FSDP2's class swap included) keep the Decoder type
+        text = generate(model, self.tokenizer, self.cfg.log.sample_prompt,
                         max_new_tokens=self.cfg.log.sample_tokens, temperature=0.8, top_k=50,
                         device=self.info.device, seed=self.cfg.run.seed)
         messages.say("sample:\n" + self.cfg.log.sample_prompt + text)
