@@ -10,6 +10,7 @@ import contextlib
 import math
 import os
 import random
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ from bigtrain.train.loggers import (
 from bigtrain.train.metrics import bits_per_byte, memory_gib, memory_stats, mfu, peak_flops
 from bigtrain.train.profiler import ProfilerWindow
 from bigtrain.train.run_config import RunConfig
+from bigtrain.train.run_lock import RunLock
 from bigtrain.train.signals import StopRequest
 from bigtrain.train.status import write_status
 from bigtrain.train.timing import StepTimer
@@ -60,6 +62,9 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
+        self.loggers: list[Logger] = []  # rank 0's, built last (a failed start closes what it opened)
+        self._previous_sink: messages.Sink | None = None
+        self._sink_installed = False
         if cfg.run.num_threads:
             torch.set_num_threads(cfg.run.num_threads)
         self.info = dist.init(cfg.run.device)
@@ -79,6 +84,7 @@ class Trainer:
         self.val_stream = (TokenStream.open(cfg.data.val_path, vocab_size=cfg.model.vocab_size,
                                             tokenizer_fingerprint=fingerprint, what="validation")
                            if cfg.data.val_path else None)
+        self._check_val_split()
         self.global_batch_seqs, self.accum_steps = cfg.batch_layout(self.info.world_size)
         self.loader = DataPipeline.from_config(
             cfg.data, tokenizer=self.tokenizer, vocab_size=cfg.model.vocab_size,
@@ -88,7 +94,19 @@ class Trainer:
         )
         self.run_dir = Path(cfg.run.out_dir)
         self.resume_from = resolve_resume(cfg.checkpoint.resume, self.run_dir)
-        self._prepare_run_dir()
+        self.run_lock = RunLock(self.run_dir)
+        created = self._prepare_run_dir()  # the folder exists and is ours (rank 0 holds its lock)
+        try:
+            self._build(cfg)
+        except BaseException:
+            # A failed start changes nothing: the lock goes, and a folder this start created goes too.
+            self._abandon_run_dir(created)
+            raise
+        if self.info.is_main:  # only now: a refused resume never overwrites the run's config.yaml
+            (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
+
+    def _build(self, cfg: RunConfig) -> None:
+        """Process group, model, optimizer, checkpoints, guards, loggers; then the resume."""
         dist.init_process_group(self.info, dist.resolve_backend(cfg.parallel.backend, self.info.device),
                                 cfg.parallel.timeout_s)
 
@@ -125,12 +143,9 @@ class Trainer:
     def _build_loggers(self) -> None:
         """Rank 0 logs (console, metrics.jsonl, status.json, W&B, TensorBoard) and profiles."""
         cfg, resumed = self.cfg, self.resume_from is not None
-        self.loggers: list[Logger] = []
         self.console: ConsoleLogger | None = None
         self.status: StatusLogger | None = None
         self.profiler: ProfilerWindow | None = None
-        self._previous_sink: messages.Sink | None = None
-        self._sink_installed = False
         if not self.info.is_main:
             return
         self.loggers.append(JsonlLogger(self.run_dir / "metrics.jsonl"))
@@ -149,7 +164,23 @@ class Trainer:
         if cfg.log.profile.steps:
             self.profiler = ProfilerWindow(cfg.log.profile.steps, self.run_dir, self.info.device)
 
-    def _prepare_run_dir(self) -> None:
+    def _check_val_split(self) -> None:
+        """The validation split must hold one evaluation batch per rank (found now, not after training)."""
+        cfg = self.cfg
+        if self.val_stream is None or not (cfg.eval.every_steps or cfg.eval.at_end):
+            return
+        seq, micro, world = cfg.data.seq_len, cfg.train.micro_batch_size, self.info.world_size
+        batches = (self.val_stream.num_tokens - 1) // seq // micro
+        if batches < world:
+            need = world * micro * seq + 1
+            raise UserError(
+                f"the validation split {cfg.data.val_path} has {self.val_stream.num_tokens:,} tokens, fewer than one "
+                f"evaluation batch per rank ({world} x micro_batch_size {micro} x seq_len {seq} + 1 = {need:,} "
+                f"tokens); add validation data, lower train.micro_batch_size, or set data.val_path: ''."
+            )
+
+    def _prepare_run_dir(self) -> bool:
+        """Create (or check) the run folder and take its lock; True when this start created the folder."""
         existed = self.run_dir.exists()
         # Every rank probes with its own file: a shared name let one rank unlink the probe another
         # rank had just written (its unlink then failed with ENOENT on a perfectly writable folder).
@@ -168,7 +199,28 @@ class Trainer:
                 f"set run.out_dir to a writable location."
             ) from None
         if self.info.is_main:
-            (self.run_dir / "config.yaml").write_text(self.cfg.to_yaml())
+            try:
+                self.run_lock.acquire()
+            except BaseException:
+                if not existed:
+                    shutil.rmtree(self.run_dir, ignore_errors=True)
+                raise
+        return not existed
+
+    def _abandon_run_dir(self, created: bool) -> None:
+        """Undo :meth:`_prepare_run_dir` after a failed start (rank 0; other ranks wrote nothing that stays)."""
+        for logger in self.loggers:
+            with contextlib.suppress(Exception):
+                logger.close()
+        self.run_lock.release()
+        self._restore_message_sink()
+        if created and self.info.is_main:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    def _restore_message_sink(self) -> None:
+        if self._sink_installed:
+            messages.set_sink(self._previous_sink)
+            self._sink_installed = False
 
     def _resume(self, path: Path) -> None:
         """Restore model, optimizer, data position, RNG and counters (checksums verified first; with
@@ -360,9 +412,8 @@ class Trainer:
                                    error=f"{type(exc).__name__}: {exc}"[:1000])
             raise
         finally:
-            if self._sink_installed:
-                messages.set_sink(self._previous_sink)
-                self._sink_installed = False
+            self.run_lock.release()
+            self._restore_message_sink()
         if self.status is not None:
             self.status.finish("finished", step=self.step, tokens=self.tokens_seen)
         return summary
