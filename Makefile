@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= disabled
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup setup-dev demo-data train test test-fast bench clean
+.PHONY: setup setup-dev demo-data train test test-fast lint bench clean
 
 setup: $(STAMP)
 setup-dev: $(DEV_STAMP)
@@ -41,6 +41,14 @@ test: setup-dev
 
 test-fast: setup-dev
 	$(BIN)/python -m pytest -q -m "not slow" tests
+
+# Static checks (configured in pyproject.toml): ruff's lint rules and mypy on bigtrain/, and every
+# `# type: ignore[code]` must say why after it (`# type: ignore[code]  # reason`).
+lint: setup-dev
+	$(BIN)/ruff check bigtrain
+	$(BIN)/mypy
+	@! grep -rnE --include='*.py' 'type: *ignore(\[[^]]*\])? *$$' bigtrain \
+		|| { echo 'lint: each `# type: ignore[code]` above needs its reason: `# type: ignore[code]  # why`'; exit 1; }
 
 bench: demo-data
 	$(BIN)/python bench/overhead.py --out bench/results/overhead-cpu-2core.md
