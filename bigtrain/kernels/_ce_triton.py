@@ -9,7 +9,9 @@ import triton.language as tl
 
 
 @triton.jit
-def ce_rows_kernel(LOGITS, TARGETS, LOSS, stride_row, V, ignore_index, z_loss, BLOCK_V: tl.constexpr):
+def ce_rows_kernel(  # type: ignore[no-untyped-def]  # Triton reads parameter annotations as types
+    LOGITS, TARGETS, LOSS, stride_row, V, ignore_index, z_loss, BLOCK_V: tl.constexpr
+):
     """One program per row: online log-sum-exp over vocabulary tiles, the row loss, then the
     gradient ``softmax * (1 + 2 z lse) - onehot(target)`` written over the logits (0 for ignored rows)."""
     row = tl.program_id(0).to(tl.int64)

@@ -109,5 +109,5 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     return reference.linear_cross_entropy(hidden, weight, targets, ignore_index=ignore_index, z_loss=z_loss)
 
 
-__all__ = ["KERNEL_BACKENDS", "IGNORE_INDEX", "describe", "fallback_reason", "linear_cross_entropy", "rms_norm",
+__all__ = ["IGNORE_INDEX", "KERNEL_BACKENDS", "describe", "fallback_reason", "linear_cross_entropy", "rms_norm",
            "rotary", "swiglu", "triton_available", "triton_runs_on", "use_triton"]

@@ -18,14 +18,16 @@ Reference: :func:`bigtrain.kernels.reference.linear_cross_entropy`.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from bigtrain.kernels.reference import IGNORE_INDEX
 from bigtrain.kernels.reference import linear_cross_entropy as reference  # noqa: F401  (the op's reference)
 
-# (logits chunk [C, V], targets [C], ignore_index, z_loss) -> per-row loss [C] fp32; overwrites logits with d loss_row / d logits.
+# (logits chunk [C, V], targets [C], ignore_index, z_loss) -> per-row loss [C] fp32;
+# overwrites logits with d loss_row / d logits.
 RowsFn = Callable[[torch.Tensor, torch.Tensor, int, float], torch.Tensor]
 
 
@@ -85,7 +87,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     """mean over non-ignored tokens of CE(hidden @ weight.T, targets) + z_loss * lse^2."""
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,  # type: ignore[override]
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                 ignore_index: int, z_loss: float, chunk_tokens: int, rows_fn: RowsFn) -> torch.Tensor:
         tokens, dim = hidden.shape
         vocab = weight.shape[0]
@@ -115,7 +117,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         return losses.sum() / n_valid
 
     @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
+    def backward(
+        ctx: Any, grad_out: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None, None, None, None]:
         if ctx.grads is None:
             raise RuntimeError("fused linear_cross_entropy: backward ran twice through the same graph; "
                                "its gradients are computed once in forward (retain_graph is not supported).")
@@ -147,4 +151,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     chunk = chunk_tokens or default_chunk_tokens(tokens, dim, weight.shape[0])
     rows_fn = _triton_rows_fn(block_vocab) if use_triton else ce_rows_torch
     with torch.autocast(device_type, enabled=False):
-        return LinearCrossEntropyFunction.apply(hidden, weight, targets, ignore_index, float(z_loss), chunk, rows_fn)
+        loss: torch.Tensor = LinearCrossEntropyFunction.apply(
+            hidden, weight, targets, ignore_index, float(z_loss), chunk, rows_fn
+        )
+    return loss

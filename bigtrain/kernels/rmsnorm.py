@@ -7,6 +7,8 @@ plain-PyTorch reference is :func:`bigtrain.kernels.reference.rms_norm`.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
@@ -16,7 +18,9 @@ from bigtrain.kernels.triton_utils import launch_device, num_row_programs, row_w
 
 
 @triton.jit
-def _rmsnorm_fwd(X, W, Y, RSTD, stride_x, stride_y, N, eps, BLOCK_N: tl.constexpr):
+def _rmsnorm_fwd(  # type: ignore[no-untyped-def]  # Triton reads parameter annotations as types
+    X, W, Y, RSTD, stride_x, stride_y, N, eps, BLOCK_N: tl.constexpr
+):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     mask = cols < N
@@ -28,8 +32,9 @@ def _rmsnorm_fwd(X, W, Y, RSTD, stride_x, stride_y, N, eps, BLOCK_N: tl.constexp
 
 
 @triton.jit
-def _rmsnorm_bwd(DY, X, W, RSTD, DX, DW_PARTIAL, stride_dy, stride_x, stride_dx, M, N, rows_per_program,
-                 BLOCK_N: tl.constexpr):
+def _rmsnorm_bwd(  # type: ignore[no-untyped-def]  # Triton reads parameter annotations as types
+    DY, X, W, RSTD, DX, DW_PARTIAL, stride_dy, stride_x, stride_dx, M, N, rows_per_program, BLOCK_N: tl.constexpr
+):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     mask = cols < N
@@ -55,7 +60,7 @@ class RMSNormFunction(torch.autograd.Function):
     """y = x * rsqrt(mean(x^2) + eps) * w over the last dim; fp32 math, output in x's dtype."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if x2.stride(-1) != 1:
@@ -71,7 +76,7 @@ class RMSNormFunction(torch.autograd.Function):
         return y.view(shape)
 
     @staticmethod
-    def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:  # type: ignore[override]
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
         x2, weight, rstd = ctx.saved_tensors
         m, n = x2.shape
         dy2 = dy.reshape(m, n)
@@ -92,4 +97,5 @@ class RMSNormFunction(torch.autograd.Function):
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm through the Triton kernels (differentiable in x and weight)."""
-    return RMSNormFunction.apply(x, weight, eps)
+    y: torch.Tensor = RMSNormFunction.apply(x, weight, eps)
+    return y

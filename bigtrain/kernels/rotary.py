@@ -8,6 +8,8 @@ views the attention layer produces need no copy. Reference:
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
@@ -17,8 +19,9 @@ from bigtrain.kernels.triton_utils import launch_device
 
 
 @triton.jit
-def _rotate_heads(X, Y, base_x, base_y, stride_xh, stride_yh, H, half, cos, sin,
-                  BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+def _rotate_heads(  # type: ignore[no-untyped-def]  # Triton reads parameter annotations as types
+    X, Y, base_x, base_y, stride_xh, stride_yh, H, half, cos, sin, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr
+):
     heads = tl.arange(0, BLOCK_H)[:, None]
     cols = tl.arange(0, BLOCK_HALF)[None, :]
     mask = (heads < H) & (cols < half)
@@ -31,13 +34,15 @@ def _rotate_heads(X, Y, base_x, base_y, stride_xh, stride_yh, H, half, cos, sin,
 
 
 @triton.jit
-def _rotary_kernel(Q, K, QO, KO, COS, SIN, POS, S, Hq, Hk, half, sign,
-                   sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sqo_b, sqo_h, sqo_s, sko_b, sko_h, sko_s, stride_pos_b,
-                   HAS_POS: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr):
+def _rotary_kernel(  # type: ignore[no-untyped-def]  # Triton reads parameter annotations as types
+    Q, K, QO, KO, COS, SIN, POS, S, Hq, Hk, half, sign,
+    sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sqo_b, sqo_h, sqo_s, sko_b, sko_h, sko_s, stride_pos_b,
+    HAS_POS: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr,
+):
     token = tl.program_id(0)
     b = token // S
     s = token % S
-    if HAS_POS:
+    if HAS_POS:  # noqa: SIM108  (a compile-time branch of a Triton kernel; kept in the form tested on GPU)
         pos = tl.load(POS + b * stride_pos_b + s)
     else:
         pos = s
@@ -76,7 +81,7 @@ class RotaryFunction(torch.autograd.Function):
     """(q, k) rotated by the angle table rows at each token's position."""
 
     @staticmethod
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,  # type: ignore[override]
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 positions: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         cos, sin = cos.contiguous(), sin.contiguous()
         if positions is not None:
@@ -86,7 +91,9 @@ class RotaryFunction(torch.autograd.Function):
         return _launch(q, k, cos, sin, positions, 1.0)
 
     @staticmethod
-    def backward(ctx, dq: torch.Tensor, dk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None, None]:  # type: ignore[override]
+    def backward(
+        ctx: Any, dq: torch.Tensor, dk: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, None, None, None]:
         cos, sin, positions = ctx.saved_tensors
         if dq.stride(-1) != 1:
             dq = dq.contiguous()
@@ -100,4 +107,7 @@ class RotaryFunction(torch.autograd.Function):
 def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
            positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q [B, Hq, S, D] and k [B, Hk, S, D] with the full cos/sin tables [max_seq, D/2] (fp32)."""
-    return RotaryFunction.apply(q, k, cos, sin, positions)
+    qo: torch.Tensor
+    ko: torch.Tensor
+    qo, ko = RotaryFunction.apply(q, k, cos, sin, positions)
+    return qo, ko

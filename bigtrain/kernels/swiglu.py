@@ -6,6 +6,8 @@ fp32 inside the kernel. Reference: :func:`bigtrain.kernels.reference.swiglu_exac
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
@@ -17,7 +19,7 @@ BLOCK = 1024
 
 
 @triton.jit
-def _swiglu_fwd(G, U, Y, n, BLOCK: tl.constexpr):
+def _swiglu_fwd(G, U, Y, n, BLOCK: tl.constexpr):  # type: ignore[no-untyped-def]  # Triton reads parameter annotations as types
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
@@ -27,7 +29,7 @@ def _swiglu_fwd(G, U, Y, n, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _swiglu_bwd(DY, G, U, DG, DU, n, BLOCK: tl.constexpr):
+def _swiglu_bwd(DY, G, U, DG, DU, n, BLOCK: tl.constexpr):  # type: ignore[no-untyped-def]  # Triton reads parameter annotations as types
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
@@ -44,7 +46,7 @@ class SwiGLUFunction(torch.autograd.Function):
     """silu(gate) * up, elementwise; gate and up have the same shape and dtype."""
 
     @staticmethod
-    def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx: Any, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         if gate.shape != up.shape:
             raise ValueError(f"swiglu: gate {tuple(gate.shape)} and up {tuple(up.shape)} must have the same shape")
         gate, up = gate.contiguous(), up.contiguous()
@@ -56,7 +58,7 @@ class SwiGLUFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         gate, up = ctx.saved_tensors
         dy = dy.contiguous()
         dg, du = torch.empty_like(gate), torch.empty_like(up)
@@ -68,4 +70,5 @@ class SwiGLUFunction(torch.autograd.Function):
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up through the Triton kernels."""
-    return SwiGLUFunction.apply(gate, up)
+    y: torch.Tensor = SwiGLUFunction.apply(gate, up)
+    return y

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import ContextManager
 
 import torch
 
@@ -13,7 +12,7 @@ def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def launch_device(x: torch.Tensor) -> ContextManager[object]:
+def launch_device(x: torch.Tensor) -> contextlib.AbstractContextManager[object]:
     """Launch on ``x``'s GPU (matters with several visible GPUs); nothing to do on the interpreter."""
     if x.device.type == "cuda":
         return torch.cuda.device(x.device)

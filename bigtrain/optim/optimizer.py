@@ -1,6 +1,7 @@
 """AdamW with decay / no-decay parameter groups."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -9,7 +10,8 @@ from torch import nn
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Matrices (linear and embedding weights) decay; vectors (norm gains, biases) do not."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for _, p in model.named_parameters():
         if not p.requires_grad:
             continue
@@ -20,7 +22,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return groups
 
 
-def adamw_kwargs(params: list[torch.Tensor], device_type: str | None = None) -> dict[str, Any]:
+def adamw_kwargs(params: Sequence[torch.Tensor], device_type: str | None = None) -> dict[str, Any]:
     """``fused=True`` when every parameter is on CUDA (one multi-tensor kernel for the whole update,
     no host sync: the step stays asynchronous), ``foreach=True`` elsewhere (CPU keeps the
     implementation the golden losses were recorded with). ``device_type`` overrides detection."""
