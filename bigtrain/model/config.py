@@ -10,23 +10,23 @@ from bigtrain.sections import ConfigError, Section, doc_field
 # Named sizes. A config selects one with ``model.preset`` and may override any field.
 PRESETS: dict[str, dict[str, Any]] = {
     # ~4.3M parameters: trains on a laptop CPU in minutes (the `make train` demo).
-    "debug": dict(vocab_size=4096, dim=256, num_layers=4, num_heads=4, num_kv_heads=4,
-                  ffn_hidden_dim=0, max_seq_len=256, tie_embeddings=True, rope_theta=10000.0),
+    "debug": {"vocab_size": 4096, "dim": 256, "num_layers": 4, "num_heads": 4, "num_kv_heads": 4,
+              "ffn_hidden_dim": 0, "max_seq_len": 256, "tie_embeddings": True, "rope_theta": 10000.0},
     # GPT-2 small shape with Llama-style blocks; SwiGLU hidden = 8/3 dim keeps the parameter count.
-    "gpt2-124m": dict(vocab_size=50304, dim=768, num_layers=12, num_heads=12, num_kv_heads=12,
-                      ffn_hidden_dim=2048, max_seq_len=1024, tie_embeddings=True, rope_theta=10000.0),
+    "gpt2-124m": {"vocab_size": 50304, "dim": 768, "num_layers": 12, "num_heads": 12, "num_kv_heads": 12,
+                  "ffn_hidden_dim": 2048, "max_seq_len": 1024, "tie_embeddings": True, "rope_theta": 10000.0},
     # GPT-2 XL shape (1.5B; 25 heads of 64), Llama-style blocks; SwiGLU 4288 ~ the 4x GELU MLP's parameters.
-    "gpt2-1.5b": dict(vocab_size=50304, dim=1600, num_layers=48, num_heads=25, num_kv_heads=25,
-                      ffn_hidden_dim=4288, max_seq_len=1024, tie_embeddings=True, rope_theta=10000.0),
-    "gpt2-350m": dict(vocab_size=50304, dim=1024, num_layers=24, num_heads=16, num_kv_heads=16,
-                      ffn_hidden_dim=2816, max_seq_len=1024, tie_embeddings=True, rope_theta=10000.0),
+    "gpt2-1.5b": {"vocab_size": 50304, "dim": 1600, "num_layers": 48, "num_heads": 25, "num_kv_heads": 25,
+                  "ffn_hidden_dim": 4288, "max_seq_len": 1024, "tie_embeddings": True, "rope_theta": 10000.0},
+    "gpt2-350m": {"vocab_size": 50304, "dim": 1024, "num_layers": 24, "num_heads": 16, "num_kv_heads": 16,
+                  "ffn_hidden_dim": 2816, "max_seq_len": 1024, "tie_embeddings": True, "rope_theta": 10000.0},
     # Llama 3.2 1B shape.
-    "llama-1b": dict(vocab_size=128256, dim=2048, num_layers=16, num_heads=32, num_kv_heads=8,
-                     ffn_hidden_dim=8192, max_seq_len=2048, tie_embeddings=True, rope_theta=500000.0),
-    "llama3-8b": dict(vocab_size=128256, dim=4096, num_layers=32, num_heads=32, num_kv_heads=8,
-                      ffn_hidden_dim=14336, max_seq_len=8192, tie_embeddings=False, rope_theta=500000.0),
-    "llama3-70b": dict(vocab_size=128256, dim=8192, num_layers=80, num_heads=64, num_kv_heads=8,
-                       ffn_hidden_dim=28672, max_seq_len=8192, tie_embeddings=False, rope_theta=500000.0),
+    "llama-1b": {"vocab_size": 128256, "dim": 2048, "num_layers": 16, "num_heads": 32, "num_kv_heads": 8,
+                 "ffn_hidden_dim": 8192, "max_seq_len": 2048, "tie_embeddings": True, "rope_theta": 500000.0},
+    "llama3-8b": {"vocab_size": 128256, "dim": 4096, "num_layers": 32, "num_heads": 32, "num_kv_heads": 8,
+                  "ffn_hidden_dim": 14336, "max_seq_len": 8192, "tie_embeddings": False, "rope_theta": 500000.0},
+    "llama3-70b": {"vocab_size": 128256, "dim": 8192, "num_layers": 80, "num_heads": 64, "num_kv_heads": 8,
+                   "ffn_hidden_dim": 28672, "max_seq_len": 8192, "tie_embeddings": False, "rope_theta": 500000.0},
 }
 
 
@@ -38,23 +38,34 @@ RUNTIME_FIELDS = frozenset({"preset", "kernels", "fp8", "z_loss"})
 class ModelConfig(Section):
     """Decoder-only Transformer shape (pre-norm, RMSNorm, RoPE, SwiGLU, grouped-query attention)."""
 
-    preset: str | None = doc_field(None, "Named size to start from (debug, gpt2-124m, gpt2-350m, gpt2-1.5b, llama-1b, llama3-8b, llama3-70b); other keys override it.")
-    vocab_size: int = doc_field(4096, "Embedding rows; must be >= the tokenizer's vocabulary (round up to a multiple of 64 for speed).")
+    preset: str | None = doc_field(None, "Named size to start from (debug, gpt2-124m, gpt2-350m, gpt2-1.5b, llama-1b, "
+                                         "llama3-8b, llama3-70b); other keys override it.")
+    vocab_size: int = doc_field(4096, "Embedding rows; must be >= the tokenizer's vocabulary (round up to a multiple "
+                                      "of 64 for speed).")
     dim: int = doc_field(256, "Hidden size of the residual stream.")
     num_layers: int = doc_field(4, "Number of Transformer blocks.")
     num_heads: int = doc_field(4, "Attention query heads; dim must be divisible by it.")
-    num_kv_heads: int | None = doc_field(None, "Key/value heads for grouped-query attention (null = num_heads); must divide num_heads.")
+    num_kv_heads: int | None = doc_field(None, "Key/value heads for grouped-query attention (null = num_heads); must "
+                                               "divide num_heads.")
     ffn_hidden_dim: int = doc_field(0, "SwiGLU hidden size; 0 = 8/3 * dim rounded up to ffn_multiple_of.")
     ffn_multiple_of: int = doc_field(64, "Rounding for the automatic SwiGLU hidden size.")
-    max_seq_len: int = doc_field(256, "Longest sequence the rotary tables are built for; data.seq_len must not exceed it.")
+    max_seq_len: int = doc_field(256, "Longest sequence the rotary tables are built for; data.seq_len must "
+                                      "not exceed it.")
     rope_theta: float = doc_field(10000.0, "Rotary embedding base frequency.")
     norm_eps: float = doc_field(1e-5, "RMSNorm epsilon.")
     tie_embeddings: bool = doc_field(True, "Share the input embedding and output projection weights.")
-    init_std: float = doc_field(0.02, "Std of the normal init; residual output projections are scaled by 1/sqrt(2 * num_layers).")
-    init_from: str = doc_field("", "Start from these weights instead of a random init: a Hugging Face Llama-format folder (config.json + *.safetensors), e.g. from `bigtrain export`; its shape must match this section. Ignored when resuming.")
-    z_loss: float = doc_field(0.0, "Weight of the z-loss (mean squared log-sum-exp of the logits) added to the training loss; 0 = off, 1e-4 is typical.")
-    kernels: Literal["torch", "triton"] = doc_field("torch", "Norm, rotary, SwiGLU and loss ops: torch (plain PyTorch) or triton (fused kernels, CUDA only; other devices fall back to torch, logged). See docs/performance.md.")
-    fp8: bool = doc_field(False, "Train the Transformer blocks' linear layers in FP8 through torchao float8 (H100-class GPUs; emulated elsewhere, for tests only). Needs the fp8 extra.")
+    init_std: float = doc_field(0.02, "Std of the normal init; residual output projections are scaled by "
+                                      "1/sqrt(2 * num_layers).")
+    init_from: str = doc_field("", "Start from these weights instead of a random init: a Hugging Face Llama-format "
+                                   "folder (config.json + *.safetensors), e.g. from `bigtrain export`; its shape must "
+                                   "match this section. Ignored when resuming.")
+    z_loss: float = doc_field(0.0, "Weight of the z-loss (mean squared log-sum-exp of the logits) added to the "
+                                   "training loss; 0 = off, 1e-4 is typical.")
+    kernels: Literal["torch", "triton"] = doc_field("torch", "Norm, rotary, SwiGLU and loss ops: torch (plain PyTorch) "
+                                                             "or triton (fused kernels, CUDA only; other devices fall "
+                                                             "back to torch, logged). See docs/performance.md.")
+    fp8: bool = doc_field(False, "Train the Transformer blocks' linear layers in FP8 through torchao float8 "
+                                 "(H100-class GPUs; emulated elsewhere, for tests only). Needs the fp8 extra.")
 
     @classmethod
     def preprocess(cls, data: dict[str, Any], path: str) -> dict[str, Any]:
@@ -74,17 +85,21 @@ class ModelConfig(Section):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{path}.{name}: must be positive, got {getattr(self, name)}.")
         if self.dim % self.num_heads:
+            suggestion = self.num_heads * max(1, round(self.dim / self.num_heads))
             raise ConfigError(
                 f"{path}.dim: {self.dim} is not divisible by {path}.num_heads={self.num_heads}; "
-                f"choose dim as a multiple of num_heads (e.g. {self.num_heads * max(1, round(self.dim / self.num_heads))})."
+                f"choose dim as a multiple of num_heads (e.g. {suggestion})."
             )
         if self.head_dim % 2:
-            raise ConfigError(f"{path}.dim: head dim {self.head_dim} (dim / num_heads) must be even for rotary embeddings.")
+            raise ConfigError(
+                f"{path}.dim: head dim {self.head_dim} (dim / num_heads) must be even for rotary embeddings."
+            )
         kv = self.kv_heads
         if kv <= 0 or self.num_heads % kv:
+            divisors = ", ".join(str(d) for d in range(1, self.num_heads + 1) if self.num_heads % d == 0)
             raise ConfigError(
                 f"{path}.num_kv_heads: {self.num_kv_heads} does not divide {path}.num_heads={self.num_heads}; "
-                f"use a divisor of num_heads (e.g. {', '.join(str(d) for d in range(1, self.num_heads + 1) if self.num_heads % d == 0)})."
+                f"use a divisor of num_heads (e.g. {divisors})."
             )
         if self.ffn_hidden_dim < 0:
             raise ConfigError(f"{path}.ffn_hidden_dim: must be >= 0 (0 = automatic), got {self.ffn_hidden_dim}.")

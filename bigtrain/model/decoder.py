@@ -8,6 +8,7 @@ PyTorch reference or a fused Triton kernel from ``model.kernels``.
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +36,9 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
 
-def rotary_tables(head_dim: int, max_seq_len: int, theta: float, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_tables(
+    head_dim: int, max_seq_len: int, theta: float, device: torch.device | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables of shape [max_seq_len, head_dim // 2] (fp32)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float64) / head_dim))
     pos = torch.arange(max_seq_len, device=device, dtype=torch.float64)
@@ -68,7 +71,8 @@ class Attention(nn.Module):
             rep = self.num_heads // self.num_kv_heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         out = attention(q, k, v, doc_ids)
-        return self.wo(out.transpose(1, 2).reshape(bsz, seq, -1))
+        y: torch.Tensor = self.wo(out.transpose(1, 2).reshape(bsz, seq, -1))
+        return y
 
 
 class FeedForward(nn.Module):
@@ -82,7 +86,8 @@ class FeedForward(nn.Module):
         self.kernels = cfg.kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(K.swiglu(self.w1(x), self.w3(x), self.kernels))
+        y: torch.Tensor = self.w2(K.swiglu(self.w1(x), self.w3(x), self.kernels))
+        return y
 
 
 class Block(nn.Module):
@@ -98,11 +103,16 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor | None = None,
                 doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), cos, sin, positions, doc_ids)
-        return x + self.ffn(self.ffn_norm(x))
+        y: torch.Tensor = x + self.ffn(self.ffn_norm(x))
+        return y
 
 
 class Decoder(nn.Module):
     """Token embedding → blocks → final norm → vocabulary projection (optionally tied)."""
+
+    # Buffers registered in __init__ (declared for the type checker).
+    rope_cos: torch.Tensor
+    rope_sin: torch.Tensor
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -128,7 +138,8 @@ class Decoder(nn.Module):
         std = self.cfg.init_std
         residual_std = std / math.sqrt(2 * self.cfg.num_layers)
         fill(self.tok_embeddings.weight, std, "tok_embeddings.weight")
-        for i, block in self.layers.items():
+        for i, module in self.layers.items():
+            block = cast(Block, module)  # a Block (wrappers swap its class in place)
             for mod, lin in (("attn", "wq"), ("attn", "wk"), ("attn", "wv"), ("ffn", "w1"), ("ffn", "w3")):
                 fill(getattr(getattr(block, mod), lin).weight, std, f"layers.{i}.{mod}.{lin}.weight")
             fill(block.attn.wo.weight, residual_std, f"layers.{i}.attn.wo.weight")
@@ -138,7 +149,9 @@ class Decoder(nn.Module):
         self.norm.reset_parameters()
         if self.output is not None:
             fill(self.output.weight, std, "output.weight")
-        cos, sin = rotary_tables(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta, device=self.rope_cos.device)
+        cos, sin = rotary_tables(
+            self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta, device=self.rope_cos.device
+        )
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
 

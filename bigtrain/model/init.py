@@ -8,7 +8,7 @@ on its own, and the full weights are bit-identical however the model is split.
 from __future__ import annotations
 
 import hashlib
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
