@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from bigtrain.errors import EXIT_OK, EXIT_USER_ERROR, UserError
 
@@ -27,10 +27,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     from bigtrain.config import load_config
     from bigtrain.parallel import dist
-    from bigtrain.train.trainer import Trainer
-
     from bigtrain.train.failures import EXIT_NONFINITE, NonFiniteError, report_rank_failure
     from bigtrain.train.signals import StopRequest
+    from bigtrain.train.trainer import Trainer
 
     cfg = load_config(args.config, args.overrides)
     try:
@@ -105,7 +104,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     from bigtrain.generate import generate, load_for_generation
 
-    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tokenizer = load_for_generation(args.run_dir, device=device)
     for i in range(args.num_samples):
         text = generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
@@ -253,48 +254,54 @@ def build_parser() -> argparse.ArgumentParser:
     q = ckpt_verbs.add_parser("ls", help="checkpoints of a run folder: step, ranks, size, which one resume picks")
     q.add_argument("run_dir", help="run folder (run.out_dir)")
     q.set_defaults(func=_cmd_ckpt_ls)
-    q = ckpt_verbs.add_parser("verify", help="check a checkpoint's files against its manifest (sizes, CRC32); exit 1 if corrupt")
+    q = ckpt_verbs.add_parser("verify",
+                              help="check a checkpoint's files against its manifest (sizes, CRC32); exit 1 if corrupt")
     q.add_argument("checkpoint", help="checkpoint folder, or a run folder to check all of its checkpoints")
     q.set_defaults(func=_cmd_ckpt_verify)
 
-    p = verbs.add_parser("plan", help="per-rank memory of a config for each parallelism backend (nothing is allocated)")
+    p = verbs.add_parser("plan",
+                         help="per-rank memory of a config for each parallelism backend (nothing is allocated)")
     p.add_argument("config", help="YAML config, e.g. configs/llama3-8b.yaml")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.activation_checkpointing=full")
     p.add_argument("--world-size", type=int, required=True, help="number of ranks (GPUs) to plan for")
     p.add_argument("--strategy", default="all", choices=["all", "single", "ddp", "fsdp", "zero1", "zero2", "zero3"],
                    help="one backend, or all (default; single is shown as the 1-rank reference)")
-    p.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory per GPU to check against (default 80)")
+    p.add_argument("--gpu-memory-gib", type=float, default=80.0,
+                   help="memory per GPU to check against (default 80)")
     p.add_argument("--device", choices=["cuda", "cpu"], default=None,
-                   help="what train.precision=auto resolves on: cuda = bf16, cpu = fp32 (default: run.device, auto = cuda)")
+                   help="what train.precision=auto resolves on: cuda = bf16, cpu = fp32 "
+                        "(default: run.device, auto = cuda)")
     p.set_defaults(func=_cmd_plan)
 
-    p = verbs.add_parser("doctor", help="check versions, devices, env, matmul and all-reduce speed, and whether a config "
-                                        "fits; run it under the training launcher (e.g. torchrun ... -m bigtrain doctor)")
+    p = verbs.add_parser("doctor",
+                         help="check versions, devices, env, matmul and all-reduce speed, and whether a config fits; "
+                              "run it under the training launcher (e.g. torchrun ... -m bigtrain doctor)")
     p.add_argument("config", nargs="?", default=None, help="optional YAML config whose memory plan is checked")
     p.add_argument("overrides", nargs="*", help="dotted overrides for the config")
     p.add_argument("--probe-seconds", type=float, default=1.0, help="duration of the matmul probe (default 1)")
     p.set_defaults(func=_cmd_doctor)
 
-    p = verbs.add_parser("plot", help="plot loss, validation, lr, throughput and grad norm of runs (overlaid) to an image")
+    p = verbs.add_parser("plot",
+                         help="plot loss, validation, lr, throughput and grad norm of runs (overlaid) to an image")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders (run.out_dir)")
     p.add_argument("-o", "--output", default="plot.png", help="image to write (.png, .pdf, .svg; default plot.png)")
     p.add_argument("--smooth", type=float, default=0.8, help="EMA weight for loss and grad-norm trend lines (0 = off)")
     p.set_defaults(func=_cmd_plot)
 
     p = verbs.add_parser("runs", help="table of runs: status, step, tokens, last loss/val bpb, checkpoint, wall time")
-    p.add_argument("dir", nargs="?", default="runs", help="folder holding run folders, or one run folder (default runs)")
+    p.add_argument("dir", nargs="?", default="runs",
+                   help="folder holding run folders, or one run folder (default runs)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_cmd_runs)
     return parser
-
-
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # argparse exits with status 2 on bad usage, as a user error should
     try:
-        return args.func(args)
+        code: int = args.func(args)
+        return code
     except UserError as exc:
         from bigtrain import messages
 

@@ -10,7 +10,18 @@ from typing import Any
 from bigtrain.sections import ConfigError, Section
 from bigtrain.train.run_config import RunConfig, RunSection, config_from_dict, load_config
 
-__all__ = ["RunConfig", "RunSection", "ConfigError", "load_config", "config_from_dict", "reference_markdown"]
+__all__ = ["ConfigError", "RunConfig", "RunSection", "config_from_dict", "load_config", "reference_markdown"]
+
+
+def _shown(value: Any) -> Any:
+    """A default as the reference shows it: null, a quoted string, a lowercase boolean, else the value."""
+    if value is None:
+        return "null"
+    if isinstance(value, str):
+        return repr(value)
+    if isinstance(value, bool):
+        return str(value).lower()
+    return value
 
 
 def _reference_rows(prefix: str, section_cls: type, default: Any) -> list[str]:
@@ -35,8 +46,7 @@ def _reference_rows(prefix: str, section_cls: type, default: Any) -> list[str]:
             rows.append(f"| `{prefix}.{f.name}` | list of {item.__name__} | `{value}` | {doc} |")
             rows += _reference_rows(f"{prefix}.{f.name}[]", item, item())
             continue
-        shown = "null" if value is None else repr(value) if isinstance(value, str) else str(value).lower() if isinstance(value, bool) else value
-        rows.append(f"| `{prefix}.{f.name}` | {_type_name(tp).replace('|', 'or')} | `{shown}` | {doc} |")
+        rows.append(f"| `{prefix}.{f.name}` | {_type_name(tp).replace('|', 'or')} | `{_shown(value)}` | {doc} |")
     return rows
 
 

@@ -13,18 +13,23 @@ import platform
 import socket
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from bigtrain.config import RunConfig
 
 Print = Callable[[str], None]
 EXIT_PROBLEMS = 1
 ENV_PREFIXES = ("NCCL_", "TORCH_NCCL_", "SLURM_JOB_", "TORCHELASTIC_", "PET_")
 ENV_SKIP = ("TORCHELASTIC_ERROR_FILE", "TORCHELASTIC_USE_AGENT_STORE")  # long and not actionable
-ENV_KEYS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "CUDA_VISIBLE_DEVICES",
-            "OMP_NUM_THREADS", "TORCH_DISTRIBUTED_DEBUG", "PYTORCH_CUDA_ALLOC_CONF", "SLURM_PROCID", "SLURM_NODEID",
-            "SLURM_NTASKS", "SLURM_GPUS_ON_NODE", "HF_HOME", "HF_HUB_OFFLINE", "WANDB_MODE", "BIGTRAIN_PYTHON")
+ENV_KEYS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+            "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "TORCH_DISTRIBUTED_DEBUG", "PYTORCH_CUDA_ALLOC_CONF",
+            "SLURM_PROCID", "SLURM_NODEID", "SLURM_NTASKS", "SLURM_GPUS_ON_NODE", "HF_HOME", "HF_HUB_OFFLINE",
+            "WANDB_MODE", "BIGTRAIN_PYTHON")
 
 
 @dataclass
@@ -52,7 +57,8 @@ def _version(dist_name: str) -> str:
 def versions() -> dict[str, str]:
     """Versions that decide whether a run works, without importing the heavy optional packages."""
     out = {"python": platform.python_version(), "bigtrain": _version("bigtrain"), "torch": torch.__version__,
-           "cuda (torch build)": str(torch.version.cuda), "deepspeed": _version("deepspeed"), "triton": _version("triton")}
+           "cuda (torch build)": str(torch.version.cuda), "deepspeed": _version("deepspeed"),
+           "triton": _version("triton")}
     if torch.cuda.is_available():
         try:
             out["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
@@ -70,8 +76,8 @@ def environment() -> dict[str, str]:
 def devices() -> list[str]:
     if not torch.cuda.is_available():
         cores = os.cpu_count() or 0
-        return [f"cpu: {platform.processor() or platform.machine()}, {cores} logical cores, torch threads "
-                f"{torch.get_num_threads()} (no CUDA device visible)"]
+        return [(f"cpu: {platform.processor() or platform.machine()}, {cores} logical cores, torch threads "
+                 f"{torch.get_num_threads()} (no CUDA device visible)")]
     lines = []
     for i in range(torch.cuda.device_count()):
         p = torch.cuda.get_device_properties(i)
@@ -118,7 +124,7 @@ def allreduce_probe(device: torch.device, world_size: int) -> float:
     return x.numel() * 4 / elapsed * 2 * (world_size - 1) / world_size / 1e9
 
 
-def _memory_check(cfg: Any, config: str, world_size: int, device: torch.device, local_world: int,
+def _memory_check(cfg: RunConfig, config: str, world_size: int, device: torch.device, local_world: int,
                   report: RankReport) -> str:
     """Whether the config's memory plan fits this rank's device (or its share of host memory on CPU)."""
     from bigtrain.plan import GIB, plan_memory
@@ -162,13 +168,14 @@ def run_doctor(config: str | None = None, overrides: list[str] | None = None, *,
     from bigtrain.train.metrics import peak_flops
 
     rank, local_rank, world = bdist.env_world()
+    cfg: RunConfig | None = None
     if config:  # bad input fails first (ConfigError -> the CLI's status 2), before any probe
         from bigtrain.config import load_config
 
         cfg = load_config(config, list(overrides or []))
     device = bdist.resolve_device("auto", local_rank)
-    report = RankReport(rank=rank, host=socket.gethostname(), device=str(device),
-                        device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine())
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine()
+    report = RankReport(rank=rank, host=socket.gethostname(), device=str(device), device_name=device_name)
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     if device.type == "cuda" and local_world > torch.cuda.device_count():
         report.problems.append(f"{local_world} ranks on this node but only {torch.cuda.device_count()} visible GPUs: "
@@ -177,7 +184,9 @@ def run_doctor(config: str | None = None, overrides: list[str] | None = None, *,
         report.warnings.append("OMP_NUM_THREADS is unset with several ranks per node: threads oversubscribe the cores")
     if world > 1:
         if not os.environ.get("MASTER_ADDR"):
-            report.problems.append("WORLD_SIZE > 1 but MASTER_ADDR is unset: launch with torchrun or launch/torchrun.sh")
+            report.problems.append(
+                "WORLD_SIZE > 1 but MASTER_ADDR is unset: launch with torchrun or launch/torchrun.sh"
+            )
             return _finish([report], {}, [], "", echo)
         backend = bdist.resolve_backend("auto", device)
         bdist.init_process_group(bdist.DistInfo(rank, local_rank, world, device), backend, timeout_s=300)
@@ -188,16 +197,18 @@ def run_doctor(config: str | None = None, overrides: list[str] | None = None, *,
         report.peak_tflops = peak / 1e12
         ratio = report.matmul_tflops / report.peak_tflops
         if ratio < 0.1:
-            report.problems.append(f"matmul reaches {ratio:.0%} of the device's peak: check nvidia-smi for clocks, power "
-                                   f"caps, ECC/XID errors and other processes on this GPU")
+            report.problems.append(f"matmul reaches {ratio:.0%} of the device's peak: check nvidia-smi for clocks, "
+                                   f"power caps, ECC/XID errors and other processes on this GPU")
         elif ratio < 0.4:
             report.warnings.append(f"matmul reaches only {ratio:.0%} of peak (expect 50-80% on an idle GPU)")
     if world > 1:
         try:
             report.allreduce_busbw_gbs = allreduce_probe(device, world)
         except Exception as exc:  # a broken fabric shows up here rather than hours into a run
-            report.problems.append(f"all-reduce failed: {exc}; check NCCL_SOCKET_IFNAME / NCCL_IB_HCA and the network")
-    memory = _memory_check(cfg, config, world, device, local_world, report) if config else ""
+            report.problems.append(
+                f"all-reduce failed: {exc}; check NCCL_SOCKET_IFNAME / NCCL_IB_HCA and the network"
+            )
+    memory = _memory_check(cfg, config, world, device, local_world, report) if config and cfg is not None else ""
     reports = [report]
     if world > 1:
         gathered: list[Any] = [None] * world
@@ -219,7 +230,8 @@ def _finish(reports: list[RankReport], vers: dict[str, str], devs: list[str], me
     for d in devs:
         lines.append(f"device     {d}")
     env = environment()
-    lines.append("env        " + (" ".join(f"{k}={v}" for k, v in env.items()) if env else "(no launcher/NCCL/Slurm variables set)"))
+    shown_env = " ".join(f"{k}={v}" for k, v in env.items()) if env else "(no launcher/NCCL/Slurm variables set)"
+    lines.append("env        " + shown_env)
     if memory:
         lines.append(f"memory     {memory}")
     lines.append("")
@@ -247,4 +259,5 @@ def _by_message(reports: list[RankReport], kind: str) -> dict[str, str]:
     for r in reports:
         for message in getattr(r, kind):
             ranks.setdefault(message, []).append(r.rank)
-    return {m: ("all ranks" if len(rs) == len(reports) > 1 else "rank " + ",".join(map(str, rs))) for m, rs in ranks.items()}
+    return {m: ("all ranks" if len(rs) == len(reports) > 1 else "rank " + ",".join(map(str, rs)))
+            for m, rs in ranks.items()}

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 from bigtrain.config import RunConfig
 from bigtrain.errors import UserError
@@ -62,8 +62,8 @@ class MemoryPlan:
         return self.peak <= gpu_memory_gib * GIB
 
     def as_dict(self) -> dict[str, int]:
-        return {"params": self.params, "grads": self.grads, "optimizer": self.optimizer,
-                "buffers": self.buffers, "activations": self.activations, "state": self.state, "total": self.total, "setup": self.setup}
+        return {"params": self.params, "grads": self.grads, "optimizer": self.optimizer, "buffers": self.buffers,
+                "activations": self.activations, "state": self.state, "total": self.total, "setup": self.setup}
 
 
 # --------------------------------------------------------------------------- model shapes
@@ -195,7 +195,9 @@ def plan_memory(cfg: RunConfig, world_size: int, strategy: str, *, device: str |
         optimizer = 2 * fp32 * n_all + fp32 * n_tensors  # exp_avg, exp_avg_sq (+ a step scalar each)
         if strategy == "ddp":
             if ddp_bucket_view:  # what bigtrain's DDPStrategy uses
-                notes.append("ddp: gradients are views into DDP's all-reduce buckets (gradient_as_bucket_view): no extra copy")
+                notes.append(
+                    "ddp: gradients are views into DDP's all-reduce buckets (gradient_as_bucket_view): no extra copy"
+                )
             else:
                 buffers = grads  # the reducer's buckets hold a second copy of every gradient
                 notes.append("ddp: gradient buckets = one more fp32 gradient copy (gradient_as_bucket_view=False)")
@@ -228,7 +230,7 @@ def plan_memory(cfg: RunConfig, world_size: int, strategy: str, *, device: str |
             part = sum(math.ceil(_numel(s) / shard) for s in shapes.all)
             # Parameters under stage3_param_persistence_threshold elements stay whole on every rank
             # (next to their partition): norm gains on big models, most matrices on tiny ones.
-            zopt = zcfg.extra.get("zero_optimization", {}) if isinstance(zcfg.extra, dict) else {}
+            zopt = zcfg.extra.get("zero_optimization", {})
             threshold = int(zopt.get("stage3_param_persistence_threshold", 100_000))
             persistent = sum(_numel(s) for s in shapes.all if _numel(s) < threshold)
             params = p * (part + persistent)
@@ -280,22 +282,22 @@ def format_plan(cfg: RunConfig, world_size: int, strategies: Sequence[str], *, d
     m, t = cfg.model, cfg.train
     n = count_parameters(m)
     compute = rows[0].compute_dtype
-    ckpt = cfg.parallel.activation_checkpointing
+    ckpt: str = cfg.parallel.activation_checkpointing
     if ckpt == "every_k":
         ckpt += f" (every {cfg.parallel.activation_checkpointing_every})"
     lines = [
-        f"bigtrain plan: {source or cfg.run.name} on {world_size} rank{'s' if world_size > 1 else ''}"
-        f" ({gpu_memory_gib:g} GiB per {'GPU' if device == 'cuda' else 'process'})",
-        f"  model        {_count(n)} params ({m.num_layers} layers, dim {m.dim}, {m.num_heads} heads / {m.kv_heads} kv, "
-        f"ffn {m.ffn_dim}, vocab {m.vocab_size}{', tied' if m.tie_embeddings else ''})",
+        (f"bigtrain plan: {source or cfg.run.name} on {world_size} rank{'s' if world_size > 1 else ''}"
+         f" ({gpu_memory_gib:g} GiB per {'GPU' if device == 'cuda' else 'process'})"),
+        (f"  model        {_count(n)} params ({m.num_layers} layers, dim {m.dim}, {m.num_heads} heads / "
+         f"{m.kv_heads} kv, ffn {m.ffn_dim}, vocab {m.vocab_size}{', tied' if m.tie_embeddings else ''})"),
         f"  compute      {flops_per_token(m, cfg.data.seq_len) / 1e9:.2f} GFLOP/token at seq_len {cfg.data.seq_len}",
-        f"  batch        {t.global_batch_tokens:,} tokens/step = {seqs} x {cfg.data.seq_len}; micro_batch_size "
-        f"{t.micro_batch_size} x {world_size} ranks -> grad accum {accum}",
-        f"  precision    train.precision={t.precision} -> {compute} compute on {device}"
-        f"{' (assumed: --device cpu for fp32)' if t.precision == 'auto' and device == 'cuda' else ''}; "
-        f"fp32 master weights; AdamW: 2 fp32 moments per parameter",
-        f"  activations  estimate for one micro-batch ({t.micro_batch_size} x {cfg.data.seq_len} tokens), "
-        f"activation_checkpointing={ckpt}",
+        (f"  batch        {t.global_batch_tokens:,} tokens/step = {seqs} x {cfg.data.seq_len}; micro_batch_size "
+         f"{t.micro_batch_size} x {world_size} ranks -> grad accum {accum}"),
+        (f"  precision    train.precision={t.precision} -> {compute} compute on {device}"
+         f"{' (assumed: --device cpu for fp32)' if t.precision == 'auto' and device == 'cuda' else ''}; "
+         f"fp32 master weights; AdamW: 2 fp32 moments per parameter"),
+        (f"  activations  estimate for one micro-batch ({t.micro_batch_size} x {cfg.data.seq_len} tokens), "
+         f"activation_checkpointing={ckpt}"),
         "",
     ]
     header = ["backend", "shards", "params", "grads", "optim", "buffers", "activ.", "total GiB", "fits"]
@@ -306,22 +308,25 @@ def format_plan(cfg: RunConfig, world_size: int, strategies: Sequence[str], *, d
                       _gib(r.activations), _gib(r.total), "yes" if r.fits(gpu_memory_gib) else "NO"])
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for j, row in enumerate(table):
-        cells = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:-1], widths[1:-1])] + [row[-1].ljust(widths[-1])]
+        numbers = [c.rjust(w) for c, w in zip(row[1:-1], widths[1:-1], strict=True)]
+        cells = [row[0].ljust(widths[0]), *numbers, row[-1].ljust(widths[-1])]
         lines.append(("  " + "  ".join(cells)).rstrip())
         if j == 0:
             lines.append("  " + "  ".join("-" * w for w in widths))
     lines.append("")
     lines.append("  per rank, GiB. shards = ranks the state is split over; optim = AdamW moments + step counters"
                  " (+ DeepSpeed's fp32 master partition);")
-    lines.append("  buffers = DDP gradient buckets / gathered FSDP & ZeRO-3 layers (estimate). Not counted: CUDA context,"
-                 " allocator fragmentation.")
+    lines.append("  buffers = DDP gradient buckets / gathered FSDP & ZeRO-3 layers (estimate). Not counted: CUDA"
+                 " context, allocator fragmentation.")
     for note in sorted({note for r in rows for note in r.notes}):
         lines.append(f"  note: {note}")
     for r in rows:
         if r.setup > r.total:
-            lines.append(f"  note: {LABELS[r.strategy]} needs {_gib(r.setup)} GiB per rank during set-up (more than in training)")
+            lines.append(f"  note: {LABELS[r.strategy]} needs {_gib(r.setup)} GiB per rank during set-up "
+                         f"(more than in training)")
         if r.host:
-            lines.append(f"  note: {LABELS[r.strategy]} also needs {_gib(r.host)} GiB of host memory per rank (offload)")
+            lines.append(f"  note: {LABELS[r.strategy]} also needs {_gib(r.host)} GiB of host memory per rank "
+                         f"(offload)")
     fits = [LABELS[r.strategy] for r in rows if r.fits(gpu_memory_gib) and r.strategy != "single"]
     misses = [LABELS[r.strategy] for r in rows if not r.fits(gpu_memory_gib) and r.strategy != "single"]
     lines.append("")
@@ -337,7 +342,7 @@ def format_plan(cfg: RunConfig, world_size: int, strategies: Sequence[str], *, d
                      f"Try more ranks, parallel.activation_checkpointing=full, a smaller micro_batch_size or offload.")
     else:  # only the single reference row was asked for
         r = rows[0]
-        lines.append(f"verdict: single {'fits' if r.fits(gpu_memory_gib) else 'does NOT fit'} in {gpu_memory_gib:g} GiB "
-                     f"({_gib(r.total)} GiB).")
+        lines.append(f"verdict: single {'fits' if r.fits(gpu_memory_gib) else 'does NOT fit'} in "
+                     f"{gpu_memory_gib:g} GiB ({_gib(r.total)} GiB).")
     return "\n".join(lines) + "\n"
 

@@ -7,8 +7,9 @@ here only, with the Agg backend (no display needed).
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from bigtrain.errors import UserError, missing_package
 from bigtrain.runs import read_metrics, summarize_run
@@ -82,7 +83,7 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path, *, smooth: float 
     labels = _labels(dirs)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     fig, axes = plt.subplots(2, 4, figsize=(22, 9.5), constrained_layout=True)
-    for ax, (title, kind, x, y, ylabel, logy) in zip(axes.flat, PANELS):
+    for ax, (title, kind, x, y, ylabel, logy) in zip(axes.flat, PANELS, strict=True):  # 2 x 4 axes, 8 panels
         drawn = False
         for i, records in enumerate(runs):
             xs, ys = _series(records, kind, x, y)

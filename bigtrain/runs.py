@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import yaml
 
@@ -172,7 +173,8 @@ def format_table(runs: list[RunSummary], root: Path) -> str:
             r.checkpoint or "-", "-" if r.wall_time_s is None else fmt_duration(r.wall_time_s),
         ])
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows) + "\n"
+    lines = ("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows)
+    return "\n".join(lines) + "\n"
 
 
 def list_runs(root: str | Path, *, as_json: bool = False) -> str:

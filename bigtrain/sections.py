@@ -17,9 +17,10 @@ import hashlib
 import json
 import types
 import typing
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import field
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence, TypeVar, Union
+from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
@@ -227,9 +228,10 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML config file into a mapping, with clear errors for missing/malformed files."""
     p = Path(path)
     if not p.is_file():
+        shipped = ", ".join(sorted(x.name for x in Path("configs").glob("*.yaml"))) or "none found here"
         raise ConfigError(
             f"config file {str(p)!r} does not exist. Pass a path to a YAML file, e.g. configs/debug.yaml "
-            f"(shipped configs: {', '.join(sorted(x.name for x in Path('configs').glob('*.yaml'))) or 'none found here'})."
+            f"(shipped configs: {shipped})."
         )
     try:
         data = yaml.safe_load(p.read_text())
