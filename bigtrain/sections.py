@@ -20,7 +20,7 @@ import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import field
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union
+from typing import Any, ClassVar, Literal, TypeVar, Union
 
 import yaml
 
@@ -43,6 +43,9 @@ def doc_field(default: Any = dataclasses.MISSING, doc: str = "", **kwargs: Any) 
 
 class Section:
     """Base class for config sections: strict construction from dicts and validation hooks."""
+
+    # Every section is a @dataclass; declared here so a type[Section] is accepted by dataclasses.fields().
+    __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]
 
     def validate(self, path: str) -> None:
         """Check values that types alone cannot; raise ConfigError with the key path."""
@@ -153,7 +156,7 @@ def parse_section(cls: type[S], data: Mapping[str, Any], path: str = "") -> S:
     """Build section ``cls`` from a mapping, rejecting unknown keys and wrong types."""
     data = cls.preprocess(dict(data), path)
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     for key in data:
         if key not in fields:
             close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
