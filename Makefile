@@ -54,4 +54,4 @@ bench: demo-data
 	$(BIN)/python bench/overhead.py --out bench/results/overhead-cpu-2core.md
 
 clean:
-	rm -rf $(VENV) runs *.egg-info .pytest_cache
+	rm -rf $(VENV) runs *.egg-info .pytest_cache .mypy_cache .ruff_cache
