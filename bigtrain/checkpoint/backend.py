@@ -22,6 +22,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from bigtrain.checkpoint.manifest import Manifest
 from bigtrain.parallel.strategy import Strategy
 
 
@@ -54,6 +55,11 @@ class CheckpointBackend(Protocol):
 
     def read_full_weights(self, ckpt_dir: Path) -> dict[str, torch.Tensor]:
         """The full, unsharded model weights, read in one CPU process (no process group, any world size)."""
+        ...
+
+    def required_files(self, ckpt_dir: Path, manifest: Manifest) -> set[str]:
+        """Files (relative to ``ckpt_dir``) a complete checkpoint of this format must hold, from the
+        format's own index where it has one; verification checks the manifest lists each of them."""
         ...
 
 

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from bigtrain.checkpoint.backend import SaveJob
+from bigtrain.checkpoint.manifest import Manifest
 from bigtrain.checkpoint.staging import stage
 from bigtrain.parallel.strategy import Strategy
 from bigtrain.parallel.zero import ZeroStrategy, import_deepspeed
@@ -109,6 +110,13 @@ class DeepSpeedBackend:
     def read_full_weights(self, ckpt_dir: Path) -> dict[str, torch.Tensor]:
         return consolidate_zero_checkpoint(ckpt_dir / self.subdir)
 
+    def required_files(self, ckpt_dir: Path, manifest: Manifest) -> set[str]:
+        """The model states, and with ZeRO stage >= 1 one optimizer-state partition per saving rank."""
+        state = f"{self.subdir}/{ZERO_TAG}"
+        if int(manifest.extra.get("zero_stage", 0)) == 0:
+            return {f"{state}/mp_rank_00_model_states.pt"}
+        return {f"{state}/zero_pp_rank_{rank}_mp_rank_00_optim_states.pt" for rank in range(manifest.world_size)}
+
 
 def _zero(strategy: Strategy) -> ZeroStrategy:
     if not isinstance(strategy, ZeroStrategy):
@@ -174,9 +182,10 @@ def _load_universal(zero: ZeroStrategy, zero_dir: Path) -> None:
     """Place DeepSpeed's universal per-parameter files (fp32 weights, AdamW moments, step) into this run's
     partitions: weights through the strategy, then the moments and AdamW's scalar state."""
     def tensor(name: str, key: str, shape: torch.Size) -> torch.Tensor:
+        # DeepSpeed's universal files are pickles (its whole format is): see docs/checkpointing.md.
         value = torch.load(zero_dir / name / f"{key}.pt", map_location="cpu", weights_only=False)
-        value = value["param"] if isinstance(value, dict) else value
-        return value.reshape(shape).float()
+        found: torch.Tensor = value["param"] if isinstance(value, dict) else value
+        return found.reshape(shape).float()
 
     module = zero.engine.module
     names = {id(p): name for name, p in module.named_parameters()}

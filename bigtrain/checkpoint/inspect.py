@@ -82,6 +82,10 @@ def verify_checkpoints(target: str | Path) -> tuple[str, bool]:
             assert manifest is not None
             lines.append(f"OK      {folder}: {len(manifest.files)} files, {_human(manifest.total_bytes)}, "
                          f"step {manifest.step}, {manifest.world_size} ranks ({manifest.strategy})")
+            if manifest.backend == "deepspeed":
+                lines.append("  note: DeepSpeed's files are Python pickles; loading them can run code. Resume from "
+                             "ZeRO checkpoints you trust only (bigtrain's own files and DCP checkpoints load without "
+                             "unpickling arbitrary objects).")
     if not folders:
         lines.append(f"{path}: no checkpoints")
     return "\n".join(lines) + "\n", ok

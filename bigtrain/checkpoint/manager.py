@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import builtins
 import os
-import random
+import pickle
 import shutil
 import signal
 import threading
@@ -38,7 +38,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -57,49 +56,27 @@ from bigtrain.checkpoint.manifest import (
     read_manifest,
     step_dirname,
     step_of,
+    structure_problems,
+    verify,
     write_manifest,
+)
+from bigtrain.checkpoint.rank_state import (
+    RANK_DIR,
+    RankStateError,
+    load_rank_state,
+    rank_file,
+    reseed_rng,
+    restore_rng,
+    save_rank_state,
 )
 from bigtrain.checkpoint.staging import host_copy
 from bigtrain.errors import UserError
 from bigtrain.parallel.dist import DistInfo
 from bigtrain.parallel.strategy import Strategy
 
-RANK_DIR = "rank"
 # Test hook: "before_manifest", "before_rename" or "before_latest", optionally "@STEP": SIGKILL this
 # process at that point of the commit (tests/distributed/test_resume_kill.py proves recovery).
 KILL_ENV = "BIGTRAIN_CHECKPOINT_KILL_AT"
-
-
-def rank_file(rank: int) -> str:
-    return f"{RANK_DIR}/rank_{rank:05d}.pt"
-
-
-def capture_rng() -> dict[str, Any]:
-    """Every RNG that can affect the next step (this process)."""
-    state: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def reseed_rng(seed: int, step: int, rank: int) -> None:
-    """RNG for a rank that did not exist when the checkpoint was saved: a fresh stream per (seed, step, rank)."""
-    mixed = (seed * 1_000_003 + step * 65_537 + rank) % (2**32)
-    random.seed(mixed)
-    np.random.seed(mixed)
-    torch.manual_seed(mixed)
 
 
 def _kill_point(point: str, step: int) -> None:
@@ -109,6 +86,10 @@ def _kill_point(point: str, step: int) -> None:
     name, _, at = want.partition("@")
     if name == point and (not at or int(at) == step):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+# (data-pipeline state, this rank's RNG state or None for a rank the saved run did not have)
+RankState = tuple[dict[str, Any], dict[str, Any] | None]
 
 
 @dataclass
@@ -215,9 +196,7 @@ class CheckpointManager:
 
     def _finish(self, tmp: Path, final: Path, rank_state: dict[str, Any], meta: dict[str, Any]) -> None:
         """Per-rank files, distributed checksums, then rank 0 commits (manifest → rename → latest → prune)."""
-        rank_path = tmp / rank_file(self.rank)
-        with open(rank_path, "wb") as fh:
-            torch.save(rank_state, fh)
+        save_rank_state(tmp / rank_file(self.rank), rank_state)
         self._barrier()  # every rank's files are written
         names = list_files(tmp)
         sums = checksum_files(tmp, names[self.rank::self.world_size])  # also fsyncs this rank's share
@@ -332,54 +311,84 @@ class CheckpointManager:
             return None, [str(exc)]
         names = sorted(manifest.files)
         mine = check_files(path, manifest.files, names[self.rank::self.world_size])
+        if self.rank == 0:  # the same on every rank: reported once
+            mine = structure_problems(path, manifest) + mine
         problems = [p for part in self._gather(mine) for p in part]
         return manifest, problems
 
     def load(self, path: Path, *, strategy: Strategy, model: nn.Module, optimizer: torch.optim.Optimizer,
              current_config: dict[str, Any], seed: int, auto: bool) -> Resumed | None:
-        """Verify ``path`` (falling back to older checkpoints when ``auto``), check the config, restore
-        model/optimizer/RNG; return the counters and data state (None: nothing usable, start fresh)."""
+        """Verify and load ``path``; with ``auto``, fall back to older checkpoints when one fails verification
+        or loading (saying why). Returns the counters and data state (None: nothing usable, start fresh).
+
+        A changed architecture or another checkpoint format is refused outright (every older checkpoint
+        of the run would be refused for the same reason)."""
         self._group()
         chain = [path] + ([p for p in self.candidates() if (step_of(p) or 0) < (step_of(path) or 0)] if auto else [])
         for candidate in chain:
             manifest, problems = self.verify_distributed(candidate)
+            what = "is corrupt or incomplete"
             if not problems and manifest is not None:
-                break
-            message = f"checkpoint {candidate} is corrupt or incomplete: " + "; ".join(problems)
+                what = "could not be loaded"
+                self._check_compatible(candidate, manifest, strategy, current_config)
+                problems, rank_state = self._load_one(candidate, manifest, strategy, model, optimizer)
+                if rank_state is not None:
+                    data_state, rng = rank_state
+                    if rng is not None:
+                        restore_rng(rng)
+                    else:
+                        reseed_rng(seed, manifest.step, self.rank)
+                    return Resumed(candidate, manifest.step, manifest.tokens_seen, data_state)
+            message = f"checkpoint {candidate} {what}: " + "; ".join(problems)
             if not auto:
                 raise UserError(message + ". Pass another checkpoint to checkpoint.resume (see `bigtrain ckpt ls`).")
             messages.warn(f"warning: {message}; skipping it")
-        else:
-            messages.warn("warning: no checkpoint verified; starting from scratch")
-            return None
-        assert manifest is not None
+        messages.warn("warning: no checkpoint verified; starting from scratch")
+        return None
+
+    def _check_compatible(self, candidate: Path, manifest: Manifest, strategy: Strategy,
+                          current_config: dict[str, Any]) -> None:
         check_config(candidate, manifest.config, current_config)
         if manifest.backend != strategy.checkpoint_format:
             raise UserError(
                 f"cannot resume from {candidate}: it was saved by parallel.strategy={manifest.strategy} "
-                f"({manifest.backend} format) and this run uses parallel.strategy={current_config['parallel']['strategy']} "
-                f"({strategy.checkpoint_format} format). Resume with parallel.strategy={manifest.strategy}, or export it "
-                f"(`bigtrain export {candidate} --to hf OUT`) and start a new run with model.init_from=OUT."
+                f"({manifest.backend} format) and this run uses parallel.strategy="
+                f"{current_config['parallel']['strategy']} ({strategy.checkpoint_format} format). Resume with "
+                f"parallel.strategy={manifest.strategy}, or export it (`bigtrain export {candidate} --to hf OUT`) "
+                f"and start a new run with model.init_from=OUT."
             )
-        self.backend(strategy).load(strategy, model, optimizer, candidate, saved_world_size=manifest.world_size,
-                                    process_group=self._pg)
-        same_world = manifest.world_size == self.world_size
+
+    def _load_one(self, candidate: Path, manifest: Manifest, strategy: Strategy, model: nn.Module,
+                  optimizer: torch.optim.Optimizer) -> tuple[builtins.list[str], RankState | None]:
+        """Load model + optimizer and this rank's per-rank files: (the problems of every rank, this rank's
+        state, None unless every rank loaded). All ranks agree, so they all fall back together."""
+        problems: builtins.list[str] = []
+        rank_state: RankState | None = None
+        try:
+            self.backend(strategy).load(strategy, model, optimizer, candidate, saved_world_size=manifest.world_size,
+                                        process_group=self._pg)
+        except (OSError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError) as exc:
+            first = " ".join(str(exc).split())[:300]
+            problems.append(f"loading its {manifest.backend} files failed ({type(exc).__name__}: {first})")
+        try:
+            rank_state = self._rank_state(candidate, manifest)
+        except RankStateError as exc:
+            problems.append(str(exc))
+        everyone = [p for part in self._gather(problems) for p in part]
+        return everyone, (rank_state if not everyone else None)
+
+    def _rank_state(self, candidate: Path, manifest: Manifest) -> RankState:
+        """(data-pipeline state, this rank's RNG state or None for a rank the saved run did not have)."""
         own = candidate / rank_file(self.rank)
-        data_source = own if same_world else candidate / rank_file(0)
-        data_state = torch.load(data_source, map_location="cpu", weights_only=False)["data"]
-        if self.rank < manifest.world_size:
-            restore_rng(torch.load(own, map_location="cpu", weights_only=False)["rng"])
-        else:
-            reseed_rng(seed, manifest.step, self.rank)
-        return Resumed(candidate, manifest.step, manifest.tokens_seen, data_state)
+        same_world = manifest.world_size == self.world_size
+        # The data position is global (a function of the sample index): rank 0's serves any world size.
+        data_state = load_rank_state(own if same_world else candidate / rank_file(0))["data"]
+        rng = load_rank_state(own)["rng"] if self.rank < manifest.world_size else None
+        return data_state, rng
 
 
 def _verify(path: Path, *, checksums: bool) -> tuple[Manifest | None, builtins.list[str]]:
-    try:
-        manifest = read_manifest(path)
-    except ManifestError as exc:
-        return None, [str(exc)]
-    return manifest, check_files(path, manifest.files, checksums=checksums)
+    return verify(path, checksums=checksums)
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

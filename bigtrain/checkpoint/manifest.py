@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 MANIFEST_FILE = "manifest.json"
 LATEST_FILE = "latest"
@@ -137,19 +138,91 @@ class ManifestError(Exception):
     """A manifest that is missing, unreadable or not a bigtrain manifest (the message names the path)."""
 
 
+BACKENDS = ("dcp", "deepspeed")
+# Folders a resume may add inside a committed checkpoint (DeepSpeed's universal conversion).
+SCRATCH_PREFIXES = ("universal/", "universal.tmp/")
+_HEX_BLOCKS = re.compile(r"^[0-9a-f]{8}(:[0-9a-f]{8})*$")
+
+
+def _field(data: dict[str, Any], key: str, kind: type, path: Path, *, minimum: int | None = None,
+           default: Any = None) -> Any:
+    """``data[key]`` checked to be of ``kind`` (bools are not ints here), else :class:`ManifestError`."""
+    if key not in data:
+        if default is not None:
+            return default
+        raise ManifestError(f"{path}: field {key!r} is missing")
+    value: Any = data[key]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ManifestError(f"{path}: field {key!r} is {type(value).__name__}, expected {kind.__name__}")
+    if minimum is not None and cast(int, value) < minimum:
+        raise ManifestError(f"{path}: field {key!r} is {value}, expected >= {minimum}")
+    return value
+
+
+def _file_entries(files: dict[str, Any], path: Path) -> dict[str, dict[str, Any]]:
+    """The ``files`` table checked entry by entry: safe relative names, integer sizes, CRC32 strings."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, entry in files.items():
+        parts = Path(name).parts
+        if (not name or name.startswith("/") or "\\" in name or ".." in parts
+                or name == MANIFEST_FILE):
+            raise ManifestError(f"{path}: file name {name!r} is not a plain path inside the checkpoint")
+        if not isinstance(entry, dict):
+            raise ManifestError(f"{path}: the entry of {name!r} is {type(entry).__name__}, expected an object")
+        size = _field(entry, "size", int, path, minimum=0)
+        crc = _field(entry, "crc32", str, path)
+        if not _HEX_BLOCKS.match(crc):
+            raise ManifestError(f"{path}: the crc32 of {name!r} is {crc!r}, not 8-hex-digit blocks")
+        out[name] = {"size": size, "crc32": crc}
+    return out
+
+
 def read_manifest(ckpt: Path) -> Manifest:
+    """The manifest of ``ckpt``, every field type-checked (a checkpoint is untrusted input)."""
     path = ckpt / MANIFEST_FILE
     if not path.is_file():
         raise ManifestError(f"{path}: missing (the save did not finish, or the file was deleted)")
     try:
         data = json.loads(path.read_text())
-        return Manifest(step=int(data["step"]), tokens_seen=int(data["tokens_seen"]),
-                        world_size=int(data["world_size"]), backend=str(data["backend"]),
-                        strategy=str(data["strategy"]), config_hash=str(data["config_hash"]),
-                        config=dict(data["config"]), files=dict(data["files"]), created=str(data.get("created", "")),
-                        extra=dict(data.get("extra", {})))
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError) as exc:
         raise ManifestError(f"{path}: unreadable ({type(exc).__name__}: {exc})") from None
+    if not isinstance(data, dict):
+        raise ManifestError(f"{path}: not a bigtrain manifest (a JSON {type(data).__name__}, expected an object)")
+    backend = _field(data, "backend", str, path)
+    if backend not in BACKENDS:
+        raise ManifestError(f"{path}: backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    return Manifest(step=_field(data, "step", int, path, minimum=0),
+                    tokens_seen=_field(data, "tokens_seen", int, path, minimum=0),
+                    world_size=_field(data, "world_size", int, path, minimum=1), backend=backend,
+                    strategy=_field(data, "strategy", str, path), config_hash=_field(data, "config_hash", str, path),
+                    config=_field(data, "config", dict, path),
+                    files=_file_entries(_field(data, "files", dict, path), path),
+                    created=_field(data, "created", str, path, default=""),
+                    extra=_field(data, "extra", dict, path, default={}))
+
+
+def structure_problems(ckpt: Path, manifest: Manifest) -> list[str]:
+    """Disk and manifest compared in both directions, and the files this backend and world size need.
+
+    Catches what per-file checks cannot: a file added after the commit, or a shard deleted together
+    with its manifest entry (the manifest and the disk then agree, but the checkpoint is incomplete).
+    """
+    from bigtrain.checkpoint.backend import backend_for
+    from bigtrain.checkpoint.rank_state import rank_file
+
+    problems = []
+    listed = set(manifest.files)
+    on_disk = {name for name in list_files(ckpt) if not name.startswith(SCRATCH_PREFIXES)}
+    problems += [f"{ckpt / name}: on disk but not in the manifest (added after the commit?)"
+                 for name in sorted(on_disk - listed)]
+    required = {rank_file(rank) for rank in range(manifest.world_size)}
+    try:
+        required |= backend_for(manifest.backend).required_files(ckpt, manifest)
+    except Exception as exc:  # any failure to read the backend's index is a verification problem
+        problems.append(f"{ckpt}: the {manifest.backend} index cannot be read ({type(exc).__name__}: {exc})")
+    problems += [f"{ckpt / name}: needed by this checkpoint but not in the manifest"
+                 for name in sorted(required - listed)]
+    return problems
 
 
 def write_manifest(ckpt: Path, manifest: Manifest) -> None:
@@ -189,4 +262,4 @@ def verify(ckpt: Path, *, checksums: bool = True) -> tuple[Manifest | None, list
         manifest = read_manifest(ckpt)
     except ManifestError as exc:
         return None, [str(exc)]
-    return manifest, check_files(ckpt, manifest.files, checksums=checksums)
+    return manifest, structure_problems(ckpt, manifest) + check_files(ckpt, manifest.files, checksums=checksums)

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from bigtrain import messages
-from bigtrain.checkpoint.manager import CheckpointManager, capture_rng, resolve_resume
+from bigtrain.checkpoint.manager import CheckpointManager, resolve_resume
+from bigtrain.checkpoint.rank_state import capture_rng
 from bigtrain.data.batches import TokenStream, eval_batches
 from bigtrain.data.pipeline import DataPipeline
 from bigtrain.data.tokenizer import load_tokenizer

@@ -10,10 +10,12 @@ import pytest
 import torch
 
 from bigtrain.checkpoint.config import CheckpointConfig
-from bigtrain.checkpoint.manager import CheckpointManager, capture_rng, config_changes, resolve_resume
+from bigtrain.checkpoint.manager import CheckpointManager, config_changes, resolve_resume
 from bigtrain.checkpoint.manifest import read_manifest, verify
+from bigtrain.checkpoint.rank_state import capture_rng
 from bigtrain.config import load_config
 from bigtrain.errors import UserError
+from bigtrain.messages import capture
 from bigtrain.model import ModelConfig, build_on_meta
 from bigtrain.optim.optimizer import build_adamw
 from bigtrain.parallel.dist import DistInfo
@@ -65,7 +67,7 @@ def load_into_fresh(manager: CheckpointManager, path: Path, *, auto: bool = Fals
 
 @pytest.mark.parametrize("blocking", [True, False])
 def test_save_commits_atomically_and_loads_exactly(tmp_path: Path, trained, blocking: bool) -> None:
-    manager = CheckpointManager(tmp_path, CheckpointConfig(), echo=lambda *_: None)
+    manager = CheckpointManager(tmp_path, CheckpointConfig())
     path = save(manager, 3, trained, blocking=blocking)
     assert path == tmp_path / "checkpoints" / "step_000003"
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_000003"]
@@ -107,8 +109,7 @@ def _corrupt(ckpt: Path, how: str) -> str:
 
 @pytest.mark.parametrize("how", ["flip", "truncate", "delete_manifest"])
 def test_corrupt_checkpoint_is_reported_and_skipped(tmp_path: Path, trained, how: str) -> None:
-    messages: list[str] = []
-    manager = CheckpointManager(tmp_path, CheckpointConfig(keep_last=5), echo=messages.append)
+    manager = CheckpointManager(tmp_path, CheckpointConfig(keep_last=5))
     save(manager, 1, trained)
     train_steps(trained[1], trained[2], 1)
     bad = save(manager, 2, trained)
@@ -121,22 +122,23 @@ def test_corrupt_checkpoint_is_reported_and_skipped(tmp_path: Path, trained, how
         assert (manager.latest(checksums=True) == tmp_path / "checkpoints" / "step_000001")
     else:
         assert manager.latest() == tmp_path / "checkpoints" / "step_000001"
-    resumed, _ = load_into_fresh(manager, bad, auto=True)
+    with capture() as lines:
+        resumed, _ = load_into_fresh(manager, bad, auto=True)
     assert resumed is not None and resumed.step == 1
-    assert any(str(bad) in m and "skipping" in m for m in messages), messages
+    assert any(str(bad) in m and "skipping" in m for m in lines), lines
     with pytest.raises(UserError, match="corrupt or incomplete"):
         load_into_fresh(manager, bad, auto=False)
 
 
 def test_retention_keeps_last_and_milestones(tmp_path: Path, trained) -> None:
-    manager = CheckpointManager(tmp_path, CheckpointConfig(keep_last=2, keep_every_steps=3), echo=lambda *_: None)
+    manager = CheckpointManager(tmp_path, CheckpointConfig(keep_last=2, keep_every_steps=3))
     for step in range(1, 8):
         save(manager, step, trained, blocking=step % 2 == 0)
     assert [p.name for p in manager.list()] == ["step_000003", "step_000006", "step_000007"]
 
 
 def test_crash_leftovers_are_ignored_and_cleaned(tmp_path: Path, trained) -> None:
-    manager = CheckpointManager(tmp_path, CheckpointConfig(keep_last=5), echo=lambda *_: None)
+    manager = CheckpointManager(tmp_path, CheckpointConfig(keep_last=5))
     save(manager, 2, trained)
     root = tmp_path / "checkpoints"
     (root / "step_000004.tmp" / "dcp").mkdir(parents=True)  # crashed before the manifest
@@ -162,7 +164,7 @@ def test_config_changes_split_architecture_from_settings() -> None:
 
 
 def test_changed_architecture_is_refused_with_a_diff(tmp_path: Path, trained) -> None:
-    manager = CheckpointManager(tmp_path, CheckpointConfig(), echo=lambda *_: None)
+    manager = CheckpointManager(tmp_path, CheckpointConfig())
     path = save(manager, 1, trained)
     changed = json.loads(json.dumps(CONFIG))
     changed["model"]["num_layers"] = 2
@@ -175,7 +177,7 @@ def test_resolve_resume_bad_input(tmp_path: Path, trained) -> None:
     assert resolve_resume("auto", tmp_path) is None  # nothing saved yet: start fresh
     with pytest.raises(UserError, match="no checkpoint there"):
         resolve_resume(str(tmp_path / "nope"), tmp_path)
-    manager = CheckpointManager(tmp_path, CheckpointConfig(), echo=lambda *_: None)
+    manager = CheckpointManager(tmp_path, CheckpointConfig())
     path = save(manager, 1, trained)
     assert resolve_resume(str(path), tmp_path) == path
     assert resolve_resume(str(tmp_path), tmp_path / "elsewhere") == path
@@ -185,7 +187,7 @@ def test_resolve_resume_bad_input(tmp_path: Path, trained) -> None:
 
 
 def test_manifest_records_config(tmp_path: Path, trained) -> None:
-    manager = CheckpointManager(tmp_path, CheckpointConfig(), echo=lambda *_: None)
+    manager = CheckpointManager(tmp_path, CheckpointConfig())
     path = save(manager, 1, trained)
     assert read_manifest(path).config == CONFIG
 
@@ -226,7 +228,7 @@ def test_stage_freezes_a_snapshot_and_reuses_buffers() -> None:
 def test_deepspeed_engine_wrapper_defers_writes(tmp_path: Path) -> None:
     from types import SimpleNamespace
 
-    from bigtrain.parallel.zero import StagingCheckpointEngine
+    from bigtrain.checkpoint.deepspeed import StagingCheckpointEngine
 
     class Inner:  # DeepSpeed's TorchCheckpointEngine, reduced to what the wrapper touches
         def create(self, info):
