@@ -9,7 +9,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from bigtrain.errors import EXIT_OK, EXIT_USER_ERROR, UserError
+from bigtrain.errors import EXIT_FAILURE, EXIT_OK, EXIT_USER_ERROR, UserError
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -25,6 +25,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     # Fail fast (before torch loads) when W&B is set to online without credentials.
     early_wandb_check(apply_overrides(load_yaml(args.config), args.overrides))
 
+    from bigtrain.checkpoint.manager import CheckpointSaveError
     from bigtrain.config import load_config
     from bigtrain.parallel import dist
     from bigtrain.train.failures import EXIT_NONFINITE, NonFiniteError, report_rank_failure
@@ -38,6 +39,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     except NonFiniteError as exc:  # every rank raises it (they see the same global values); one prints
         messages.warn(f"bigtrain: error: {exc}")
         return EXIT_NONFINITE
+    except CheckpointSaveError as exc:  # each rank says what failed for it (a node's own disk may be full)
+        label = messages.rank_label()
+        messages.warn(f"bigtrain: error{' on ' + label if label else ''}: {exc}", every_rank=True)
+        return EXIT_FAILURE
     except Exception as exc:
         report_rank_failure(exc)  # which rank, where; then the traceback
         raise

@@ -7,6 +7,7 @@ class UserError(Exception):
 
 
 EXIT_OK = 0
+EXIT_FAILURE = 1  # a failure that is not the user's input (e.g. a checkpoint save hit a full disk)
 EXIT_USER_ERROR = 2
 
 

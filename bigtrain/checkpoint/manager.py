@@ -92,6 +92,11 @@ def _kill_point(point: str, step: int) -> None:
 RankState = tuple[dict[str, Any], dict[str, Any] | None]
 
 
+class CheckpointSaveError(Exception):
+    """A save failed (disk full, permissions, ...). Its partial folder is gone and ``latest`` still names
+    the last committed checkpoint; the message is one paragraph that says so."""
+
+
 @dataclass
 class Resumed:
     """What a resume restored, for the trainer's counters."""
@@ -170,14 +175,17 @@ class CheckpointManager:
                 "backend": strategy.checkpoint_format, "strategy": str(config.get("parallel", {}).get("strategy", "")),
                 "extra": {}}
         use_async = self.cfg.async_save if blocking is None else not blocking
-        # Async: the backend only copies the state to host memory here; the job writes the files later.
-        job = self.backend(strategy).save(strategy, model, optimizer, tmp, staged=use_async, process_group=pg)
-        meta["extra"] = job.extra
-        write = job.write
-        if not use_async:
-            write()
-            self._finish(tmp, final, rank_state, meta)
-            return final
+        try:
+            # Async: the backend only copies the state to host memory here; the job writes the files later.
+            job = self.backend(strategy).save(strategy, model, optimizer, tmp, staged=use_async, process_group=pg)
+            meta["extra"] = job.extra
+            write = job.write
+            if not use_async:
+                write()
+                self._finish(tmp, final, rank_state, meta)
+                return final
+        except Exception as exc:
+            raise self._failed(step, tmp, exc) from exc
         if torch.cuda.is_available():
             torch.cuda.synchronize()  # the non-blocking device-to-host copies have landed
         rank_state = host_copy(rank_state)
@@ -192,7 +200,23 @@ class CheckpointManager:
             write()
             self._finish(tmp, final, rank_state, meta)
         except BaseException as exc:  # re-raised in the main thread by wait()
-            self._error = exc
+            self._error = self._failed(int(meta["step"]), tmp, exc)
+            self._error.__cause__ = exc
+
+    def _failed(self, step: int, tmp: Path, exc: BaseException) -> CheckpointSaveError:
+        """Remove what a failed save wrote and describe the failure in one paragraph."""
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError) and exc.strerror:
+            reason = exc.strerror + (f" ({exc.filename})" if exc.filename else "")
+        else:
+            reason = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+        latest = self.latest_pointer()
+        kept = (f"{self.root / LATEST_FILE} still names {latest.name}" if latest is not None
+                else "no checkpoint of this run was committed before")
+        return CheckpointSaveError(
+            f"saving the checkpoint of step {step} failed: {reason}. Its partial folder {tmp} was removed and {kept}. "
+            f"Fix the cause (free disk space, check permissions and quotas on {self.root}) and resume with "
+            f"checkpoint.resume=auto.")
 
     def _finish(self, tmp: Path, final: Path, rank_state: dict[str, Any], meta: dict[str, Any]) -> None:
         """Per-rank files, distributed checksums, then rank 0 commits (manifest → rename → latest → prune)."""
@@ -239,7 +263,7 @@ class CheckpointManager:
             self._thread = None
         if self._error is not None:
             error, self._error = self._error, None
-            raise RuntimeError(f"the background checkpoint save failed: {error}") from error
+            raise error
 
     @property
     def in_flight(self) -> bool:

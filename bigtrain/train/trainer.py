@@ -128,6 +128,7 @@ class Trainer:
         self.peak_flops = peak_flops(self.info.device)
         self.checkpoints = CheckpointManager(self.run_dir, cfg.checkpoint, info=self.info)
         self.last_checkpoint_stall_s = 0.0
+        self._uncommitted: dict[str, Any] | None = None  # the record of the async save in flight
         if cfg.model.init_from and self.resume_from is None:  # continued pretraining from HF Llama weights
             from bigtrain.checkpoint.hf import init_from_hf
 
@@ -253,6 +254,7 @@ class Trainer:
         ``checkpoint_stall_s`` and kept in ``self.last_checkpoint_stall_s``.
         """
         self.nonfinite.check("before saving a checkpoint")  # a poisoned state is never written
+        self._wait_for_checkpoint()
         t0 = time.perf_counter()
         path = self.checkpoints.save(self.step, strategy=self.strategy, model=self.model, optimizer=self.optimizer,
                                      rank_state=self.state_dict(), tokens_seen=self.tokens_seen,
@@ -260,10 +262,21 @@ class Trainer:
         stall = time.perf_counter() - t0
         self.last_checkpoint_stall_s = stall
         background = self.checkpoints.in_flight
-        self._emit({"kind": "checkpoint", "step": self.step, "path": str(path), "checkpoint_stall_s": stall,
-                    "async": background})
+        record = {"kind": "checkpoint", "step": self.step, "path": str(path), "checkpoint_stall_s": stall,
+                  "async": background}
+        if background:
+            self._uncommitted = record  # logged (status.json included) once committed: never a failed save
+        else:
+            self._emit(record)
         messages.say(f"{'saving' if background else 'saved'} checkpoint {path} (step loop blocked {stall:.2f}s)")
         return path
+
+    def _wait_for_checkpoint(self) -> None:
+        """Wait for the async save in flight (its failure raises :class:`CheckpointSaveError` here), then log it."""
+        self.checkpoints.wait()
+        if self._uncommitted is not None:
+            record, self._uncommitted = self._uncommitted, None
+            self._emit(record)
 
     # ------------------------------------------------------------------ fault tolerance (train/signals.py, failures.py)
     def _init_fault_tolerance(self) -> None:
@@ -309,7 +322,7 @@ class Trainer:
         every = self.cfg.checkpoint.every_steps
         if not (every and self.step % every == 0):  # not already saved by the loop at this step
             self.save_checkpoint(blocking=True)
-        self.checkpoints.wait()  # an async save must be committed before the process exits
+        self._wait_for_checkpoint()  # an async save must be committed before the process exits
         if self.info.is_main:
             write_status(self.run_dir, "preempted", signal=name, step=self.step, tokens=self.tokens_seen)
         messages.say(f"stopped by {name} after step {self.step}: checkpoint committed; exiting with status "
@@ -463,7 +476,7 @@ class Trainer:
             self.save_checkpoint()
         if cfg.log.sample_at_end and cfg.log.sample_tokens:
             self._print_sample()
-        self.checkpoints.wait()  # the last async save is committed before loggers close and the process exits
+        self._wait_for_checkpoint()  # the last async save is committed before loggers close and the process exits
         for logger in self.loggers:
             logger.close()
         self.strategy.barrier()

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from bigtrain.train.failures import EXIT_RANK_FAILURE, NonFiniteError, NonFiniteGuard
+from bigtrain.train.fault_injection import install_loss_poison
 from bigtrain.train.signals import EXIT_INTERRUPTED, EXIT_PREEMPTED, StopRequest
 
 CPU = torch.device("cpu")
@@ -17,31 +18,34 @@ NAN, ONE = torch.tensor(float("nan")), torch.tensor(1.0)
 
 
 def test_stop_policy_reports_the_first_bad_step_only_when_checked() -> None:
-    guard = NonFiniteGuard("stop", 5, [], CPU)
-    guard.observe(1, ONE, ONE)
-    guard.observe(2, ONE, torch.tensor(float("inf")))  # an infinite grad norm counts too
-    guard.observe(3, NAN, NAN)
-    with pytest.raises(NonFiniteError, match="at step 2 .found before saving"):
+    guard = NonFiniteGuard("stop", 5, CPU)
+    assert guard.allows_update(1, ONE, ONE)
+    assert guard.allows_update(2, ONE, torch.tensor(float("inf")))  # an infinite grad norm counts too
+    assert guard.allows_update(3, NAN, NAN)
+    with pytest.raises(NonFiniteError, match=r"at step 2 .found before saving"):
         guard.check("before saving a checkpoint")
-    fresh = NonFiniteGuard("stop", 5, [], CPU)
-    fresh.observe(1, ONE, 0.5)  # a float grad norm (some backends) works too
+    fresh = NonFiniteGuard("stop", 5, CPU)
+    fresh.allows_update(1, ONE, 0.5)  # a float grad norm (some backends) works too
     fresh.check("at log step 1")
 
 
 def test_skip_policy_counts_and_stops_after_k_consecutive() -> None:
-    guard = NonFiniteGuard("skip", 2, [], CPU)
-    assert guard.skip_update(1, NAN, ONE) is True
-    assert guard.skip_update(2, ONE, ONE) is False  # a good step resets the streak
-    assert guard.skip_update(3, ONE, NAN) is True
-    with pytest.raises(NonFiniteError, match="2 consecutive steps .up to step 4"):
-        guard.skip_update(4, NAN, NAN)
+    guard = NonFiniteGuard("skip", 2, CPU)
+    assert guard.allows_update(1, NAN, ONE) is False
+    assert guard.allows_update(2, ONE, ONE) is True  # a good step resets the streak
+    assert guard.allows_update(3, ONE, NAN) is False
+    with pytest.raises(NonFiniteError, match=r"2 consecutive steps .up to step 4"):
+        guard.allows_update(4, NAN, NAN)
     assert guard.skipped_steps == 3
 
 
 def test_poison_only_at_listed_steps() -> None:
-    guard = NonFiniteGuard("stop", 5, [2, 4], CPU)
-    assert torch.isnan(guard.poison(2, ONE)) and torch.isnan(guard.poison(4, ONE))
-    assert guard.poison(3, ONE) == 1
+    model = torch.nn.Identity()
+    step = {"now": 0}
+    install_loss_poison(model, [2, 4], lambda: step["now"])
+    for now, poisoned in [(2, True), (3, False), (4, True)]:
+        step["now"] = now
+        assert bool(torch.isnan(model(ONE))) is poisoned
 
 
 def test_stop_request_records_signals_and_restores_handlers() -> None:
