@@ -109,9 +109,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     from bigtrain.generate import generate, load_for_generation
 
+    _check_generate_args(args)
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is visible on this machine; use --device auto or cpu.")
     model, tokenizer = load_for_generation(args.run_dir, device=device)
     for i in range(args.num_samples):
         text = generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
@@ -120,6 +123,18 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             print(f"--- sample {i + 1}")
         print(args.prompt + text)
     return EXIT_OK
+
+
+def _check_generate_args(args: argparse.Namespace) -> None:
+    import math
+
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        raise UserError(f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature}.")
+    for flag, value, low in (("--max-new-tokens", args.max_new_tokens, 1), ("--num-samples", args.num_samples, 1),
+                             ("--top-k", args.top_k, 0)):
+        if value < low:
+            raise UserError(f"{flag} must be >= {low}{' (0 = no top-k filter)' if flag == '--top-k' else ''}, "
+                            f"got {value}.")
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
@@ -158,7 +173,7 @@ def _cmd_runs(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from bigtrain.export import export_checkpoint
 
-    export_checkpoint(args.checkpoint, args.to, args.out)
+    export_checkpoint(args.checkpoint, args.to, args.out, overwrite=args.overwrite)
     return EXIT_OK
 
 
@@ -252,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", choices=["hf", "torch"], default="hf",
                    help="hf: config.json + model.safetensors (+ tokenizer); torch: one .pt state dict (default hf)")
     p.add_argument("out", help="output folder (hf) or file (torch)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output (default: refuse)")
     p.set_defaults(func=_cmd_export)
 
     p = verbs.add_parser("ckpt", help="list and verify checkpoints")

@@ -5,7 +5,9 @@ size wrote it; the HF format itself lives in :mod:`bigtrain.checkpoint.hf`.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -14,7 +16,7 @@ import torch
 
 from bigtrain import messages
 from bigtrain.checkpoint.hf import DEFAULT_SHARD_BYTES, hf_config, to_hf_state, write_safetensors
-from bigtrain.checkpoint.manager import load_model_weights, resolve_resume
+from bigtrain.checkpoint.manager import find_checkpoint, load_model_weights
 from bigtrain.data.tokenizer import Tokenizer
 from bigtrain.errors import UserError
 from bigtrain.model.config import ModelConfig
@@ -37,37 +39,75 @@ def _copy_tokenizer(config: dict[str, Any], out: Path) -> tuple[list[str], int |
             "model_max_length": int(config.get("model", {}).get("max_seq_len", 2048)),
         }, indent=2))
         files.append("tokenizer_config.json")
-    except Exception:  # noqa: BLE001 - a tokenizer bigtrain cannot parse is still copied as is
+    except Exception:
         pass
     return files, eos_id
 
 
-def export_checkpoint(source: str | Path, to: str, out: str | Path, *,
+def export_checkpoint(source: str | Path, to: str, out: str | Path, *, overwrite: bool = False,
                       max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
-    """Export ``source`` (a checkpoint folder, or a run folder: its latest checkpoint) to ``out``."""
-    src = Path(source)
-    if not src.exists():
-        raise UserError(f"{str(src)!r} does not exist; pass a checkpoint folder (…/checkpoints/step_N) or a run folder.")
+    """Export ``source`` (a checkpoint folder, or a run folder: its latest checkpoint) to ``out``.
+
+    Atomic: everything is written into a temporary sibling of the target and renamed into place at the
+    end, so a failure (a full disk) leaves no partial folder or truncated file. An existing target is
+    replaced only with ``overwrite``.
+    """
     if to not in ("hf", "torch"):
         raise UserError(f"--to {to!r}: use hf (Hugging Face Llama folder) or torch (one state-dict file).")
-    ckpt = resolve_resume(str(src), src)
-    assert ckpt is not None  # resolve_resume raises for a folder without checkpoints
+    out = Path(out).expanduser()
+    target = out / "model.pt" if to == "torch" and out.is_dir() else out
+    _check_target(target, to, overwrite)
+    ckpt = find_checkpoint(source, "bigtrain export")
     weights, manifest = load_model_weights(ckpt)
     model_cfg = parse_section(ModelConfig, manifest.config.get("model", {}), "model")
-    out = Path(out)
-    if to == "torch":
-        target = out / "model.pt" if out.is_dir() else out
+    tmp = target.with_name(f".{target.name}.partial-{os.getpid()}")
+    try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(weights, target)
-        messages.say(f"exported {ckpt} (step {manifest.step}) -> {target} ({len(weights)} tensors, bigtrain names)")
-        return target
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"{out} exists and is not empty; pass a new or empty folder to export into.")
-    out.mkdir(parents=True, exist_ok=True)
-    tok_files, eos_id = _copy_tokenizer(manifest.config, out)
-    files = write_safetensors(to_hf_state(weights, model_cfg), out, max_shard_bytes=max_shard_bytes,
-                              metadata={"bigtrain_step": str(manifest.step)})
-    (out / "config.json").write_text(json.dumps(hf_config(model_cfg, eos_token_id=eos_id), indent=2))
-    note = "" if tok_files else " (no tokenizer copied: the run's data.tokenizer file was not found)"
-    messages.say(f"exported {ckpt} (step {manifest.step}) -> {out}: config.json, {', '.join(files + tok_files)}{note}")
-    return out
+        if to == "torch":
+            torch.save(weights, tmp)
+            summary = f"{len(weights)} tensors, bigtrain names"
+        else:
+            tmp.mkdir()
+            tok_files, eos_id = _copy_tokenizer(manifest.config, tmp)
+            files = write_safetensors(to_hf_state(weights, model_cfg), tmp, max_shard_bytes=max_shard_bytes,
+                                      metadata={"bigtrain_step": str(manifest.step)})
+            (tmp / "config.json").write_text(json.dumps(hf_config(model_cfg, eos_token_id=eos_id), indent=2))
+            note = "" if tok_files else " (no tokenizer copied: the run's data.tokenizer file was not found)"
+            summary = f"config.json, {', '.join(files + tok_files)}{note}"
+        _replace(tmp, target)
+    except OSError as exc:
+        _remove(tmp)
+        raise UserError(f"bigtrain export: writing {target} failed: {exc.strerror or exc}"
+                        f"{f' ({exc.filename})' if exc.filename else ''}; nothing was written. Free disk space or "
+                        f"choose a writable place for the output.") from None
+    messages.say(f"exported {ckpt} (step {manifest.step}) -> {target}: {summary}")
+    return target
+
+
+def _check_target(target: Path, to: str, overwrite: bool) -> None:
+    """Refuse a target of the wrong kind, or an existing one without ``overwrite``."""
+    if to == "hf" and target.exists() and not target.is_dir():
+        raise UserError(f"bigtrain export --to hf writes a folder, but {target} is a file; pass a folder path.")
+    exists = target.is_file() or (target.is_dir() and any(target.iterdir()))
+    if exists and not overwrite:
+        raise UserError(f"bigtrain export: {target} exists{' and is not empty' if target.is_dir() else ''}; pass "
+                        f"--overwrite to replace it, or another output path.")
+
+
+def _replace(tmp: Path, target: Path) -> None:
+    """Move ``tmp`` to ``target``; an existing target is moved aside first and removed only after."""
+    aside = None
+    if target.exists():
+        aside = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, aside)
+    os.replace(tmp, target)
+    if aside is not None:
+        _remove(aside)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
 from bigtrain.data.tokenizer import Tokenizer
-from bigtrain.errors import UserError
 from bigtrain.model import Decoder
 from bigtrain.model.sampling import generate
 
@@ -18,15 +16,11 @@ __all__ = ["generate", "load_for_generation"]
 
 def load_for_generation(run_dir: str | Path, device: str = "cpu") -> tuple[Decoder, Tokenizer]:
     """Model (latest checkpoint of a run folder, or a checkpoint folder) and its tokenizer."""
-    from bigtrain.checkpoint.manager import load_state, resolve_resume
+    from bigtrain.checkpoint.manager import find_checkpoint, load_state
     from bigtrain.config import config_from_dict
     from bigtrain.model import build_on_meta
 
-    path = Path(run_dir)
-    if not path.exists():
-        raise UserError(f"{str(path)!r} does not exist; pass a run folder (run.out_dir) or a checkpoint folder.")
-    ckpt = resolve_resume(str(path), path)
-    assert ckpt is not None
+    ckpt = find_checkpoint(run_dir, "bigtrain generate")
     state = load_state(ckpt, map_location="cpu")
     cfg = config_from_dict(state["config"])
     model = build_on_meta(cfg.model)

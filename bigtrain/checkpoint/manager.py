@@ -491,6 +491,25 @@ def resolve_resume(resume: str, run_dir: Path) -> Path | None:
     return found
 
 
+def find_checkpoint(source: str | Path, verb: str) -> Path:
+    """The checkpoint a tool (``bigtrain export``, ``generate``) reads: ``source`` itself when it is a committed
+    checkpoint folder, else the newest good checkpoint of the run folder ``source``."""
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise UserError(f"{verb}: {str(path)!r} does not exist; pass a checkpoint folder (…/checkpoints/step_N) "
+                        f"or a run folder.")
+    if (path / MANIFEST_FILE).is_file():
+        return path
+    if path.is_dir() and step_of(path) is not None:
+        raise UserError(f"{verb}: {path / MANIFEST_FILE} is missing, so this checkpoint was never committed (or "
+                        f"was damaged); pass an older checkpoint or the run folder (see `bigtrain ckpt ls`).")
+    found = CheckpointManager(path).latest(report=messages.warn) if path.is_dir() else None
+    if found is None:
+        raise UserError(f"{verb}: {str(path)!r} holds no committed checkpoint; pass a checkpoint folder "
+                        f"(…/checkpoints/step_N) or a run folder that has checkpoints (see `bigtrain ckpt ls`).")
+    return found
+
+
 def load_model_weights(path: Path) -> tuple[dict[str, torch.Tensor], Manifest]:
     """Full fp32 model weights of any checkpoint (DCP or DeepSpeed), in one CPU process, and its manifest."""
     try:
