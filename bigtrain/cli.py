@@ -59,6 +59,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_config_check(args: argparse.Namespace) -> int:
+    from bigtrain.config import load_config
+
+    if args.world_size < 1:
+        raise UserError(f"--world-size must be >= 1, got {args.world_size}.")
+    cfg = load_config(args.config, args.overrides)
+    seqs, accum = cfg.check_launch(args.world_size)
+    print(f"{args.config}: OK for {args.world_size} process{'es' if args.world_size > 1 else ''} "
+          f"(parallel.strategy={cfg.parallel.strategy}; {seqs} sequences of {cfg.data.seq_len} per step, "
+          f"micro-batch {cfg.train.micro_batch_size}, gradient accumulation {accum})")
+    return EXIT_OK
+
+
 def _cmd_config_show(args: argparse.Namespace) -> int:
     from bigtrain.config import load_config
 
@@ -215,6 +228,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("config")
     q.add_argument("overrides", nargs="*")
     q.set_defaults(func=_cmd_config_show)
+    q = cfg_verbs.add_parser("check", help="check a config for a launch of N processes (the launch scripts run "
+                                           "this before starting ranks)")
+    q.add_argument("config")
+    q.add_argument("overrides", nargs="*")
+    q.add_argument("--world-size", type=int, default=1, help="processes in the launch (default 1)")
+    q.set_defaults(func=_cmd_config_check)
     q = cfg_verbs.add_parser("docs", help="print the configuration reference (markdown)")
     q.set_defaults(func=_cmd_config_docs)
 

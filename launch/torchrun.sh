@@ -107,6 +107,12 @@ else
   RDZV=(--rdzv-backend=c10d "--rdzv-endpoint=$RDZV_ENDPOINT" "--rdzv-id=$RDZV_ID")
 fi
 
+# Check the config for this launch's world size before starting any rank: a config error is then
+# one message and exit status 2 here, not one traceback per rank under torchrun's own.
+if [[ "$VERB" == train && "$NNODES" =~ ^[0-9]+$ && "$NPROC_PER_NODE" =~ ^[0-9]+$ ]]; then
+  "$PY" -m bigtrain config check --world-size $((NNODES * NPROC_PER_NODE)) "$@" >/dev/null || exit $?
+fi
+
 # exec: signals sent to this script (srun, Ctrl-C, kill) go straight to torchrun.
 exec "$PY" -m torch.distributed.run "${RDZV[@]}" --nnodes="$NNODES" --nproc-per-node="$NPROC_PER_NODE" \
   --max-restarts=0 -m bigtrain "$VERB" "$@"

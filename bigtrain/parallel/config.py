@@ -50,6 +50,20 @@ class ParallelConfig(Section):
     fsdp: FSDPConfig = doc_field(FSDPConfig(), "FSDP2 options (strategy: fsdp).")
     zero: ZeroConfig = doc_field(ZeroConfig(), "DeepSpeed ZeRO options (strategy: zero).")
 
+    def check_world_size(self, world_size: int) -> None:
+        """What only the launch decides: the number of processes must fit the layout (exit 2 otherwise)."""
+        if self.strategy == "single" and world_size > 1:
+            raise ConfigError(
+                f"parallel.strategy=single runs one process, but this launch has {world_size} processes; "
+                f"use parallel.strategy=ddp, fsdp or zero, or launch one process."
+            )
+        replicas = self.fsdp.replicate_degree
+        if self.strategy == "fsdp" and world_size % replicas:
+            raise ConfigError(
+                f"parallel.fsdp.replicate_degree={replicas} does not divide the {world_size} processes of this "
+                f"launch; use a divisor of {world_size} (e.g. the number of nodes), or 1 for plain FSDP."
+            )
+
     def validate(self, path: str) -> None:
         if self.timeout_s <= 0:
             raise ConfigError(f"{path}.timeout_s: must be positive, got {self.timeout_s}.")

@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 from bigtrain import messages
-from bigtrain.errors import UserError
 from bigtrain.parallel import dist
 from bigtrain.parallel.apply import blocks, parallelize
 from bigtrain.parallel.config import ParallelConfig
@@ -32,12 +31,6 @@ class FSDPStrategy(Strategy):
     def __init__(self, info: DistInfo, precision: str, cfg: ParallelConfig, *, compile: bool = False) -> None:
         super().__init__(info, precision)
         self.cfg, self.fcfg, self.compile = cfg, cfg.fsdp, compile
-        replicas = self.fcfg.replicate_degree
-        if info.world_size % replicas:
-            raise UserError(
-                f"parallel.fsdp.replicate_degree={replicas} does not divide the {info.world_size} processes of this "
-                f"launch; use a divisor of {info.world_size} (e.g. the number of nodes), or 1 for plain FSDP."
-            )
         # Parameters are all-gathered in param_dtype and the blocks compute in it, so FSDP's
         # mixed precision replaces autocast whenever it matches the run's compute dtype.
         self.param_dtype = self.compute_dtype if self.fcfg.param_dtype == "auto" else _DTYPES[self.fcfg.param_dtype]

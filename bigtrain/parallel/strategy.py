@@ -27,7 +27,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from bigtrain.errors import UserError
 from bigtrain.parallel.config import ParallelConfig
 from bigtrain.parallel.dist import DistInfo
 
@@ -127,12 +126,8 @@ def build_strategy(cfg: ParallelConfig, info: DistInfo, *, precision: str, compi
     ``grad_clip`` and ``accum_steps`` go into ZeRO's DeepSpeed config (DeepSpeed owns the
     accumulation boundary and clipping); the other backends ignore them.
     """
+    cfg.check_world_size(info.world_size)
     if cfg.strategy == "single":
-        if info.world_size > 1:
-            raise UserError(
-                f"parallel.strategy=single runs one process, but this launch has {info.world_size} processes; "
-                f"use parallel.strategy=ddp, fsdp or zero, or launch one process."
-            )
         from bigtrain.parallel.single import SingleStrategy
 
         return SingleStrategy(info, precision, cfg, compile=compile)

@@ -98,6 +98,13 @@ class RunConfig(Section):
             raise ConfigError("train.on_nonfinite: skip does not work with parallel.strategy=zero (DeepSpeed computes the "
                               "gradient norm inside its optimizer step, too late to skip it); use train.on_nonfinite=stop.")
 
+    def check_launch(self, world_size: int) -> tuple[int, int]:
+        """Everything that depends on the number of processes (``bigtrain config check --world-size``, the
+        launch scripts and the trainer all call this): the parallel layout and the batch split. Returns
+        :meth:`batch_layout`."""
+        self.parallel.check_world_size(world_size)
+        return self.batch_layout(world_size)
+
     def batch_layout(self, world_size: int) -> tuple[int, int]:
         """(sequences per step across ranks, gradient-accumulation steps) for ``world_size`` ranks."""
         seqs = self.train.global_batch_tokens // self.data.seq_len

@@ -86,7 +86,7 @@ class Trainer:
                                             tokenizer_fingerprint=fingerprint, what="validation")
                            if cfg.data.val_path else None)
         self._check_val_split()
-        self.global_batch_seqs, self.accum_steps = cfg.batch_layout(self.info.world_size)
+        self.global_batch_seqs, self.accum_steps = cfg.check_launch(self.info.world_size)
         self.loader = DataPipeline.from_config(
             cfg.data, tokenizer=self.tokenizer, vocab_size=cfg.model.vocab_size,
             micro_batch_size=cfg.train.micro_batch_size, global_batch_seqs=self.global_batch_seqs,
