@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from bigtrain.data.config import DataConfig
-from bigtrain.data.loader import Batch
+from bigtrain.data.batches import Batch
 from bigtrain.data.mixture import pick
 from bigtrain.data.packing import document_ids
 from bigtrain.data.sources import Exhausted, ShardSource, Source, TextSource

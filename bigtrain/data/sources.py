@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from bigtrain.data.config import SourceConfig
-from bigtrain.data.loader import TokenStream
+from bigtrain.data.batches import TokenStream
 from bigtrain.data.packing import Packer
 from bigtrain.data.tokenizer import Tokenizer
 from bigtrain.errors import UserError, missing_package

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bigtrain.data.loader import TokenStream, eval_batches
+from bigtrain.data.batches import TokenStream, eval_batches
 from bigtrain.data.shards import Shard, write_shard
 
 

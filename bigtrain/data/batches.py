@@ -5,9 +5,9 @@ sources through :class:`TokenStream`; validation uses :func:`eval_batches` on th
 """
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -29,7 +29,7 @@ class TokenStream:
 
     @classmethod
     def open(cls, path: str | Sequence[str], *, vocab_size: int, tokenizer_fingerprint: str | None,
-             what: str) -> "TokenStream":
+             what: str) -> TokenStream:
         """Open and check every shard under ``path`` (dir, file or glob, or a list of them)."""
         specs = [path] if isinstance(path, str) else list(path)
         files: list[Path] = []
@@ -78,10 +78,11 @@ class Batch:
     doc_ids: torch.Tensor | None = None       # [micro_batch, seq_len] int32: document index within the row
     position_ids: torch.Tensor | None = None  # [micro_batch, seq_len] int32: position within the document
 
-    def pin_memory(self) -> "Batch":
+    def pin_memory(self) -> Batch:
         """A copy in page-locked host memory, so `.to(cuda, non_blocking=True)` overlaps compute."""
-        return Batch(*(t.pin_memory() if t is not None else None
-                       for t in (self.inputs, self.targets, self.doc_ids, self.position_ids)))
+        return Batch(self.inputs.pin_memory(), self.targets.pin_memory(),
+                     self.doc_ids.pin_memory() if self.doc_ids is not None else None,
+                     self.position_ids.pin_memory() if self.position_ids is not None else None)
 
 
 def eval_batches(stream: TokenStream, *, seq_len: int, micro_batch_size: int, max_batches: int,
@@ -99,11 +100,7 @@ def eval_batches(stream: TokenStream, *, seq_len: int, micro_batch_size: int, ma
     picked = total * micro_batch_size
     windows = [i * num_windows // picked for i in range(picked)] if picked else []
     for b in range(rank, total, world_size):
-        rows = [stream.read(w * seq_len, seq_len + 1) for w in windows[b * micro_batch_size: (b + 1) * micro_batch_size]]
+        mine = windows[b * micro_batch_size: (b + 1) * micro_batch_size]
+        rows = [stream.read(w * seq_len, seq_len + 1) for w in mine]
         arr = torch.from_numpy(np.stack(rows))
         yield Batch(arr[:, :-1], arr[:, 1:])
-
-
-def resolve_path(path: str) -> str:
-    """Expand ~ so messages and globbing see the real path."""
-    return str(Path(path).expanduser())
