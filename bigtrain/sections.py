@@ -1,4 +1,4 @@
-"""Config machinery: strict, typed, round-trippable sections (RunConfig lives in bigtrain.config).
+"""Config machinery: strict, typed, round-trippable sections (RunConfig lives in bigtrain.train.run_config).
 
 A run is configured by one YAML file plus dotted command-line overrides
 (``train.lr=1e-3``). Each component owns a small frozen dataclass (a *section*) next to
@@ -7,14 +7,21 @@ value of the wrong type or an inconsistent combination stops with the key path, 
 value and a hint, as a :class:`ConfigError` (a :class:`~bigtrain.errors.UserError`).
 
 Field documentation lives in ``field(metadata={"doc": ...})`` via :func:`doc_field`, so
-the configuration reference can be generated from the code.
+the configuration reference can be generated from the code. Numeric bounds live there too
+(``doc_field(1e-8, "...", gt=0)``) and are checked where a value is parsed; every float must be
+finite, whatever its key, so keys added later are covered without a line of validation code.
+
+Strict means strict: a key or section given twice in a YAML file, or the same key twice on the
+command line, is an error naming the key (and, for files, both line numbers).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -33,12 +40,30 @@ class ConfigError(UserError):
     """A configuration mistake: the message names the key path, the bad value and a hint."""
 
 
-def doc_field(default: Any = dataclasses.MISSING, doc: str = "", **kwargs: Any) -> Any:
-    """A dataclass field with a one-line docstring (used by errors and the config reference)."""
+_BOUNDS = {"gt": (">", lambda v, b: v > b), "ge": (">=", lambda v, b: v >= b),
+           "lt": ("<", lambda v, b: v < b), "le": ("<=", lambda v, b: v <= b)}
+
+
+def doc_field(default: Any = dataclasses.MISSING, doc: str = "", *, gt: float | None = None, ge: float | None = None,
+              lt: float | None = None, le: float | None = None, **kwargs: Any) -> Any:
+    """A dataclass field with a one-line docstring (used by errors and the config reference) and optional
+    numeric bounds (``gt``, ``ge``, ``lt``, ``le``), checked by :func:`parse_section`."""
+    bounds = {name: bound for name, bound in (("gt", gt), ("ge", ge), ("lt", lt), ("le", le)) if bound is not None}
+    metadata = {"doc": doc, "bounds": bounds}
     if isinstance(default, (list, dict, set)):
         value = default
-        return field(default_factory=lambda: type(value)(value), metadata={"doc": doc}, **kwargs)
-    return field(default=default, metadata={"doc": doc}, **kwargs)
+        return field(default_factory=lambda: type(value)(value), metadata=metadata, **kwargs)
+    return field(default=default, metadata=metadata, **kwargs)
+
+
+def _check_bounds(value: Any, bounds: Mapping[str, float], path: str) -> None:
+    if not bounds or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    failed = [f"{symbol} {bounds[name]:g}" for name, (symbol, ok) in _BOUNDS.items()
+              if name in bounds and not ok(value, bounds[name])]
+    if failed:
+        wanted = " and ".join(f"{symbol} {bounds[name]:g}" for name, (symbol, _) in _BOUNDS.items() if name in bounds)
+        raise ConfigError(f"{path}: must be {wanted}, got {value!r}.")
 
 
 class Section:
@@ -135,14 +160,17 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             return int(value)
         raise ConfigError(f"{path}: expected an integer, got {value!r}.")
     if tp is float:
+        number: float | None = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string; accept it.
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{path}: expected a number, got {value!r}.")
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string; accept it.
+            with contextlib.suppress(ValueError):
+                number = float(value)
+        if number is None:
+            raise ConfigError(f"{path}: expected a number, got {value!r}.")
+        if not math.isfinite(number):  # nan / inf would only surface later, as a traceback or a NaN loss
+            raise ConfigError(f"{path}: must be a finite number, got {value!r}.")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -169,6 +197,7 @@ def parse_section(cls: type[S], data: Mapping[str, Any], path: str = "") -> S:
     for name, f in fields.items():
         if name in data:
             kwargs[name] = _coerce(data[name], hints[name], _join(path, name))
+            _check_bounds(kwargs[name], f.metadata.get("bounds", {}), _join(path, name))
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{_join(path, name)}: required key is missing ({f.metadata.get('doc', '')}).")
     section = cls(**kwargs)
@@ -211,8 +240,13 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
     """Apply dotted overrides to a raw config mapping (validation happens afterwards)."""
+    seen: dict[str, str] = {}
     for text in overrides:
         parts, value = parse_override(text)
+        key = ".".join(parts)
+        if key in seen:
+            raise ConfigError(f"override {key} is given twice ({seen[key]!r} and {text!r}); keep one.")
+        seen[key] = text
         node = data
         for depth, part in enumerate(parts[:-1]):
             child = node.get(part)
@@ -227,6 +261,24 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
     return data
 
 
+def _refuse_duplicate_keys(node: yaml.Node, path: str = "") -> None:
+    """Walk a composed YAML document; a key given twice in one mapping (PyYAML keeps the last one
+    silently) is a :class:`ConfigError` naming the dotted key and both lines."""
+    if isinstance(node, yaml.MappingNode):
+        first_line: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            key = str(key_node.value)
+            line = key_node.start_mark.line + 1
+            if key in first_line:
+                raise ConfigError(f"{_join(path, key)} is given twice (lines {first_line[key]} and {line}); the "
+                                  f"second would silently replace the first. Keep one.")
+            first_line[key] = line
+            _refuse_duplicate_keys(value_node, _join(path, key))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _refuse_duplicate_keys(item, f"{path}[{i}]")
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML config file into a mapping, with clear errors for missing/malformed files."""
     p = Path(path)
@@ -237,8 +289,19 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
             f"(shipped configs: {shipped})."
         )
     try:
-        data = yaml.safe_load(p.read_text())
+        text = p.read_text()
+        document = yaml.compose(text, Loader=yaml.SafeLoader)
+        if document is not None:
+            _refuse_duplicate_keys(document)
+        data = yaml.safe_load(text)
+    except ConfigError as exc:
+        raise ConfigError(f"config file {str(p)!r}: {exc}") from None
     except yaml.YAMLError as exc:
+        if "'\\t'" in str(exc) or "\\t" in str(getattr(exc, "problem", "") or ""):
+            where = getattr(exc, "problem_mark", None)
+            line = f" (line {where.line + 1})" if where is not None else ""
+            raise ConfigError(f"config file {str(p)!r}: a TAB character in the indentation{line}; YAML must be "
+                              f"indented with spaces.") from None
         raise ConfigError(f"config file {str(p)!r} is not valid YAML: {exc}") from None
     if data is None:
         data = {}

@@ -22,7 +22,7 @@ class TrainConfig(Section):
     weight_decay: float = doc_field(0.1, "AdamW decoupled weight decay on matrices (not on norm gains).")
     beta1: float = doc_field(0.9, "AdamW beta1.")
     beta2: float = doc_field(0.95, "AdamW beta2.")
-    adam_eps: float = doc_field(1e-8, "AdamW epsilon.")
+    adam_eps: float = doc_field(1e-8, "AdamW epsilon.", gt=0)
     grad_clip: float = doc_field(1.0, "Clip the global gradient norm to this value (0 = no clipping).")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = doc_field("auto", "auto = bf16 autocast on GPUs that support it, fp32 on CPU. fp16 only with parallel.strategy=zero (DeepSpeed's dynamic loss scaling).")
     compile: bool = doc_field(False, "torch.compile each Transformer block (applied before sharding).")
