@@ -14,7 +14,7 @@ class SourceConfig(Section):
     """One training source of ``data.sources``: where its documents are and how much of the mix it gets."""
 
     kind: SourceKind = doc_field("shards", "shards = prepared token shards (memory-mapped); text/jsonl/parquet = raw "
-                                           "files streamed through HF datasets and tokenized on the fly.")
+                                           "files read as `bigtrain data prepare` reads them and tokenized on the fly.")
     paths: list[str] = doc_field([], "Files, directories or globs (shards: *.bin; text: one document per file; "
                                      "jsonl/parquet: one document per record).")
     weight: float = doc_field(1.0, "Relative share of training sequences drawn from this source (> 0).")

@@ -13,7 +13,8 @@ a run resumes mid-document by re-reading one record, without replaying anything 
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
@@ -60,7 +61,7 @@ class Packer:
             self._raise_empty()
         at = 0
         tokens = item["tokens"]
-        for i, (code, n, rep) in enumerate(zip(item["codes"], item["lengths"], item["replaced"])):
+        for i, (code, n, rep) in enumerate(zip(item["codes"], item["lengths"], item["replaced"], strict=True)):
             self._records.append((epoch, fpos, first + i, int(code), tokens[at: at + n], int(rep)))
             at += n
         self._epoch_docs[epoch] = self._epoch_docs.get(epoch, 0) + int((item["codes"] == DOC).sum())
@@ -132,12 +133,12 @@ class Packer:
             return head[0], head[1], head[2], self.offset
         return (*self.pos, self.offset)
 
-    def state(self) -> dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         epoch, fpos, record, offset = self.position()
         return {"epoch": epoch, "file_pos": fpos, "record": record, "offset": offset}
 
-    def restore(self, state: dict[str, Any]) -> None:
-        """Continue from a :meth:`state` (counters are read from the same dict when present)."""
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a :meth:`state_dict` (counters are read from the same dict when present)."""
         self.pos = (int(state["epoch"]), int(state["file_pos"]), int(state["record"]))
         self.offset = int(state["offset"])
         self.counters = {k: int(state.get(k, 0)) for k in _COUNTERS}

@@ -15,6 +15,7 @@ checkpoint is the one after the last step *returned*, not the last one prepared.
 """
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -23,8 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from bigtrain.data.config import DataConfig
 from bigtrain.data.batches import Batch
+from bigtrain.data.config import DataConfig
 from bigtrain.data.mixture import pick
 from bigtrain.data.packing import document_ids
 from bigtrain.data.sources import Exhausted, ShardSource, Source, TextSource
@@ -64,7 +65,7 @@ class DataPipeline:
     @classmethod
     def from_config(cls, data: DataConfig, *, tokenizer: Tokenizer, vocab_size: int, micro_batch_size: int,
                     global_batch_seqs: int, rank: int, world_size: int, seed: int,
-                    pin_memory: bool = False) -> "DataPipeline":
+                    pin_memory: bool = False) -> DataPipeline:
         """Open every source of ``data`` (checking files, tokenizer and vocab) and build the pipeline."""
         sources: list[Source] = []
         try:
@@ -129,12 +130,12 @@ class DataPipeline:
     def _snapshot(self) -> dict[str, Any]:
         return {
             "format": STATE_FORMAT, "next_sample": self.next_sample, "seed": self.seed, "seq_len": self.seq_len,
-            "sources": {s.name: {"count": self.counts[i], "active": int(self.active[i]), **s.state()}
+            "sources": {s.name: {"count": self.counts[i], "active": int(self.active[i]), **s.state_dict()}
                         for i, s in enumerate(self.sources)},
             "stats": {s.name: s.stats() for s in self.sources},
         }
 
-    def _run(self, q: "queue.Queue[Any]", stop: threading.Event) -> None:
+    def _run(self, q: queue.Queue[Any], stop: threading.Event) -> None:
         """Background producer: steps in order, or the exception that stopped it."""
         try:
             while not stop.is_set():
@@ -203,7 +204,7 @@ class DataPipeline:
             st = saved.get(src.name, {"count": 0, "active": 1})  # a source added since the checkpoint starts fresh
             self.counts[i], self.active[i] = int(st["count"]), bool(st["active"])
             if "epoch" in st or isinstance(src, ShardSource):
-                src.restore({k[5:] if k.startswith("stat_") else k: v for k, v in st.items()}, self.counts[i])
+                src.load_state_dict({k[5:] if k.startswith("stat_") else k: v for k, v in st.items()})
         self._consumed = self._snapshot()
 
     def log_stats(self) -> dict[str, int | float]:
@@ -239,10 +240,8 @@ class DataPipeline:
             self._stop.set()
             assert self._queue is not None
             while self._thread.is_alive():
-                try:
+                with contextlib.suppress(queue.Empty):
                     self._queue.get(timeout=0.05)
-                except queue.Empty:
-                    pass
             self._thread = self._queue = None
         if self.next_sample != self._consumed["next_sample"]:
             consumed = self._consumed
@@ -254,7 +253,7 @@ class DataPipeline:
         for i, src in enumerate(self.sources):
             st = snap["sources"][src.name]
             self.counts[i], self.active[i] = st["count"], bool(st["active"])
-            src.restore({**st, **snap["stats"][src.name]}, self.counts[i])
+            src.load_state_dict({**st, **snap["stats"][src.name]})
         self._consumed = self._snapshot()
 
     def close(self) -> None:
@@ -264,7 +263,5 @@ class DataPipeline:
             s.close()
 
     def __del__(self) -> None:
-        try:
+        with contextlib.suppress(Exception):  # interpreter shutdown: nothing left to report to
             self.close()
-        except Exception:
-            pass

@@ -1,4 +1,7 @@
-"""`bigtrain data prepare`: turn local text files into tokenizer + train/val token shards.
+"""`bigtrain data prepare`: turn local text / jsonl / parquet files into tokenizer + train/val token shards.
+
+The inputs are found and decoded by :mod:`bigtrain.data.documents`, exactly as a streamed text source
+or `bigtrain data tokenizer train` would read them.
 
 Output directory layout (shared with the demo corpus; see docs/data.md, and
 bigtrain.data.shards.read_manifest / verify_prepared to check one):
@@ -17,172 +20,24 @@ bar (bytes, rate, ETA) on a terminal.
 """
 from __future__ import annotations
 
-import glob
-import gzip
 import json
 import os
-import re
 import shutil
 import sys
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import IO, Any, Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
+from bigtrain.data.documents import ScanStats, find_files, iter_documents
 from bigtrain.data.shards import dtype_for_vocab, manifest_head, write_manifest, write_shard
 from bigtrain.data.tokenizer import MIN_BPE_VOCAB, Tokenizer
 from bigtrain.errors import UserError
+from bigtrain.messages import say, warn
 
-SUFFIXES = (".txt", ".jsonl", ".json", ".parquet", ".txt.gz", ".jsonl.gz", ".json.gz")
-_SURROGATES = re.compile("[\ud800-\udfff]")
 _BATCH_CHARS = 8 << 20  # text per encode_batch call: big enough to keep Rust busy, small in RAM
 _BATCH_DOCS = 1024
-
-
-@dataclass
-class ScanStats:
-    """What a pass over the inputs found (filled by the first pass only)."""
-
-    num_docs: int = 0
-    num_bytes: int = 0
-    num_empty: int = 0
-    num_invalid_utf8: int = 0
-
-
-# --------------------------------------------------------------------------- inputs
-def _suffix_ok(p: Path) -> bool:
-    return p.name.lower().endswith(SUFFIXES)
-
-
-def resolve_inputs(inputs: Sequence[str]) -> list[Path]:
-    """Expand files, directories (recursively) and globs into a de-duplicated list of input files."""
-    if not inputs:
-        raise UserError("No input files given. Pass text files, directories or globs (e.g. 'corpus/*.jsonl').")
-    files: list[Path] = []
-    for spec in inputs:
-        p = Path(spec).expanduser()
-        if p.is_file():
-            if not _suffix_ok(p):
-                raise UserError(f"Input {spec} has an unsupported type. Supported: {', '.join(SUFFIXES)}.")
-            found = [p]
-        elif p.is_dir():
-            found = sorted(x for x in p.rglob("*")
-                           if x.is_file() and _suffix_ok(x) and not x.name.startswith("."))
-        elif glob.has_magic(spec):
-            found = sorted(Path(m) for m in glob.glob(str(p), recursive=True)
-                           if Path(m).is_file() and _suffix_ok(Path(m)))
-        else:
-            raise UserError(f"Input {spec} does not exist. Check the path "
-                            "(files, directories and globs are accepted).")
-        if not found:
-            raise UserError(
-                f"Input {spec} matches no input files. Supported types: {', '.join(SUFFIXES)} "
-                "(.txt = one document per file, .jsonl/.json/.parquet = one document per record)."
-            )
-        files.extend(found)
-    seen: set[Path] = set()
-    # The same file named twice would put copies of a document into both train and val.
-    return [f for f in files if not (f.resolve() in seen or seen.add(f.resolve()))]
-
-
-def _open(path: Path) -> IO[bytes]:
-    return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
-
-
-def _decode(raw: bytes, stats: ScanStats | None) -> str:
-    """UTF-8 decode with replacement, counting the invalid sequences that were replaced."""
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        text = raw.decode("utf-8", errors="replace")
-        if stats is not None:
-            # Genuine U+FFFD in the input (EF BF BD) are not errors; everything else is.
-            stats.num_invalid_utf8 += text.count("\ufffd") - raw.count(b"\xef\xbf\xbd")
-        return text
-
-
-def _record_text(rec: Any, where: str, text_key: str) -> str | None:
-    """The document text of one JSON record, or UserError if the record does not have one."""
-    if isinstance(rec, str):
-        return rec
-    if not isinstance(rec, dict):
-        raise UserError(f"{where}: expected a JSON object with a {text_key!r} field, found {type(rec).__name__}.")
-    if text_key not in rec:
-        keys = ", ".join(list(rec)[:10]) or "none"
-        raise UserError(
-            f"{where}: record has no {text_key!r} field (its fields: {keys}). "
-            "Pass the name of the text field with --text-key."
-        )
-    value = rec[text_key]
-    if value is not None and not isinstance(value, str):
-        raise UserError(f"{where}: field {text_key!r} is a {type(value).__name__}, expected a string.")
-    return value
-
-
-def _iter_raw(path: Path, text_key: str, stats: ScanStats | None) -> Iterator[str | None]:
-    """Yield the raw document texts of one input file (None for null records)."""
-    name = path.name.lower()
-    if name.endswith((".txt", ".txt.gz")):
-        with _open(path) as f:
-            yield _decode(f.read(), stats)
-    elif name.endswith(".parquet"):
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        try:
-            pf = pq.ParquetFile(path)
-        except Exception as e:  # pyarrow raises several types for unreadable files
-            raise UserError(f"Cannot read {path} as Parquet ({e}). Check the file.") from None
-        names = pf.schema_arrow.names
-        if text_key not in names:
-            raise UserError(f"{path} has no column {text_key!r} (columns: {', '.join(names)}). Use --text-key.")
-        if not pa.types.is_string(t := pf.schema_arrow.field(text_key).type) and not pa.types.is_large_string(t):
-            raise UserError(f"{path}: column {text_key!r} has type {t}, expected a string column.")
-        for batch in pf.iter_batches(batch_size=1024, columns=[text_key]):
-            yield from batch.column(0).to_pylist()
-    else:
-        with _open(path) as f:
-            first = f.read(1 << 10).lstrip()
-            f.seek(0)
-            if first.startswith(b"["):  # a .json file holding one array of records
-                try:
-                    records = json.loads(_decode(f.read(), stats))
-                except ValueError as e:
-                    raise UserError(f"{path} is not valid JSON ({e}).") from None
-                for i, rec in enumerate(records):
-                    yield _record_text(rec, f"{path} record {i}", text_key)
-                return
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(_decode(line, stats))
-                except ValueError as e:
-                    raise UserError(f"{path}:{lineno} is not valid JSON ({e}). "
-                                    "Expected one JSON object per line.") from None
-                yield _record_text(rec, f"{path}:{lineno}", text_key)
-
-
-def iter_documents(files: Sequence[Path], text_key: str, stats: ScanStats | None = None) -> Iterator[tuple[str, int]]:
-    """Yield (text, utf8_bytes) of each non-empty document, in a fixed order (files, then records)."""
-    for path in files:
-        for text in _iter_raw(path, text_key, stats):
-            if text is None or not text.strip():
-                if stats is not None:
-                    stats.num_empty += 1
-                continue
-            try:
-                nbytes = len(text.encode("utf-8"))
-            except UnicodeEncodeError:  # lone surrogates from JSON "\ud800" escapes
-                if stats is not None:
-                    stats.num_invalid_utf8 += len(_SURROGATES.findall(text))
-                text = _SURROGATES.sub("\ufffd", text)
-                nbytes = len(text.encode("utf-8"))
-            if stats is not None:
-                stats.num_docs += 1
-                stats.num_bytes += nbytes
-            yield text, nbytes
 
 
 # --------------------------------------------------------------------------- output
@@ -203,15 +58,15 @@ class ShardWriter:
         self.shards: list[Path] = []
         self.num_docs = self.num_tokens = self.num_bytes = 0
         self.docs_added = 0  # documents given to add(), in order
-        self.saved: dict[str, Any] = self.progress()  # state at the last flush on a document boundary
+        self.saved: dict[str, Any] = self.state_dict()  # state at the last flush on a document boundary
 
-    def progress(self) -> dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         """Resumable state; valid only while the buffer is empty (right after a flush at a document boundary)."""
         return {"docs": self.docs_added, "num_docs": self.num_docs, "num_tokens": self.num_tokens,
                 "num_bytes": self.num_bytes, "shards": [p.name for p in self.shards]}
 
-    def restore(self, saved: dict[str, Any]) -> None:
-        """Continue after the state recorded by :meth:`progress` (its shard files are on disk)."""
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        """Continue after the state recorded by :meth:`state_dict` (its shard files are on disk)."""
         self.docs_added, self.num_docs = int(saved["docs"]), int(saved["num_docs"])
         self.num_tokens, self.num_bytes = int(saved["num_tokens"]), int(saved["num_bytes"])
         self.shards = [self.out_dir / name for name in saved["shards"]]
@@ -225,7 +80,7 @@ class ShardWriter:
         if self.buf_tokens and self.buf_tokens + len(arr) > self.shard_tokens:
             self._flush()
             # Every document so far is on disk: a resumed build can start right here.
-            self.saved = self.progress()
+            self.saved = self.state_dict()
             if self.on_flush is not None:
                 self.on_flush()
         self.docs_added += 1
@@ -314,7 +169,7 @@ def tokenize_to_shards(docs: Iterable[tuple[str, int, str]], tokenizer: Tokenize
             writers[split] = ShardWriter(root / split, tokenizer, shard_tokens,
                                          f"{source} ({split})" if source else split, on_flush=report)
             if split in resume:
-                writers[split].restore(resume[split])
+                writers[split].load_state_dict(resume[split])
         return writers[split]
 
     seen: dict[str, int] = {}
@@ -340,8 +195,9 @@ def tokenize_to_shards(docs: Iterable[tuple[str, int, str]], tokenizer: Tokenize
         # The processes are the parallelism; a Rust thread pool in each would only oversubscribe the cores
         # (and tokenizers warns when a process that used its pool forks).
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        with mp.get_context("fork" if "fork" in mp.get_all_start_methods() else None).Pool(
-                num_workers, initializer=_worker_init, initargs=(tokenizer.backend.to_str(), tokenizer.eos_token)) as pool:
+        context = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else None)
+        with context.Pool(num_workers, initializer=_worker_init,
+                          initargs=(tokenizer.backend.to_str(), tokenizer.eos_token)) as pool:
             yield from pool.imap(_worker_encode, _batches(todo()), chunksize=1)
 
     with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing", file=sys.stderr,
@@ -350,7 +206,7 @@ def tokenize_to_shards(docs: Iterable[tuple[str, int, str]], tokenizer: Tokenize
             if skipped_bytes:
                 bar.update(skipped_bytes)  # resumed: the part done before counts as done
                 skipped_bytes = 0
-            for (nbytes, split), doc_ids in zip(meta, ids):
+            for (nbytes, split), doc_ids in zip(meta, ids, strict=True):
                 writer(split).add(doc_ids, nbytes)
             bar.update(sum(m[0] for m in meta))
     for split in resume:
@@ -375,7 +231,7 @@ def _signature(files: Sequence[Path], options: dict[str, Any]) -> dict[str, Any]
             "inputs": [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]}
 
 
-def _open_build_dir(out: Path, signature: dict[str, Any], log: Callable[[str], None]) -> tuple[Path, dict[str, Any]]:
+def _open_build_dir(out: Path, signature: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
     """``OUT.partial`` and the progress of an earlier build of the same signature there (or {})."""
     build = out.with_name(out.name + PARTIAL_SUFFIX)
     if build.is_dir():
@@ -385,9 +241,9 @@ def _open_build_dir(out: Path, signature: dict[str, Any], log: Callable[[str], N
             progress = {}
         if progress.get("signature") == signature and (build / "tokenizer.json").is_file():
             done = {k: v["docs"] for k, v in progress.get("splits", {}).items()}
-            log(f"prepare: resuming the interrupted build in {build} (documents already in shards: {done})")
+            say(f"prepare: resuming the interrupted build in {build} (documents already in shards: {done})")
             return build, progress
-        log(f"prepare: discarding {build} (an interrupted build of other inputs or options)")
+        say(f"prepare: discarding {build} (an interrupted build of other inputs or options)")
         shutil.rmtree(build)
     build.mkdir(parents=True)
     return build, {}
@@ -427,7 +283,6 @@ def prepare_corpus(
     seed: int = 0,
     overwrite: bool = False,
     num_workers: int = 0,
-    log: Callable[[str], None] = print,
 ) -> Path:
     """Tokenize local documents into `out_dir` (tokenizer.json, train/, val/, manifest.json).
 
@@ -447,10 +302,12 @@ def prepare_corpus(
     if num_workers < 0:
         raise UserError(f"num_workers={num_workers} must be >= 0 (0 = one per CPU core).")
     workers = num_workers or os.cpu_count() or 1
-    files = resolve_inputs(inputs)
+    if not inputs:
+        raise UserError("No input files given. Pass text files, directories or globs (e.g. 'corpus/*.jsonl').")
+    files = find_files(inputs, owner="data prepare", option="the input paths")
     tok = Tokenizer.from_file(tokenizer) if tokenizer is not None else None
     _check_out_dir(out, overwrite)  # before the (long) scan, not only when the build starts
-    log(f"prepare: scanning {len(files)} input file(s)")
+    say(f"prepare: scanning {len(files)} input file(s)")
     stats = ScanStats()
     for _ in iter_documents(files, text_key, stats):
         pass
@@ -458,12 +315,12 @@ def prepare_corpus(
         raise UserError(f"The inputs ({', '.join(inputs)}) contain no non-empty documents "
                         f"({stats.num_empty} empty ones skipped). Check the files and --text-key.")
     if stats.num_invalid_utf8:
-        log(f"prepare: replaced {stats.num_invalid_utf8} invalid UTF-8 sequence(s) with U+FFFD")
+        say(f"prepare: replaced {stats.num_invalid_utf8} invalid UTF-8 sequence(s) with U+FFFD")
     n = stats.num_docs
     n_val = 0 if n < 2 or val_fraction == 0 else min(n - 1, max(1, round(n * val_fraction)))
     is_val = np.zeros(n, dtype=bool)
     is_val[np.random.default_rng(seed).choice(n, size=n_val, replace=False)] = True
-    log(f"prepare: {n} documents, {stats.num_bytes / 1e6:.1f} MB ({stats.num_empty} empty skipped); "
+    say(f"prepare: {n} documents, {stats.num_bytes / 1e6:.1f} MB ({stats.num_empty} empty skipped); "
         f"{n_val} held out for validation (seed {seed})")
 
     def split_docs() -> Iterator[tuple[str, int, str]]:
@@ -473,18 +330,18 @@ def prepare_corpus(
     signature = _signature(files, {
         "tokenizer": tok.fingerprint if tok is not None else None, "vocab_size": vocab_size, "text_key": text_key,
         "val_fraction": val_fraction, "seed": seed, "shard_tokens": shard_tokens})
-    build, progress = _open_build_dir(out, signature, log)
+    build, progress = _open_build_dir(out, signature)
     try:
         if progress:
             tok = Tokenizer.from_file(build / "tokenizer.json")
         elif tok is None:
-            log(f"prepare: training byte-level BPE tokenizer (vocab {vocab_size}) on {n - n_val} train documents")
+            say(f"prepare: training byte-level BPE tokenizer (vocab {vocab_size}) on {n - n_val} train documents")
             tok = Tokenizer.train_bpe_from_iterator(
                 (text for text, _, split in split_docs() if split == "train"), vocab_size)
         if not progress:
             tok.save(build / "tokenizer.json")
             _write_progress(build, {"signature": signature, "splits": {}})
-        log(f"prepare: tokenizer vocab {tok.vocab_size}, eos {tok.eos_id}, fingerprint {tok.fingerprint}; "
+        say(f"prepare: tokenizer vocab {tok.vocab_size}, eos {tok.eos_id}, fingerprint {tok.fingerprint}; "
             f"{workers} tokenizer process(es)")
         splits = tokenize_to_shards(
             split_docs(), tok, build, shard_tokens=shard_tokens, total_bytes=stats.num_bytes,
@@ -494,7 +351,7 @@ def prepare_corpus(
         shutil.rmtree(build, ignore_errors=True)  # a mistake in the input is not worth resuming
         raise
     except BaseException:
-        log(f"prepare: interrupted; run the same command again to resume from {build}")
+        warn(f"prepare: interrupted; run the same command again to resume from {build}")
         raise
     splits.setdefault("val", {"num_docs": 0, "num_tokens": 0, "num_bytes": 0, "shards": []})
     manifest = {
@@ -512,7 +369,7 @@ def prepare_corpus(
     write_manifest(build, manifest)
     _finish_build(build, out, splits, overwrite)
     for split, info in splits.items():
-        log(f"prepare: {split}: {info['num_docs']} docs, {info['num_tokens']:,} tokens "
+        say(f"prepare: {split}: {info['num_docs']} docs, {info['num_tokens']:,} tokens "
             f"in {len(info['shards'])} shard(s)")
-    log(f"prepare: done -> {out}")
+    say(f"prepare: done -> {out}")
     return out

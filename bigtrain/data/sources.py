@@ -6,32 +6,27 @@ Every source turns into an endless (or ``max_epochs``-capped) sequence of traini
 * :class:`ShardSource` has random access: sample ``j`` is window ``perm_e[j % W]`` of epoch
   ``e = j // W``, where ``W`` windows of ``seq_len + 1`` tokens (stride ``seq_len``) tile the
   concatenated shards and ``perm_e`` is a seeded permutation. Its state is just ``j``.
-* :class:`TextSource` reads files in a seeded per-epoch order through Hugging Face ``datasets``
-  (streaming mode, local files only), tokenizes documents in DataLoader worker processes
-  (:mod:`bigtrain.data.streaming`) and packs them (:class:`~bigtrain.data.packing.Packer`):
+* :class:`TextSource` reads files in a seeded per-epoch order with the raw-document reader of
+  :mod:`bigtrain.data.documents` (the one `bigtrain data prepare` uses), tokenizes documents in
+  DataLoader worker processes (:mod:`bigtrain.data.streaming`) and packs them
+  (:class:`~bigtrain.data.packing.Packer`):
   sample ``j`` is tokens ``[j*L, j*L + L + 1)`` of the documents concatenated, each followed
   by EOS. It must be read in order, so its state is the reading position (epoch, file, record,
   token offset) — enough to resume mid-document without replaying anything.
 """
 from __future__ import annotations
 
-import glob
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
-from bigtrain.data.config import SourceConfig
 from bigtrain.data.batches import TokenStream
+from bigtrain.data.config import SourceConfig
+from bigtrain.data.documents import check_parquet_column, find_files, format_of
 from bigtrain.data.packing import Packer
 from bigtrain.data.tokenizer import Tokenizer
-from bigtrain.errors import UserError, missing_package
-
-SUFFIXES = {
-    "text": (".txt", ".txt.gz", ".md"),
-    "jsonl": (".jsonl", ".jsonl.gz", ".json", ".json.gz"),
-    "parquet": (".parquet",),
-}
+from bigtrain.errors import UserError
 
 
 class Source(Protocol):
@@ -44,11 +39,11 @@ class Source(Protocol):
     def take(self, j: int, out: np.ndarray | None) -> bool:
         """Write sample ``j`` (``seq_len + 1`` tokens) into ``out`` (skip it if None), or raise Exhausted."""
 
-    def state(self) -> dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         """JSON-able reading position (beyond the sample count, which the pipeline keeps)."""
 
-    def restore(self, state: dict[str, Any], count: int) -> None:
-        """Continue from a :meth:`state` taken when ``count`` samples had been taken."""
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a :meth:`state_dict` (the pipeline restores the sample count itself)."""
 
     def progress(self, count: int) -> float:
         """Epochs done after ``count`` samples (fractional where known)."""
@@ -111,10 +106,10 @@ class ShardSource:
         """Samples this source can give in all (None = unlimited)."""
         return self.max_epochs * self.num_windows if self.max_epochs else None
 
-    def state(self) -> dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "num_windows": self.num_windows}
 
-    def restore(self, state: dict[str, Any], count: int) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         pass  # random access: the sample count is the whole position
 
     def progress(self, count: int) -> float:
@@ -128,44 +123,8 @@ class ShardSource:
 
 
 def resolve_files(specs: list[str], kind: str, name: str) -> list[Path]:
-    """Files of a text source: each spec a file, a directory (recursive) or a glob; UserError if none."""
-    suffixes = SUFFIXES[kind]
-    files: list[Path] = []
-    for spec in specs:
-        p = Path(spec).expanduser()
-        if p.is_file():
-            found = [p]
-        elif p.is_dir():
-            found = sorted(x for x in p.rglob("*") if x.is_file() and x.name.lower().endswith(suffixes)
-                           and not x.name.startswith("."))
-        elif glob.has_magic(spec):
-            found = sorted(Path(m) for m in glob.glob(str(p), recursive=True) if Path(m).is_file())
-        else:
-            raise UserError(f"source {name!r}: path {spec} does not exist. Check data.sources[].paths "
-                            f"(files, directories and globs are accepted).")
-        if not found:
-            raise UserError(f"source {name!r}: {spec} matches no {kind} files ({', '.join(suffixes)}); "
-                            f"check the glob or directory in data.sources[].paths.")
-        files += [f for f in found if f not in files]
-    return files
-
-
-def _check_parquet_column(files: list[Path], field: str, name: str) -> None:
-    """Parquet has a schema: a missing text column is a config mistake, found before training."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    for f in files:
-        try:
-            schema = pq.read_schema(f)
-        except Exception as e:  # pyarrow raises several types for unreadable files
-            raise UserError(f"source {name!r}: cannot read {f} as Parquet ({e}).") from None
-        if field not in schema.names:
-            raise UserError(f"source {name!r}: {f} has no column {field!r} (columns: {', '.join(schema.names)}); "
-                            f"set data.sources[].text_field.")
-        t = schema.field(field).type
-        if not (pa.types.is_string(t) or pa.types.is_large_string(t)):
-            raise UserError(f"source {name!r}: column {field!r} of {f} has type {t}, expected strings.")
+    """Files of a text source of ``kind``: each spec a file, a directory (recursive) or a glob; UserError if none."""
+    return find_files(specs, formats=[kind], owner=f"source {name!r}", option="data.sources[].paths")
 
 
 class TextSource:
@@ -174,16 +133,13 @@ class TextSource:
     def __init__(self, cfg: SourceConfig, name: str, index: int, *, tokenizer: Tokenizer, seq_len: int,
                  seed: int, shuffle: bool, add_bos: bool, add_eos: bool, num_workers: int,
                  max_bad_fraction: float) -> None:
-        self.kind, self.name, self.weight = cfg.kind, name, cfg.weight
+        self.kind: str = cfg.kind
+        self.name, self.weight = name, cfg.weight
         self.files = resolve_files(cfg.paths, cfg.kind, name)
-        try:  # imported here, in the main process, so a missing package is a clear error, not a worker crash
-            import datasets  # noqa: F401
-        except ImportError as exc:
-            raise missing_package("datasets", f"data source {name!r} (kind {cfg.kind})",
-                                  "convert the files to token shards with `bigtrain data prepare` and use kind: shards",
-                                  exc) from None
-        if cfg.kind == "parquet":
-            _check_parquet_column(self.files, cfg.text_field, name)
+        # Parquet has a schema: a missing text column is a config mistake, found before training.
+        for f in self.files:
+            if format_of(f) == "parquet":
+                check_parquet_column(f, cfg.text_field, f"Set data.sources[].text_field of source {name!r}.")
         if add_bos and tokenizer.bos_id is None:
             raise UserError("data.add_bos is true but the tokenizer has no BOS token; set data.add_bos: false.")
         spec = {
@@ -202,15 +158,15 @@ class TextSource:
             out[:] = sample
         return True
 
-    def state(self) -> dict[str, Any]:
-        return {"kind": self.kind, "num_files": len(self.files), **self.packer.state()}
+    def state_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "num_files": len(self.files), **self.packer.state_dict()}
 
-    def restore(self, state: dict[str, Any], count: int) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("num_files", len(self.files)) != len(self.files):
             raise UserError(f"source {self.name!r} had {state['num_files']} files when the checkpoint was saved "
                             f"and has {len(self.files)} now; the reading position cannot be restored. Restore the "
                             f"files or give the changed source a new name.")
-        self.packer.restore(state)
+        self.packer.load_state_dict(state)
 
     def progress(self, count: int) -> float:
         return self.packer.progress()

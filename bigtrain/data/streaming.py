@@ -1,4 +1,4 @@
-"""Reading and tokenizing raw files in DataLoader worker processes.
+"""Tokenizing a text source's records in DataLoader worker processes.
 
 The records of a text source, in its per-epoch file order, are cut into *blocks* of
 ``BLOCK_RECORDS`` consecutive records of one file, numbered ``b = 0, 1, ...`` from the start
@@ -6,27 +6,27 @@ position. Worker ``w`` of ``W`` tokenizes (one batched `tokenizers` call) exactl
 ``b % W == w``; the main process puts blocks back in order of ``b``. So the token stream does
 not depend on the number of workers, and no document is tokenized twice on a rank.
 
-Each worker reads every file through Hugging Face ``datasets`` in streaming mode as Arrow tables
-(cheap: no Python strings are made for other workers' blocks). Files are local; set
-``HF_DATASETS_OFFLINE=1`` so nothing is looked up on the Hub. ``datasets`` is imported here
-only, inside the functions that need it.
+Files are read by :func:`bigtrain.data.documents.read_blocks`, the reader `bigtrain data prepare`
+uses too, so a streamed file decodes to the same documents as a prepared one. A worker only counts
+the records of other workers' blocks; it decodes its own.
 """
 from __future__ import annotations
 
-import os
-import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
+
+from bigtrain.data.documents import NoText, Record, read_blocks
+from bigtrain.errors import UserError
 
 BLOCK_RECORDS = 256
 """Records per tokenization block: big enough for batched encoding, small enough for low latency."""
 
 # Per-record codes in a block.
 DOC, MISSING, EMPTY = 0, 1, 2
-_SURROGATES = re.compile("[\ud800-\udfff]")
 
 
 def file_order(num_files: int, seed: list[int], epoch: int, shuffle: bool) -> list[int]:
@@ -34,27 +34,6 @@ def file_order(num_files: int, seed: list[int], epoch: int, shuffle: bool) -> li
     if not shuffle:
         return list(range(num_files))
     return [int(i) for i in np.random.default_rng([*seed, epoch, 1]).permutation(num_files)]
-
-
-def iter_file_tables(path: str, kind: str, text_field: str, skip: int, block: int) -> Iterator[Any]:
-    """Arrow tables of ``block`` records of one file, starting at record ``skip``."""
-    from datasets import load_dataset
-
-    if os.path.getsize(path) == 0:
-        return  # datasets cannot infer features of an empty file; it simply has no records
-    if kind == "jsonl":
-        # encoding "utf_8" (not "utf-8") makes the json builder decode with encoding_errors, so invalid
-        # UTF-8 becomes U+FFFD instead of an exception.
-        ds = load_dataset("json", data_files=[path], streaming=True, split="train", encoding="utf_8",
-                          encoding_errors="replace")
-    elif kind == "text":
-        ds = load_dataset("text", data_files=[path], streaming=True, split="train", sample_by="document",
-                          encoding_errors="replace")
-    else:
-        ds = load_dataset("parquet", data_files=[path], streaming=True, split="train", columns=[text_field])
-    if skip:
-        ds = ds.skip(skip)
-    yield from ds.with_format("arrow").iter(batch_size=block)
 
 
 class BlockDataset(torch.utils.data.IterableDataset):
@@ -85,20 +64,18 @@ class BlockDataset(torch.utils.data.IterableDataset):
             for pos in range(fpos, len(order)):
                 path = files[order[pos]]
                 try:
-                    tables = iter_file_tables(path, spec["kind"], spec["text_field"], rec, self.block)
-                    first = rec
-                    for table in tables:
-                        seen += len(table)
+                    for block in read_blocks(Path(path), spec["text_field"], start=rec, size=self.block):
+                        seen += len(block)
                         if b % nw == wid:
                             if tok is None:
                                 tok = _make_tokenizer(spec)
-                            yield {"b": b, "epoch": epoch, "file_pos": pos, "record": first,
-                                   **_encode(table, spec, tok)}
+                            yield {"b": b, "epoch": epoch, "file_pos": pos, "record": block.first,
+                                   **_encode(block.decode(), spec, tok)}
                         b += 1
-                        first += len(table)
                 except Exception as e:  # reported by the main process as a UserError naming the file
-                    yield {"error": f"source {spec['name']!r}: cannot read {path} as {spec['kind']} "
-                                    f"(after record {rec}): {type(e).__name__}: {e}"}
+                    # A UserError from the reader already names the file and line; anything else gets its type.
+                    detail = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e} (after record {rec})"
+                    yield {"error": f"source {spec['name']!r}: cannot read {path} as {spec['kind']}: {detail}"}
                     return
                 rec = 0
             if full_epoch and seen == 0:
@@ -115,26 +92,21 @@ def _make_tokenizer(spec: dict[str, Any]) -> Any:
     return Tokenizer(HFTokenizer.from_str(spec["tokenizer_json"]), eos_token=spec["eos_token"])
 
 
-def _encode(table: Any, spec: dict[str, Any], tok: Any) -> dict[str, Any]:
-    """Tokenize one block: documents get BOS/EOS as configured; missing/empty records are coded."""
-    field = spec["text_field"]
-    n = len(table)
-    values = table.column(field).to_pylist() if field in table.column_names else [None] * n
+def _encode(records: list[Record], spec: dict[str, Any], tok: Any) -> dict[str, Any]:
+    """Tokenize one block: documents get BOS/EOS as configured; records without text, or blank, are coded."""
+    n = len(records)
     codes = np.zeros(n, dtype=np.int8)
     replaced = np.zeros(n, dtype=np.int32)
     texts: list[str] = []
-    for i, v in enumerate(values):
-        if not isinstance(v, str):
+    for i, record in enumerate(records):
+        if isinstance(record, NoText):
             codes[i] = MISSING
-        elif not v.strip():
+            continue
+        text, replaced[i] = record.text, record.num_invalid
+        if not text.strip():
             codes[i] = EMPTY
         else:
-            if "\ufffd" in v:
-                replaced[i] = v.count("\ufffd")
-            if _SURROGATES.search(v):  # lone surrogates from JSON "\ud800" escapes cannot be encoded
-                replaced[i] += len(_SURROGATES.findall(v))
-                v = _SURROGATES.sub("\ufffd", v)
-            texts.append(v)
+            texts.append(text)
     ids = tok.encode_batch(texts) if texts else []
     bos, eos = spec["bos_id"], spec["eos_id"]
     extra = (bos is not None) + (eos is not None)

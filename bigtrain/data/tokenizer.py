@@ -12,15 +12,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterable, Sequence
 from functools import cached_property
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 import numpy as np
-from tokenizers import AddedToken
+from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from bigtrain.data.documents import find_files, iter_documents
 from bigtrain.errors import UserError
 
 EOS_TOKEN = "<|endoftext|>"
@@ -46,26 +46,10 @@ def bytes_to_unicode() -> dict[int, str]:
             bs.append(b)
             cs.append(256 + n)
             n += 1
-    return {b: chr(c) for b, c in zip(bs, cs)}
+    return {b: chr(c) for b, c in zip(bs, cs, strict=True)}
 
 
 _BYTE_ALPHABET = frozenset(bytes_to_unicode().values())
-
-
-def _iter_file_text(files: Sequence[Path], block_chars: int = 1 << 20) -> Iterator[str]:
-    """Yield the text of files in ~1 MB blocks cut at newlines (invalid UTF-8 is replaced)."""
-    for f in files:
-        p = Path(f)
-        if not p.is_file():
-            raise UserError(f"Tokenizer training file {p} does not exist. Check the path.")
-        with open(p, encoding="utf-8", errors="replace") as fh:
-            while True:
-                block = fh.read(block_chars)
-                if not block:
-                    break
-                # Finish the current line so no word is cut in two between blocks.
-                block += fh.readline()
-                yield block
 
 
 class Tokenizer:
@@ -95,7 +79,7 @@ class Tokenizer:
 
     # ----------------------------------------------------------------- constructors
     @classmethod
-    def from_file(cls, path: str | Path, *, eos_token: str | None = None) -> "Tokenizer":
+    def from_file(cls, path: str | Path, *, eos_token: str | None = None) -> Tokenizer:
         """Load a Hugging Face `tokenizer.json` (or a directory containing one)."""
         p = Path(path)
         if p.is_dir():
@@ -126,14 +110,21 @@ class Tokenizer:
         return cls(hf, eos_token=eos_token, bos_token=bos_token)
 
     @classmethod
-    def train_bpe(cls, files: Sequence[Path], vocab_size: int, *, show_progress: bool = False) -> "Tokenizer":
-        """Train a byte-level BPE tokenizer with `vocab_size` tokens (EOS included) on text files."""
-        return cls.train_bpe_from_iterator(_iter_file_text(files), vocab_size, show_progress=show_progress)
+    def train_bpe(cls, files: Sequence[str | Path], vocab_size: int, *, text_key: str = "text",
+                  show_progress: bool = False) -> Tokenizer:
+        """Train a byte-level BPE tokenizer with `vocab_size` tokens (EOS included) on the documents of files.
+
+        ``files`` are files, directories or globs of text / jsonl / parquet files, read as `bigtrain data
+        prepare` reads them (:mod:`bigtrain.data.documents`; ``text_key`` names the jsonl field / parquet column).
+        """
+        paths = find_files(files, owner="tokenizer training", option="the input paths")
+        texts = (text for text, _ in iter_documents(paths, text_key))
+        return cls.train_bpe_from_iterator(texts, vocab_size, show_progress=show_progress)
 
     @classmethod
     def train_bpe_from_iterator(
         cls, texts: Iterable[str], vocab_size: int, *, show_progress: bool = False
-    ) -> "Tokenizer":
+    ) -> Tokenizer:
         """Train a byte-level BPE tokenizer on an iterable of texts (documents or text blocks)."""
         if vocab_size < MIN_BPE_VOCAB:
             raise UserError(
@@ -154,7 +145,7 @@ class Tokenizer:
         return cls(hf, eos_token=EOS_TOKEN)
 
     @classmethod
-    def byte_level(cls) -> "Tokenizer":
+    def byte_level(cls) -> Tokenizer:
         """The file-less fallback: token id b is byte b (0-255), EOS is 256 (vocab 257)."""
         b2u = bytes_to_unicode()
         vocab = {b2u[b]: b for b in range(256)}
@@ -276,12 +267,9 @@ def load_tokenizer(path: str) -> Tokenizer:
 def train_tokenizer_files(files: Sequence[str], vocab_size: int, out: str | Path, *,
                           text_key: str = "text") -> Tokenizer:
     """`bigtrain data tokenizer train`: a byte-level BPE of ``vocab_size`` trained on files, saved to ``out``."""
-    from bigtrain.data.prepare import iter_documents, resolve_inputs
-
     if vocab_size < MIN_BPE_VOCAB:  # before reading any file
         raise UserError(f"--vocab-size {vocab_size} is too small: a byte-level BPE needs at least {MIN_BPE_VOCAB}.")
-    paths = resolve_inputs(files)
-    tok = Tokenizer.train_bpe_from_iterator((text for text, _ in iter_documents(paths, text_key)), vocab_size)
+    tok = Tokenizer.train_bpe(files, vocab_size, text_key=text_key)
     out_path = Path(out)
     if out_path.is_dir():
         out_path = out_path / "tokenizer.json"

@@ -15,6 +15,7 @@ from bigtrain.data.prepare import prepare_corpus
 from bigtrain.data.shards import Shard, list_shards, read_manifest, verify_prepared
 from bigtrain.data.tokenizer import Tokenizer
 from bigtrain.errors import UserError
+from bigtrain.messages import capture
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
 
@@ -23,10 +24,6 @@ def doc(i: int) -> str:
     """A distinct document (its number is spelled into it), some non-ASCII."""
     rng = random.Random(i)
     return f"Document {i}: " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 60))) + " ü."
-
-
-def quiet(msg: str) -> None:
-    pass
 
 
 def read_docs(out: Path, split: str) -> list[str]:
@@ -58,7 +55,7 @@ def corpus(tmp_path: Path) -> Path:
 def test_prepare_mixed_inputs(corpus: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     inputs = [str(corpus / "txt"), str(corpus / "docs.jsonl"), str(corpus / "*.parquet")]
-    assert prepare_corpus(inputs, out, vocab_size=300, val_fraction=0.1, log=quiet) == out
+    assert prepare_corpus(inputs, out, vocab_size=300, val_fraction=0.1) == out
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "tokenizer.json", "train", "val"]
     assert not list(tmp_path.glob("out.tmp-*"))
     m = verify_prepared(out)
@@ -74,7 +71,7 @@ def test_prepare_mixed_inputs(corpus: Path, tmp_path: Path) -> None:
 
 
 def test_split_is_deterministic_and_seeded(corpus: Path, tmp_path: Path) -> None:
-    args = dict(vocab_size=300, val_fraction=0.2, log=quiet)
+    args = dict(vocab_size=300, val_fraction=0.2)
     prepare_corpus([str(corpus / "txt")], tmp_path / "a", seed=1, **args)
     prepare_corpus([str(corpus / "txt")], tmp_path / "b", seed=1, **args)
     prepare_corpus([str(corpus / "txt")], tmp_path / "c", seed=2, **args)
@@ -86,7 +83,7 @@ def test_split_is_deterministic_and_seeded(corpus: Path, tmp_path: Path) -> None
 def test_at_least_one_val_doc(tmp_path: Path) -> None:
     for i in range(2):
         (tmp_path / f"{i}.txt").write_text(doc(i))
-    prepare_corpus([str(tmp_path / "*.txt")], tmp_path / "out", vocab_size=300, val_fraction=0.01, log=quiet)
+    prepare_corpus([str(tmp_path / "*.txt")], tmp_path / "out", vocab_size=300, val_fraction=0.01)
     m = read_manifest(tmp_path / "out")
     assert (m["splits"]["train"]["num_docs"], m["splits"]["val"]["num_docs"]) == (1, 1)
 
@@ -95,7 +92,7 @@ def test_given_tokenizer_and_small_shards(corpus: Path, tmp_path: Path) -> None:
     Tokenizer.byte_level().save(tmp_path / "bytes.json")
     out = tmp_path / "out"
     prepare_corpus([str(corpus / "txt")], out, tokenizer=str(tmp_path / "bytes.json"), shard_tokens=300,
-                   val_fraction=0.0, log=quiet)
+                   val_fraction=0.0)
     m = read_manifest(out)
     assert m["tokenizer"]["vocab_size"] == 257 and m["splits"]["val"]["num_docs"] == 0
     shards = [Shard(p) for p in list_shards(out / "train")]
@@ -111,7 +108,7 @@ def test_oversized_document_is_split(tmp_path: Path) -> None:
     (tmp_path / "small.txt").write_text("y" * 10)
     Tokenizer.byte_level().save(tmp_path / "bytes.json")
     prepare_corpus([str(tmp_path / "*.txt")], tmp_path / "out", tokenizer=str(tmp_path / "bytes.json"),
-                   shard_tokens=256, val_fraction=0.0, log=quiet)
+                   shard_tokens=256, val_fraction=0.0)
     shards = [Shard(p) for p in list_shards(tmp_path / "out" / "train")]
     # 1001 tokens of big.txt fill three shards; its tail (233) and small.txt (11) share the last.
     assert [s.num_tokens for s in shards] == [256, 256, 256, 244]
@@ -124,10 +121,10 @@ def test_json_array_gzip_and_invalid_utf8(tmp_path: Path) -> None:
     with gzip.open(tmp_path / "b.jsonl.gz", "wt", encoding="utf-8") as f:
         f.write(json.dumps({"body": doc(3)}) + "\n" + json.dumps({"body": "bad \ud800 surrogate"}) + "\n")
     (tmp_path / "c.txt").write_bytes(b"broken \xff\xfe utf8 and a real \xef\xbf\xbd")
-    logs: list[str] = []
     out = tmp_path / "out"
-    prepare_corpus([str(tmp_path / "a.json"), str(tmp_path / "b.jsonl.gz"), str(tmp_path / "c.txt")], out,
-                   text_key="body", vocab_size=300, log=logs.append)
+    with capture() as logs:
+        prepare_corpus([str(tmp_path / "a.json"), str(tmp_path / "b.jsonl.gz"), str(tmp_path / "c.txt")], out,
+                       text_key="body", vocab_size=300)
     m = read_manifest(out)
     assert m["num_invalid_utf8"] == 3 and m["num_empty_docs_skipped"] == 1
     assert any("replaced 3 invalid UTF-8" in line for line in logs)
@@ -163,16 +160,16 @@ def test_user_errors_leave_nothing(tmp_path: Path, case: str) -> None:
         "missing_tokenizer": ([str(tmp_path / "ok.txt")], "does not exist", {"tokenizer": str(tmp_path / "t.json")}),
     }[case]
     with pytest.raises(UserError, match=match):
-        prepare_corpus(inputs, tmp_path / "out", vocab_size=300, log=quiet, **kw)
+        prepare_corpus(inputs, tmp_path / "out", vocab_size=300, **kw)
     _assert_nothing_written(tmp_path)
 
 
 def test_bad_arguments(tmp_path: Path) -> None:
     (tmp_path / "a.txt").write_text("hello")
     with pytest.raises(UserError, match="val_fraction"):
-        prepare_corpus([str(tmp_path / "a.txt")], tmp_path / "out", val_fraction=1.0, log=quiet)
+        prepare_corpus([str(tmp_path / "a.txt")], tmp_path / "out", val_fraction=1.0)
     with pytest.raises(UserError, match="at least 257"):
-        prepare_corpus([str(tmp_path / "a.txt")], tmp_path / "out", vocab_size=100, log=quiet)
+        prepare_corpus([str(tmp_path / "a.txt")], tmp_path / "out", vocab_size=100)
     _assert_nothing_written(tmp_path)
 
 
@@ -182,9 +179,9 @@ def test_existing_output_dir(tmp_path: Path) -> None:
     out.mkdir()
     (out / "keep.me").write_text("user data")
     with pytest.raises(UserError, match="already exists"):
-        prepare_corpus([str(tmp_path / "a.txt")], out, vocab_size=300, log=quiet)
+        prepare_corpus([str(tmp_path / "a.txt")], out, vocab_size=300)
     assert (out / "keep.me").exists()
-    prepare_corpus([str(tmp_path / "a.txt")], out, vocab_size=300, overwrite=True, log=quiet)
+    prepare_corpus([str(tmp_path / "a.txt")], out, vocab_size=300, overwrite=True)
     assert not (out / "keep.me").exists() and (out / "manifest.json").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "out"]
 
@@ -194,15 +191,15 @@ def _shard_bytes(out: Path) -> dict[str, bytes]:
 
 
 def test_parallel_workers_write_identical_shards(corpus: Path, tmp_path: Path) -> None:
-    one = prepare_corpus([str(corpus)], tmp_path / "one", vocab_size=300, shard_tokens=500, num_workers=1, log=quiet)
-    two = prepare_corpus([str(corpus)], tmp_path / "two", vocab_size=300, shard_tokens=500, num_workers=2, log=quiet)
+    one = prepare_corpus([str(corpus)], tmp_path / "one", vocab_size=300, shard_tokens=500, num_workers=1)
+    two = prepare_corpus([str(corpus)], tmp_path / "two", vocab_size=300, shard_tokens=500, num_workers=2)
     assert len(_shard_bytes(one)) > 4 and _shard_bytes(one) == _shard_bytes(two)
 
 
 def test_interrupted_prepare_resumes(corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import bigtrain.data.prepare as prep
 
-    ref = prepare_corpus([str(corpus)], tmp_path / "ref", vocab_size=300, shard_tokens=400, num_workers=1, log=quiet)
+    ref = prepare_corpus([str(corpus)], tmp_path / "ref", vocab_size=300, shard_tokens=400, num_workers=1)
     real, calls = prep._write_progress, []
 
     def killed_after_three(build: Path, progress: dict) -> None:
@@ -213,12 +210,11 @@ def test_interrupted_prepare_resumes(corpus: Path, tmp_path: Path, monkeypatch: 
 
     monkeypatch.setattr(prep, "_write_progress", killed_after_three)
     with pytest.raises(KeyboardInterrupt):
-        prepare_corpus([str(corpus)], tmp_path / "out", vocab_size=300, shard_tokens=400, num_workers=1, log=quiet)
+        prepare_corpus([str(corpus)], tmp_path / "out", vocab_size=300, shard_tokens=400, num_workers=1)
     assert (tmp_path / "out.partial" / "progress.json").exists() and not (tmp_path / "out").exists()
     monkeypatch.setattr(prep, "_write_progress", real)
-    logs: list[str] = []
-    out = prepare_corpus([str(corpus)], tmp_path / "out", vocab_size=300, shard_tokens=400, num_workers=1,
-                         log=logs.append)
+    with capture() as logs:
+        out = prepare_corpus([str(corpus)], tmp_path / "out", vocab_size=300, shard_tokens=400, num_workers=1)
     assert any("resuming" in line for line in logs)
     assert _shard_bytes(out) == _shard_bytes(ref)
     assert read_manifest(out)["splits"] == read_manifest(ref)["splits"]
@@ -228,8 +224,8 @@ def test_interrupted_prepare_resumes(corpus: Path, tmp_path: Path, monkeypatch: 
     with pytest.raises(KeyboardInterrupt):
         monkeypatch.setattr(prep, "_write_progress", killed_after_three)
         calls.clear()
-        prepare_corpus([str(corpus)], tmp_path / "o2", vocab_size=300, shard_tokens=400, num_workers=1, log=quiet)
+        prepare_corpus([str(corpus)], tmp_path / "o2", vocab_size=300, shard_tokens=400, num_workers=1)
     monkeypatch.setattr(prep, "_write_progress", real)
-    logs.clear()
-    prepare_corpus([str(corpus)], tmp_path / "o2", vocab_size=300, shard_tokens=401, num_workers=1, log=logs.append)
+    with capture() as logs:
+        prepare_corpus([str(corpus)], tmp_path / "o2", vocab_size=300, shard_tokens=401, num_workers=1)
     assert any("discarding" in line for line in logs)
