@@ -21,8 +21,10 @@ for key, value in {
 def demo_data() -> Path:
     """The demo corpus under REPO/data/demo (built once, reused by later runs and `make train`)."""
     from bigtrain.data.demo import prepare_demo
+    from bigtrain.messages import capture
 
-    return prepare_demo(REPO / "data" / "demo", vocab_size=4096, log=lambda *_: None)
+    with capture():  # its progress messages would only clutter the test output
+        return prepare_demo(REPO / "data" / "demo", vocab_size=4096)
 
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:

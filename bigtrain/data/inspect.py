@@ -11,24 +11,22 @@ known (``--tokenizer``, the directory's tokenizer.json, or the config's ``data.t
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from bigtrain.data.shards import MANIFEST, Shard, list_shards, validate_tokens
 from bigtrain.data.tokenizer import Tokenizer, load_tokenizer
 from bigtrain.errors import UserError
+from bigtrain.messages import say
 
-Print = Callable[[str], None]
 
-
-def _table(rows: list[list[str]], out: Print) -> None:
+def _table(rows: list[list[str]]) -> None:
     """A plain aligned text table (first row = header)."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for n, r in enumerate(rows):
-        out("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))))
+        say("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))))
         if n == 0:
-            out("  ".join("-" * w for w in widths))
+            say("  ".join("-" * w for w in widths))
 
 
 def _shard_rows(groups: dict[str, list[Shard]]) -> list[list[str]]:
@@ -41,7 +39,7 @@ def _shard_rows(groups: dict[str, list[Shard]]) -> list[list[str]]:
     return rows
 
 
-def _sample(shards: list[Shard], tok: Tokenizer | None, num_tokens: int, out: Print) -> None:
+def _sample(shards: list[Shard], tok: Tokenizer | None, num_tokens: int) -> None:
     """The first ``num_tokens`` tokens of the first non-empty shard, up to its first EOS, decoded."""
     shard = next((s for s in shards if s.num_tokens), None)
     if shard is None or num_tokens <= 0:
@@ -50,14 +48,14 @@ def _sample(shards: list[Shard], tok: Tokenizer | None, num_tokens: int, out: Pr
     ends = np.flatnonzero(head == shard.eos_id)
     if len(ends) and ends[0] > 0:
         head = head[: ends[0] + 1]
-    out(f"\nsample ({len(head)} tokens from {shard.path}):")
+    say(f"\nsample ({len(head)} tokens from {shard.path}):")
     if tok is None:
-        out("  " + " ".join(str(t) for t in head) + "\n  (token ids: pass --tokenizer to decode)")
+        say("  " + " ".join(str(t) for t in head) + "\n  (token ids: pass --tokenizer to decode)")
     else:
-        out("  " + tok.decode(head.tolist()).replace("\n", "\n  "))
+        say("  " + tok.decode(head.tolist()).replace("\n", "\n  "))
 
 
-def _check(shards: list[Shard], tok: Tokenizer | None, out: Print) -> None:
+def _check(shards: list[Shard], tok: Tokenizer | None) -> None:
     """Tokenizer identity and token range of every shard (scans the data)."""
     if tok is None:
         raise UserError("--check needs a tokenizer: pass --tokenizer PATH.")
@@ -66,15 +64,14 @@ def _check(shards: list[Shard], tok: Tokenizer | None, out: Print) -> None:
             raise UserError(f"{s.path} was written with tokenizer {s.tokenizer_fingerprint}, not {tok.fingerprint} "
                             f"(the given tokenizer); use the tokenizer.json that prepared it.")
         validate_tokens(s, tok.vocab_size)
-    out(f"check: {len(shards)} shard(s) OK (tokenizer {tok.fingerprint}, every id < {tok.vocab_size})")
+    say(f"check: {len(shards)} shard(s) OK (tokenizer {tok.fingerprint}, every id < {tok.vocab_size})")
 
 
-def inspect_path(path: str, *, tokenizer: str | None = None, sample_tokens: int = 64, check: bool = False,
-                 out: Print = print) -> None:
+def inspect_path(path: str, *, tokenizer: str | None = None, sample_tokens: int = 64, check: bool = False) -> None:
     """Print the report for ``path`` (see the module docstring)."""
     p = Path(path).expanduser()
     if p.suffix in (".yaml", ".yml") and p.is_file():
-        return _inspect_config(p, sample_tokens=sample_tokens, out=out)
+        return _inspect_config(p, sample_tokens=sample_tokens)
     tok = load_tokenizer(tokenizer) if tokenizer is not None else None
     if p.is_dir() and (p / MANIFEST).is_file():
         from bigtrain.data.shards import verify_prepared
@@ -83,7 +80,7 @@ def inspect_path(path: str, *, tokenizer: str | None = None, sample_tokens: int 
         tok = tok or Tokenizer.from_file(p / manifest["tokenizer"].get("file", "tokenizer.json"))
         groups = {split: [Shard(p / rel) for rel in info.get("shards", [])]
                   for split, info in manifest.get("splits", {}).items()}
-        out(f"{p}: prepared data, tokenizer vocab {tok.vocab_size} (eos {tok.eos_id}, fingerprint {tok.fingerprint})")
+        say(f"{p}: prepared data, tokenizer vocab {tok.vocab_size} (eos {tok.eos_id}, fingerprint {tok.fingerprint})")
     else:
         files = list_shards(path)
         groups = {}
@@ -95,21 +92,23 @@ def inspect_path(path: str, *, tokenizer: str | None = None, sample_tokens: int 
                 if cand.is_file():
                     tok = Tokenizer.from_file(cand)
                     break
-        out(f"{path}: {len(files)} shard file(s)")
-    _table(_shard_rows(groups), out)
+        say(f"{path}: {len(files)} shard file(s)")
+    _table(_shard_rows(groups))
     every = [s for shards in groups.values() for s in shards]
-    out(f"total: {sum(s.num_docs for s in every):,} documents, {sum(s.num_tokens for s in every):,} tokens")
+    say(f"total: {sum(s.num_docs for s in every):,} documents, {sum(s.num_tokens for s in every):,} tokens")
     if check:
-        _check(every, tok, out)
-    _sample(every, tok, sample_tokens, out)
+        _check(every, tok)
+    _sample(every, tok, sample_tokens)
 
 
-def _inspect_config(path: Path, *, sample_tokens: int, out: Print) -> None:
+def _inspect_config(path: Path, *, sample_tokens: int) -> None:
     """Per-source stats of a run config's data.sources (sizes from shard headers or file sizes)."""
-    from bigtrain.config import load_config
+    from bigtrain.data.config import DataConfig
     from bigtrain.data.sources import resolve_files
+    from bigtrain.sections import load_yaml, parse_section
 
-    cfg = load_config(path).data
+    # Only the data section is read: data sits below the run config in the import layering.
+    cfg = parse_section(DataConfig, load_yaml(path).get("data") or {}, "data")
     tok = load_tokenizer(cfg.tokenizer)
     sources = cfg.source_list()
     total_w = sum(s.weight for s in sources)
@@ -127,6 +126,6 @@ def _inspect_config(path: Path, *, sample_tokens: int, out: Print) -> None:
             files = resolve_files(s.paths, s.kind, name)
             rows.append([name, s.kind, f"{s.weight / total_w:.1%}", str(len(files)), "(streamed)", "(streamed)",
                          f"{sum(f.stat().st_size for f in files) / 1e6:.1f}", str(s.max_epochs or "-")])
-    out(f"{path}: {len(sources)} training source(s), seq_len {cfg.seq_len}, tokenizer vocab {tok.vocab_size}")
-    _table(rows, out)
-    _sample(first, tok, sample_tokens, out)
+    say(f"{path}: {len(sources)} training source(s), seq_len {cfg.seq_len}, tokenizer vocab {tok.vocab_size}")
+    _table(rows)
+    _sample(first, tok, sample_tokens)

@@ -12,6 +12,7 @@ import pytest
 from bigtrain.data.demo import DEMO_PACKAGE, prepare_demo, read_plays
 from bigtrain.data.shards import Shard, list_shards, read_manifest, validate_tokens
 from bigtrain.data.tokenizer import Tokenizer
+from bigtrain.messages import capture
 
 # `demo_data` (tests/conftest.py) builds the corpus once into the repo's data/demo and reuses it.
 
@@ -59,8 +60,8 @@ def test_demo_val_is_exactly_the_held_out_plays(demo_data: Path) -> None:
 
 def test_prepare_demo_is_idempotent(demo_data: Path) -> None:
     before = {p: p.stat().st_mtime_ns for p in demo_data.rglob("*.bin")}
-    logs: list[str] = []
-    assert prepare_demo(demo_data, vocab_size=4096, log=logs.append) == demo_data
+    with capture() as logs:
+        assert prepare_demo(demo_data, vocab_size=4096) == demo_data
     assert any("present" in line for line in logs)
     assert {p: p.stat().st_mtime_ns for p in demo_data.rglob("*.bin")} == before
 
@@ -78,5 +79,5 @@ def test_download_failure_is_a_user_error(tmp_path: Path, monkeypatch: pytest.Mo
 
     monkeypatch.setattr(demo.subprocess, "run", fake_run)
     with pytest.raises(UserError, match=r"(?s)No matching distribution.*access to PyPI.*bigtrain data prepare"):
-        prepare_demo(tmp_path / "demo", log=lambda msg: None)
+        prepare_demo(tmp_path / "demo")
     assert sorted(p.name for p in (tmp_path / "demo").rglob("*")) == [".lock", "_download"]
