@@ -9,20 +9,20 @@ source that reaches its ``max_epochs`` cap simply leaves the active set.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from bigtrain.errors import UserError
 
 
 def pick(weights: Sequence[float], counts: Sequence[int], active: Sequence[bool]) -> int:
     """Index of the source that supplies the next sample."""
-    total_w = sum(w for w, a in zip(weights, active) if a)
+    total_w = sum(w for w, a in zip(weights, active, strict=True) if a)
     if total_w <= 0:
         raise UserError("every data source reached its max_epochs cap: there is no data left to train on. "
                         "Raise data.sources[].max_epochs (0 = no cap) or lower train.max_steps.")
-    n = sum(c for c, a in zip(counts, active) if a)
+    n = sum(c for c, a in zip(counts, active, strict=True) if a)
     best, best_deficit = -1, float("-inf")
-    for k, (w, c, a) in enumerate(zip(weights, counts, active)):
+    for k, (w, c, a) in enumerate(zip(weights, counts, active, strict=True)):
         if a:
             deficit = w / total_w * (n + 1) - c
             if deficit > best_deficit:

@@ -22,9 +22,10 @@ import glob
 import json
 import os
 import struct
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -50,7 +51,7 @@ HEADER_KEYS: dict[str, type] = {
     "tokenizer_fingerprint": str,
     "created_by": str,
 }
-_DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
+_DTYPES: dict[str, np.dtype[Any]] = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
 _MAX_HEADER = 1 << 20  # a header is a few hundred bytes; anything bigger is corruption
 _FIX_HINT = "Re-create the shards with `bigtrain data prepare` (or `bigtrain data demo --force`)."
 
@@ -129,7 +130,7 @@ def write_shard(
     with open(tmp, "wb") as f:
         f.write(prefix)
         f.write(b"\0" * (offset - len(prefix)))
-        f.write(memoryview(np.ascontiguousarray(data)).cast("B"))
+        f.write(np.ascontiguousarray(data).data.cast("B"))
         f.flush()
         # A rename can reach the disk before the data: fsync so a crash never leaves a short shard.
         os.fsync(f.fileno())
@@ -277,7 +278,7 @@ def validate_tokens(shard: Shard, vocab_size: int, chunk: int = 1 << 22) -> None
 
 
 # --------------------------------------------------------------------------- data directories
-def manifest_head(tok: "Tokenizer", tokenizer_source: str) -> dict:
+def manifest_head(tok: Tokenizer, tokenizer_source: str) -> dict:
     """The fields every prepared-data manifest starts with: format and the tokenizer's identity."""
     return {
         "format": MANIFEST_FORMAT,
