@@ -120,7 +120,7 @@ def _is_ready(out: Path, vocab_size: int) -> bool:
         manifest = verify_prepared(out)
     except UserError:
         return False
-    return manifest.get("demo", {}).get("requested_vocab_size") == vocab_size
+    return bool(manifest.get("demo", {}).get("requested_vocab_size") == vocab_size)
 
 
 def prepare_demo(out_dir: str | Path = "data/demo", *, vocab_size: int = 4096, force: bool = False) -> Path:

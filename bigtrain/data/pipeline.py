@@ -179,7 +179,7 @@ class DataPipeline:
         if isinstance(src, ShardSource):
             return src.progress(self._consumed["sources"][src.name]["count"])
         st = self._consumed["sources"][src.name]
-        return st["epoch"] + st["file_pos"] / max(1, st["num_files"])
+        return float(st["epoch"] + st["file_pos"] / max(1, st["num_files"]))
 
     def state_dict(self) -> dict[str, Any]:
         """Global position after the last step returned (JSON-able; independent of the world size)."""

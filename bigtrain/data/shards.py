@@ -278,7 +278,7 @@ def validate_tokens(shard: Shard, vocab_size: int, chunk: int = 1 << 22) -> None
 
 
 # --------------------------------------------------------------------------- data directories
-def manifest_head(tok: Tokenizer, tokenizer_source: str) -> dict:
+def manifest_head(tok: Tokenizer, tokenizer_source: str) -> dict[str, Any]:
     """The fields every prepared-data manifest starts with: format and the tokenizer's identity."""
     return {
         "format": MANIFEST_FORMAT,

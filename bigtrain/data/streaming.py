@@ -36,7 +36,7 @@ def file_order(num_files: int, seed: list[int], epoch: int, shuffle: bool) -> li
     return [int(i) for i in np.random.default_rng([*seed, epoch, 1]).permutation(num_files)]
 
 
-class BlockDataset(torch.utils.data.IterableDataset):
+class BlockDataset(torch.utils.data.IterableDataset[dict[str, Any]]):
     """Tokenized blocks of one text source from a start position, split over DataLoader workers.
 
     Yields dicts: ``b`` (block number), ``epoch``, ``file_pos`` (index in the epoch's file order),

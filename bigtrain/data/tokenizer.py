@@ -248,9 +248,8 @@ def _token_name(value: object) -> str | None:
     """A token string from tokenizer_config.json, where it may be a string or {"content": ...}."""
     if isinstance(value, str):
         return value
-    if isinstance(value, dict) and isinstance(value.get("content"), str):
-        return value["content"]
-    return None
+    content = value.get("content") if isinstance(value, dict) else None
+    return content if isinstance(content, str) else None
 
 
 BYTE_LEVEL = "byte"
