@@ -39,7 +39,7 @@ def _copy_tokenizer(config: dict[str, Any], out: Path) -> tuple[list[str], int |
             "model_max_length": int(config.get("model", {}).get("max_seq_len", 2048)),
         }, indent=2))
         files.append("tokenizer_config.json")
-    except Exception:
+    except Exception:  # a tokenizer bigtrain cannot parse is still copied as is
         pass
     return files, eos_id
 
