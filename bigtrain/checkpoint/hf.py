@@ -93,12 +93,14 @@ def hf_config(cfg: ModelConfig, *, eos_token_id: int | None = None, dtype: str =
 def model_fields_from_hf(hf: dict[str, Any], where: str) -> dict[str, Any]:
     """ModelConfig fields described by an HF Llama ``config.json`` (refusing what bigtrain cannot represent)."""
     if hf.get("model_type") not in ("llama", None):
-        raise UserError(f"{where}: model_type {hf.get('model_type')!r} is not 'llama'; model.init_from takes Llama-format weights.")
+        raise UserError(f"{where}: model_type {hf.get('model_type')!r} is not 'llama'; model.init_from takes "
+                        f"Llama-format weights.")
     scaling = hf.get("rope_scaling") or {}
     params = hf.get("rope_parameters") or {}
     rope_type = (scaling or params).get("rope_type", (scaling or params).get("type", "default"))
     if rope_type not in ("default", None):
-        raise UserError(f"{where}: RoPE scaling {rope_type!r} is not supported by bigtrain's decoder (plain RoPE only).")
+        raise UserError(f"{where}: RoPE scaling {rope_type!r} is not supported by bigtrain's decoder "
+                        f"(plain RoPE only).")
     if hf.get("attention_bias") or hf.get("mlp_bias") or hf.get("hidden_act", "silu") != "silu":
         raise UserError(f"{where}: biases or a non-SiLU activation are not part of bigtrain's Llama decoder.")
     heads = int(hf["num_attention_heads"])
@@ -149,7 +151,8 @@ def write_safetensors(tensors: dict[str, torch.Tensor], out_dir: Path, *, max_sh
         names.append(fname)
         weight_map.update(dict.fromkeys(shard, fname))
     total = sum(t.numel() * t.element_size() for t in tensors.values())
-    (out_dir / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2))
     return [*names, INDEX_FILE]
 
 

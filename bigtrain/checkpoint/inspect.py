@@ -65,7 +65,8 @@ def verify_checkpoints(target: str | Path) -> tuple[str, bool]:
     """Check sizes and CRC32 of one checkpoint folder, or of every checkpoint of a run folder."""
     path = Path(target)
     if not path.exists():
-        raise UserError(f"{str(path)!r} does not exist; pass a checkpoint folder (…/checkpoints/step_N) or a run folder.")
+        raise UserError(f"{str(path)!r} does not exist; pass a checkpoint folder (…/checkpoints/step_N) or a "
+                        f"run folder.")
     if (path / MANIFEST_FILE).exists() or step_of(path) is not None:
         folders = [path]
     else:

@@ -21,7 +21,8 @@ is a save that crashed before its commit point.
 Async saves (``checkpoint.async_save``) pay only the device→host copy into reused host buffers in
 the step loop (:mod:`bigtrain.checkpoint.staging`; for ZeRO, DeepSpeed's checkpoint engine is wrapped
 to stage instead of write). The file writes, checksums and the commit run in one background thread,
-their collectives on a dedicated gloo process group so they never interleave with the training ones. At most one save is in flight: the next
+their collectives on a dedicated gloo process group so they never interleave with the training ones.
+At most one save is in flight: the next
 save, :meth:`CheckpointManager.wait` and the end of ``fit`` wait for it.
 """
 from __future__ import annotations
@@ -131,7 +132,8 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ collectives (dedicated group)
     def _group(self) -> Any | None:
-        """A gloo group of all ranks for checkpoint traffic (None for one process); created on first use, on every rank."""
+        """A gloo group of all ranks for checkpoint traffic (None for one process); created on first use, on every
+        rank."""
         if not self._pg_ready:
             import torch.distributed as dist
 
@@ -294,7 +296,8 @@ class CheckpointManager:
         """Folders that look committed (final name + manifest), oldest first."""
         if not self.root.is_dir():
             return []
-        dirs = [p for p in self.root.iterdir() if p.is_dir() and step_of(p) is not None and (p / MANIFEST_FILE).is_file()]
+        dirs = [p for p in self.root.iterdir()
+                if p.is_dir() and step_of(p) is not None and (p / MANIFEST_FILE).is_file()]
         return sorted(dirs, key=lambda p: step_of(p) or 0)
 
     def latest_pointer(self) -> Path | None:

@@ -229,8 +229,9 @@ class DataPipeline:
 
     def shard_tokens(self) -> int | None:
         """Total tokens when every source is shards (for epoch estimates), else None."""
-        if all(isinstance(s, ShardSource) for s in self.sources):
-            return sum(s.num_tokens for s in self.sources)  # type: ignore[attr-defined]
+        shards = [s for s in self.sources if isinstance(s, ShardSource)]
+        if len(shards) == len(self.sources):
+            return sum(s.num_tokens for s in shards)
         return None
 
     # ------------------------------------------------------------------ shutdown

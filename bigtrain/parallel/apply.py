@@ -111,7 +111,8 @@ def apply_fp8(model: nn.Module) -> int:
                         "or set model.fp8=false.") from None
     emulate = fp8_emulated()
     if emulate:
-        messages.warn("warning: model.fp8: no FP8-capable GPU; torchao emulates FP8 matmuls (correct but slow; for tests).")
+        messages.warn("warning: model.fp8: no FP8-capable GPU; torchao emulates FP8 matmuls "
+                      "(correct but slow; for tests).")
     before = sum(isinstance(m, nn.Linear) for m in model.modules())
     convert_to_float8_training(model, config=Float8LinearConfig(emulate=emulate), module_filter_fn=_fp8_filter)
     return before - sum(type(m) is nn.Linear for m in model.modules())

@@ -11,11 +11,14 @@ from bigtrain.sections import ConfigError, Section, doc_field
 class FSDPConfig(Section):
     """PyTorch FSDP2 (``fully_shard``) options."""
 
-    param_dtype: Literal["auto", "fp32", "bf16"] = doc_field("auto", "Dtype parameters are all-gathered and computed in (auto = follow train.precision).")
+    param_dtype: Literal["auto", "fp32", "bf16"] = doc_field("auto", "Dtype parameters are all-gathered and computed "
+                                                                     "in (auto = follow train.precision).")
     reduce_dtype: Literal["fp32", "bf16"] = doc_field("fp32", "Dtype gradients are reduce-scattered in.")
-    reshard_after_forward: bool = doc_field(True, "Free gathered parameters after forward (ZeRO-3 like); false keeps them until backward (ZeRO-2 like, more memory, less communication).")
+    reshard_after_forward: bool = doc_field(True, "Free gathered parameters after forward (ZeRO-3 like); false keeps "
+                                                  "them until backward (ZeRO-2 like, more memory, less communication).")
     cpu_offload: bool = doc_field(False, "Keep sharded parameters, gradients and optimizer state in host memory.")
-    replicate_degree: int = doc_field(1, "HSDP: number of replica groups (shard within a group, replicate across groups, e.g. = number of nodes). 1 = plain FSDP over all ranks.")
+    replicate_degree: int = doc_field(1, "HSDP: number of replica groups (shard within a group, replicate across "
+                                         "groups, e.g. = number of nodes). 1 = plain FSDP over all ranks.")
 
     def validate(self, path: str) -> None:
         if self.replicate_degree < 1:
@@ -26,10 +29,12 @@ class FSDPConfig(Section):
 class ZeroConfig(Section):
     """DeepSpeed ZeRO options (the DeepSpeed JSON is generated from these and the train section)."""
 
-    stage: int = doc_field(2, "ZeRO stage: 1 shards optimizer state, 2 also gradients, 3 also parameters (0 = plain data parallel).")
+    stage: int = doc_field(2, "ZeRO stage: 1 shards optimizer state, 2 also gradients, 3 also parameters (0 = plain "
+                              "data parallel).")
     offload_optimizer: bool = doc_field(False, "Keep optimizer state in host memory.")
     offload_params: bool = doc_field(False, "Stage 3 only: keep parameters in host memory.")
-    extra: dict[str, Any] = doc_field({}, "Extra keys merged into the generated DeepSpeed config (advanced; overrides bigtrain's values).")
+    extra: dict[str, Any] = doc_field({}, "Extra keys merged into the generated DeepSpeed config (advanced; overrides "
+                                          "bigtrain's values).")
 
     def validate(self, path: str) -> None:
         if self.stage not in (0, 1, 2, 3):
@@ -42,10 +47,16 @@ class ZeroConfig(Section):
 class ParallelConfig(Section):
     """How the model is distributed across processes."""
 
-    strategy: Literal["single", "ddp", "fsdp", "zero"] = doc_field("single", "Backend: single (one process), ddp, fsdp (FSDP2 fully_shard) or zero (DeepSpeed ZeRO).")
-    backend: Literal["auto", "nccl", "gloo"] = doc_field("auto", "Collective backend: auto = nccl on CUDA, gloo on CPU.")
-    timeout_s: int = doc_field(600, "Timeout of collective operations, in seconds; a hung rank makes the others fail after it.")
-    activation_checkpointing: Literal["none", "full", "every_k"] = doc_field("none", "Recompute block activations in backward: none, full (every block) or every_k.")
+    strategy: Literal["single", "ddp", "fsdp", "zero"] = doc_field("single", "Backend: single (one process), ddp, fsdp "
+                                                                             "(FSDP2 fully_shard) or zero (DeepSpeed "
+                                                                             "ZeRO).")
+    backend: Literal["auto", "nccl", "gloo"] = doc_field("auto", "Collective backend: auto = nccl on CUDA, gloo on "
+                                                                 "CPU.")
+    timeout_s: int = doc_field(600, "Timeout of collective operations, in seconds; a hung rank makes the others fail "
+                                    "after it.")
+    activation_checkpointing: Literal["none", "full", "every_k"] = doc_field("none", "Recompute block activations in "
+                                                                                     "backward: none, full (every "
+                                                                                     "block) or every_k.")
     activation_checkpointing_every: int = doc_field(2, "every_k only: checkpoint every k-th block.")
     fsdp: FSDPConfig = doc_field(FSDPConfig(), "FSDP2 options (strategy: fsdp).")
     zero: ZeroConfig = doc_field(ZeroConfig(), "DeepSpeed ZeRO options (strategy: zero).")

@@ -23,11 +23,12 @@ class DDPStrategy(SingleStrategy):
     def __init__(self, info: DistInfo, precision: str, cfg: ParallelConfig, *, compile: bool = False) -> None:
         super().__init__(info, precision, cfg, compile=compile)
 
-    def wrap(self, model: nn.Module, make_optimizer: OptimizerFactory, seed: int) -> tuple[nn.Module, torch.optim.Optimizer]:
+    def wrap(self, model: nn.Module, make_optimizer: OptimizerFactory,
+             seed: int) -> tuple[nn.Module, torch.optim.Optimizer]:
         dist.ensure_process_group(self.info, dist.resolve_backend(self.cfg.backend, self.device), self.cfg.timeout_s)
         parallelize(model, self.cfg, compile=self.compile)
         model.to_empty(device=self.device)
-        model.init_weights(seed)  # type: ignore[operator]
+        model.init_weights(seed)  # type: ignore[operator]  # a Decoder, typed as the nn.Module it is wrapped as
         ddp = DistributedDataParallel(
             model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
             gradient_as_bucket_view=True, **_no_buffer_sync_per_forward(),  # type: ignore[arg-type]  # a bool flag whose name depends on the torch version
@@ -36,7 +37,7 @@ class DDPStrategy(SingleStrategy):
 
     @contextlib.contextmanager
     def no_sync(self, model: nn.Module) -> Iterator[None]:
-        with model.no_sync():  # type: ignore[operator]
+        with model.no_sync():  # type: ignore[operator]  # the DistributedDataParallel wrap() returned
             yield
 
     def clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor:

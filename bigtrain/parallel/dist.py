@@ -50,13 +50,21 @@ def install_fault_handlers() -> None:
     ``kill -USR2 <pid>`` prints them on demand from a rank that seems stuck, without stopping it.
     """
     import faulthandler
+    import io
     import signal
     import sys
 
+    # faulthandler writes to a file descriptor; a replaced sys.stderr (a test's capture, a notebook) may
+    # have none, and then the process's own stderr is the place for a crash report.
+    stream = sys.stderr
+    try:
+        stream.fileno()
+    except (AttributeError, ValueError, io.UnsupportedOperation):
+        stream = sys.__stderr__
     if not faulthandler.is_enabled():
-        faulthandler.enable(file=sys.stderr, all_threads=True)
+        faulthandler.enable(file=stream, all_threads=True)
     if hasattr(signal, "SIGUSR2"):
-        faulthandler.register(signal.SIGUSR2, file=sys.stderr, all_threads=True, chain=False)
+        faulthandler.register(signal.SIGUSR2, file=stream, all_threads=True, chain=False)
 
 
 def init(requested_device: str = "auto") -> DistInfo:
@@ -81,7 +89,8 @@ def resolve_backend(requested: str, device: torch.device) -> str:
     if requested == "nccl" and device.type != "cuda":
         from bigtrain.errors import UserError
 
-        raise UserError("parallel.backend=nccl needs CUDA devices; this run is on the CPU. Use parallel.backend=auto or gloo.")
+        raise UserError("parallel.backend=nccl needs CUDA devices; this run is on the CPU. "
+                        "Use parallel.backend=auto or gloo.")
     return requested
 
 

@@ -45,10 +45,12 @@ class FSDPStrategy(Strategy):
 
         replicas, world = self.fcfg.replicate_degree, self.info.world_size
         if replicas > 1:
-            return init_device_mesh(self.device.type, (replicas, world // replicas), mesh_dim_names=("replicate", "shard"))
+            return init_device_mesh(self.device.type, (replicas, world // replicas),
+                                    mesh_dim_names=("replicate", "shard"))
         return init_device_mesh(self.device.type, (world,), mesh_dim_names=("shard",))
 
-    def wrap(self, model: nn.Module, make_optimizer: OptimizerFactory, seed: int) -> tuple[nn.Module, torch.optim.Optimizer]:
+    def wrap(self, model: nn.Module, make_optimizer: OptimizerFactory,
+             seed: int) -> tuple[nn.Module, torch.optim.Optimizer]:
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
         if self.info.world_size == 1:
@@ -71,7 +73,7 @@ class FSDPStrategy(Strategy):
         parallelize(model, self.cfg, compile=self.compile, shard=shard)
         # Sharded parameters live in host memory under CPU offload; buffers are used by compute.
         model.to_empty(device="cpu" if self.fcfg.cpu_offload else self.device)
-        model.init_weights(seed, fill=sharded_filler(seed))  # type: ignore[operator]
+        model.init_weights(seed, fill=sharded_filler(seed))  # type: ignore[operator]  # a Decoder, typed nn.Module
         if self.fcfg.cpu_offload and self.device.type != "cpu":
             for module in model.modules():
                 for name, buf in module.named_buffers(recurse=False):
@@ -89,11 +91,11 @@ class FSDPStrategy(Strategy):
         """Plain FSDP reduce-scatters every micro-batch (never holds unsharded gradients);
         HSDP skips only the all-reduce across replicas until the last micro-batch."""
         if self.fcfg.replicate_degree > 1:
-            model.set_requires_all_reduce(False)  # type: ignore[operator]
+            model.set_requires_all_reduce(False)  # type: ignore[operator]  # added by fully_shard
             try:
                 yield
             finally:
-                model.set_requires_all_reduce(True)  # type: ignore[operator]
+                model.set_requires_all_reduce(True)  # type: ignore[operator]  # added by fully_shard
         else:
             yield
 

@@ -22,7 +22,8 @@ def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float) -> torc
     if not params:
         return torch.zeros(())
     grads = [p.grad for p in params if p.grad is not None]
-    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, 2.0, dtype=torch.float64) for g in grads]))
+    norms = [torch.linalg.vector_norm(g, 2.0, dtype=torch.float64) for g in grads]
+    total: torch.Tensor = torch.linalg.vector_norm(torch.stack(norms))
     if isinstance(total, DTensor):
         total = total.full_tensor()
     total = total.float()

@@ -19,7 +19,7 @@ def local_row_range(param: torch.Tensor) -> tuple[int, int]:
     Shard(0) follows ``torch.chunk``: chunks of ceil(rows / n), the last ones shorter or empty.
     Several Shard(0) mesh dimensions (e.g. nested sharding) split the range one after another.
     """
-    mesh, placements = param.device_mesh, param.placements  # type: ignore[attr-defined]
+    mesh, placements = param.device_mesh, param.placements  # type: ignore[attr-defined]  # a DTensor (the caller checked)
     coordinate = mesh.get_coordinate()
     start, length = 0, param.shape[0]
     if coordinate is None:  # this rank is not part of the mesh

@@ -18,10 +18,11 @@ class SingleStrategy(Strategy):
         self.cfg = cfg or ParallelConfig()
         self.compile = compile
 
-    def wrap(self, model: nn.Module, make_optimizer: OptimizerFactory, seed: int) -> tuple[nn.Module, torch.optim.Optimizer]:
+    def wrap(self, model: nn.Module, make_optimizer: OptimizerFactory,
+             seed: int) -> tuple[nn.Module, torch.optim.Optimizer]:
         parallelize(model, self.cfg, compile=self.compile)
         model.to_empty(device=self.device)
-        model.init_weights(seed)  # type: ignore[operator]
+        model.init_weights(seed)  # type: ignore[operator]  # a Decoder, typed as the nn.Module it is wrapped as
         return model, make_optimizer(model)
 
     def backward(self, loss: torch.Tensor) -> None:

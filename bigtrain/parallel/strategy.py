@@ -43,7 +43,8 @@ class Strategy(ABC):
 
     # -- setup ---------------------------------------------------------------------
     @abstractmethod
-    def wrap(self, model: nn.Module, make_optimizer: OptimizerFactory, seed: int) -> tuple[nn.Module, torch.optim.Optimizer]:
+    def wrap(self, model: nn.Module, make_optimizer: OptimizerFactory,
+             seed: int) -> tuple[nn.Module, torch.optim.Optimizer]:
         """Take a meta-device model; shard/wrap it, materialize and init it, build the optimizer."""
 
     # -- step ----------------------------------------------------------------------

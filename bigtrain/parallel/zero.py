@@ -134,7 +134,8 @@ class ZeroStrategy(Strategy):
             backend = "nccl" if self.device.type == "cuda" else "gloo"
             tdist.init_process_group(backend, store=tdist.HashStore(), rank=0, world_size=1)
 
-    def wrap(self, model: nn.Module, make_optimizer: OptimizerFactory, seed: int) -> tuple[nn.Module, torch.optim.Optimizer]:
+    def wrap(self, model: nn.Module, make_optimizer: OptimizerFactory,
+             seed: int) -> tuple[nn.Module, torch.optim.Optimizer]:
         deepspeed = import_deepspeed()
         self._ensure_process_group()
         # Every rank materializes and initializes the full model with the same seed (bit-identical
@@ -144,7 +145,7 @@ class ZeroStrategy(Strategy):
         # the follow-up for models that do not.
         parallelize(model, self.cfg, compile=self.compile)  # act-ckpt → compile; DeepSpeed shards below
         model.to_empty(device=self.device)
-        model.init_weights(seed)  # type: ignore[operator]
+        model.init_weights(seed)  # type: ignore[operator]  # a Decoder, typed as the nn.Module it is wrapped as
         optimizer = make_optimizer(model)
         self._order = [p for group in optimizer.param_groups for p in group["params"]]
         self._group_sizes = [len(group["params"]) for group in optimizer.param_groups]
@@ -172,7 +173,8 @@ class ZeroStrategy(Strategy):
         change. Returns how many groups now share storage.
         """
         zopt = self.zero_optimizer
-        if zopt is None or self.compute_dtype != torch.float32 or self.zero.offload_optimizer or self.zero.offload_params:
+        offloaded = self.zero.offload_optimizer or self.zero.offload_params
+        if zopt is None or self.compute_dtype != torch.float32 or offloaded:
             return 0
         if self.zero.stage == 3:
             pairs = list(zip(getattr(zopt, "fp16_partitioned_groups_flat", []),
@@ -208,7 +210,8 @@ class ZeroStrategy(Strategy):
     def inner_optimizer(self) -> torch.optim.Optimizer:
         """The torch AdamW doing the math (on ZeRO's flat fp32 partitions for stages 1-3)."""
         zopt = self.zero_optimizer
-        return zopt.optimizer if zopt is not None else self.engine.optimizer
+        inner: torch.optim.Optimizer = zopt.optimizer if zopt is not None else self.engine.optimizer
+        return inner
 
     # -- step ----------------------------------------------------------------------
     @contextlib.contextmanager
@@ -297,7 +300,8 @@ class ZeroStrategy(Strategy):
 
         grads: list[torch.Tensor] = [p.grad for p in module.parameters() if p.grad is not None]
         if zopt is not None:
-            for attr in ("averaged_gradients", "grad_partitions_flat_buffer", "_DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition"):
+            for attr in ("averaged_gradients", "grad_partitions_flat_buffer",
+                         "_DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition"):
                 value = getattr(zopt, attr, None)
                 if isinstance(value, torch.Tensor):
                     grads.append(value)
@@ -327,5 +331,6 @@ class ZeroStrategy(Strategy):
         return []
 
     def unwrap(self, model: nn.Module) -> nn.Module:
-        return self.engine.module
+        module: nn.Module = self.engine.module
+        return module
 

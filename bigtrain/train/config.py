@@ -12,10 +12,12 @@ class TrainConfig(Section):
     """Optimization: batch, steps, AdamW, LR schedule, clipping and precision."""
 
     max_steps: int = doc_field(1000, "Optimizer steps to train for.")
-    global_batch_tokens: int = doc_field(65536, "Tokens per optimizer step across all ranks; fixed whatever the world size (gradient accumulation absorbs the rest).")
+    global_batch_tokens: int = doc_field(65536, "Tokens per optimizer step across all ranks; fixed whatever the world "
+                                                "size (gradient accumulation absorbs the rest).")
     micro_batch_size: int = doc_field(8, "Sequences per forward/backward on one rank.")
     lr: float = doc_field(3e-4, "Peak learning rate.")
-    lr_schedule: Literal["cosine", "wsd", "constant"] = doc_field("cosine", "Schedule after warmup: cosine decay, warmup-stable-decay, or constant.")
+    lr_schedule: Literal["cosine", "wsd", "constant"] = doc_field("cosine", "Schedule after warmup: cosine decay, "
+                                                                            "warmup-stable-decay, or constant.")
     lr_warmup_steps: int = doc_field(100, "Linear warmup steps.")
     min_lr_ratio: float = doc_field(0.1, "Final learning rate as a fraction of lr (cosine and wsd).")
     lr_decay_fraction: float = doc_field(0.2, "wsd only: fraction of max_steps spent in the final linear decay.")
@@ -24,11 +26,20 @@ class TrainConfig(Section):
     beta2: float = doc_field(0.95, "AdamW beta2.")
     adam_eps: float = doc_field(1e-8, "AdamW epsilon.", gt=0)
     grad_clip: float = doc_field(1.0, "Clip the global gradient norm to this value (0 = no clipping).")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = doc_field("auto", "auto = bf16 autocast on GPUs that support it, fp32 on CPU. fp16 only with parallel.strategy=zero (DeepSpeed's dynamic loss scaling).")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = doc_field("auto", "auto = bf16 autocast on GPUs that support "
+                                                                           "it, fp32 on CPU. fp16 only with "
+                                                                           "parallel.strategy=zero (DeepSpeed's "
+                                                                           "dynamic loss scaling).")
     compile: bool = doc_field(False, "torch.compile each Transformer block (applied before sharding).")
-    on_nonfinite: Literal["stop", "skip"] = doc_field("stop", "NaN/Inf loss or grad norm: stop = exit with status 3 without saving a checkpoint (checked on log steps and before every save; no per-step host sync); skip = drop that step's update (costs one host sync per step). See docs/multinode.md.")
-    max_consecutive_skips: int = doc_field(5, "on_nonfinite=skip: stop (status 3) after this many non-finite steps in a row.")
-    debug_poison_steps: list[int] = doc_field([], "Testing aid only: multiply the loss by NaN at these optimizer steps (1-based) to exercise on_nonfinite.")
+    on_nonfinite: Literal["stop", "skip"] = doc_field("stop", "NaN/Inf loss or grad norm: stop = exit with status 3 "
+                                                              "without saving a checkpoint (checked on log steps and "
+                                                              "before every save; no per-step host sync); skip = drop "
+                                                              "that step's update (costs one host sync per step). See "
+                                                              "docs/multinode.md.")
+    max_consecutive_skips: int = doc_field(5, "on_nonfinite=skip: stop (status 3) after this many non-finite steps in "
+                                              "a row.")
+    debug_poison_steps: list[int] = doc_field([], "Testing aid only: multiply the loss by NaN at these optimizer steps "
+                                                  "(1-based) to exercise on_nonfinite.")
 
     def validate(self, path: str) -> None:
         for name in ("max_steps", "global_batch_tokens", "micro_batch_size"):
@@ -57,9 +68,11 @@ class EvalConfig(Section):
     """Periodic validation on the held-out split."""
 
     every_steps: int = doc_field(200, "Evaluate every N optimizer steps (0 = only at the end).")
-    max_batches: int = doc_field(20, "Micro-batches per evaluation over all ranks, rounded up to a multiple of the world size (0 = the whole validation split).")
+    max_batches: int = doc_field(20, "Micro-batches per evaluation over all ranks, rounded up to a multiple of the "
+                                     "world size (0 = the whole validation split).")
     at_end: bool = doc_field(True, "Also evaluate after the last step.")
-    final_max_batches: int = doc_field(0, "Micro-batches for the evaluation after the last step (0 = the whole validation split).")
+    final_max_batches: int = doc_field(0, "Micro-batches for the evaluation after the last step (0 = the whole "
+                                          "validation split).")
 
     def validate(self, path: str) -> None:
         if self.every_steps < 0 or self.max_batches < 0 or self.final_max_batches < 0:
@@ -70,7 +83,11 @@ class EvalConfig(Section):
 class WandbConfig(Section):
     """Weights & Biases logging (rank 0 only; the resolved config is uploaded)."""
 
-    mode: Literal["disabled", "offline", "online"] = doc_field("disabled", "disabled, offline (files under RUN_DIR/wandb, sync later with `wandb sync`) or online (needs WANDB_API_KEY or `wandb login`). The WANDB_MODE environment variable, when set, overrides this.")
+    mode: Literal["disabled", "offline", "online"] = doc_field("disabled", "disabled, offline (files under "
+                                                                           "RUN_DIR/wandb, sync later with `wandb "
+                                                                           "sync`) or online (needs WANDB_API_KEY or "
+                                                                           "`wandb login`). The WANDB_MODE environment "
+                                                                           "variable, when set, overrides this.")
     project: str = doc_field("bigtrain", "W&B project.")
     entity: str = doc_field("", "W&B entity (team or user); empty = your default entity.")
     name: str = doc_field("", "W&B run name; empty = run.name.")
@@ -85,7 +102,9 @@ class WandbConfig(Section):
 class ProfileConfig(Section):
     """torch.profiler window (rank 0 only)."""
 
-    steps: list[int] = doc_field([], "[first, last] optimizer steps (1-based, inclusive) to profile into RUN_DIR/profile/ (a Chrome trace, an op summary and, on CUDA, a memory snapshot); [] = off.")
+    steps: list[int] = doc_field([], "[first, last] optimizer steps (1-based, inclusive) to profile into "
+                                     "RUN_DIR/profile/ (a Chrome trace, an op summary and, on CUDA, a memory "
+                                     "snapshot); [] = off.")
 
     def validate(self, path: str) -> None:
         if not self.steps:
@@ -100,7 +119,8 @@ class LogConfig(Section):
     """Logging: console, metrics.jsonl (always), W&B, TensorBoard and the profiler window."""
 
     every_steps: int = doc_field(10, "Log a line every N optimizer steps (the first and last step are always logged).")
-    console: bool = doc_field(True, "Print log lines to stdout, with a progress bar and ETA (metrics.jsonl is always written).")
+    console: bool = doc_field(True, "Print log lines to stdout, with a progress bar and ETA (metrics.jsonl is always "
+                                    "written).")
     sample_at_end: bool = doc_field(True, "Print a short generated sample after training.")
     sample_prompt: str = doc_field("", "Prompt for the end-of-training sample (empty = start of a document).")
     sample_tokens: int = doc_field(100, "Tokens to generate for the end-of-training sample.")

@@ -16,7 +16,8 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 
-def install_loss_poison(model: nn.Module, steps: Sequence[int], current_step: Callable[[], int]) -> RemovableHandle | None:
+def install_loss_poison(model: nn.Module, steps: Sequence[int],
+                        current_step: Callable[[], int]) -> RemovableHandle | None:
     """Multiply the training loss by NaN while ``current_step()`` (the 1-based step being computed) is in
     ``steps``. ``model`` is the plain decoder (its forward returns the loss when given targets)."""
     poisoned = frozenset(steps)

@@ -143,7 +143,8 @@ class ConsoleLogger:
     def format(self, record: dict[str, Any]) -> str | None:
         step = f"step {record['step']:>{self.width}}/{self.max_steps}"
         if record.get("kind") == "eval":
-            return f"{step} | val_loss {record['val_loss']:.4f} | val_bpb {record['val_bpb']:.4f} | {record['eval_s']:.1f}s"
+            return (f"{step} | val_loss {record['val_loss']:.4f} | val_bpb {record['val_bpb']:.4f} | "
+                    f"{record['eval_s']:.1f}s")
         if record.get("kind") != "train":
             return None
         mfu = record.get("mfu")
@@ -288,7 +289,8 @@ def resolve_wandb_mode(configured: str) -> str:
         return mode
     source = f"WANDB_MODE={env}" if env else f"log.wandb.mode={mode}"
     if importlib.util.find_spec("wandb") is None:
-        raise missing_package("wandb", source, "set log.wandb.mode=disabled", ModuleNotFoundError("No module named 'wandb'"))
+        raise missing_package("wandb", source, "set log.wandb.mode=disabled",
+                              ModuleNotFoundError("No module named 'wandb'"))
     if mode == "online" and not wandb_credentials_found():
         raise UserError(
             f"{source} but no W&B API key was found (WANDB_API_KEY is unset, no netrc entry for {_wandb_host()}, "

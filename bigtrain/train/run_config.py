@@ -41,7 +41,8 @@ class RunSection(Section):
     """Identity and placement of a run."""
 
     name: str = doc_field("run", "Human-readable run name (used by loggers).")
-    out_dir: str = doc_field("runs/run", "The run folder: config.yaml, metrics.jsonl and checkpoints/ are written here.")
+    out_dir: str = doc_field("runs/run", "The run folder: config.yaml, metrics.jsonl and checkpoints/ are written "
+                                         "here.")
     seed: int = doc_field(0, "Seed for weights, data order and sampling.")
     device: Literal["auto", "cpu", "cuda"] = doc_field("auto", "auto = CUDA if available, else CPU.")
     num_threads: int = doc_field(0, "CPU threads for torch (0 = torch's default).")
@@ -95,8 +96,9 @@ class RunConfig(Section):
                 f"use train.precision=bf16 (same speed on GPUs that have it, no loss scaling needed) or fp32."
             )
         if self.train.on_nonfinite == "skip" and self.parallel.strategy == "zero":
-            raise ConfigError("train.on_nonfinite: skip does not work with parallel.strategy=zero (DeepSpeed computes the "
-                              "gradient norm inside its optimizer step, too late to skip it); use train.on_nonfinite=stop.")
+            raise ConfigError("train.on_nonfinite: skip does not work with parallel.strategy=zero (DeepSpeed "
+                              "computes the gradient norm inside its optimizer step, too late to skip it); use "
+                              "train.on_nonfinite=stop.")
 
     def check_launch(self, world_size: int) -> tuple[int, int]:
         """Everything that depends on the number of processes (``bigtrain config check --world-size``, the
@@ -112,12 +114,14 @@ class RunConfig(Section):
         if seqs % per_pass:
             raise ConfigError(
                 f"train.global_batch_tokens: {seqs} sequences per step cannot be split over {world_size} ranks x "
-                f"micro_batch_size {self.train.micro_batch_size}; make it a multiple of {per_pass * self.data.seq_len} tokens."
+                f"micro_batch_size {self.train.micro_batch_size}; make it a multiple of "
+                f"{per_pass * self.data.seq_len} tokens."
             )
         return seqs, seqs // per_pass
 
     def to_dict(self) -> dict[str, Any]:
-        return to_dict(self)
+        plain: dict[str, Any] = to_dict(self)
+        return plain
 
     def to_yaml(self) -> str:
         return dump_yaml(self.to_dict())

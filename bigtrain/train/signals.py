@@ -3,7 +3,8 @@
 Clusters warn a job before killing it: Slurm sends SIGUSR1 ``--signal=USR1@<seconds>`` before the
 time limit and SIGTERM on preemption or ``scancel``; a person presses Ctrl-C (SIGINT). The handler
 only records the signal and when it arrived (printing from a signal handler can deadlock on the
-stream lock it interrupted); the loop reports it (:meth:`StopRequest.describe`). At the next step boundary every rank contributes its flag to one
+stream lock it interrupted); the loop reports it (:meth:`StopRequest.describe`). At the next step
+boundary every rank contributes its flag to one
 all-reduce (MAX), so all ranks stop after the *same* step even when only some of them were
 signalled, then the trainer saves a checkpoint and the CLI exits with :data:`EXIT_PREEMPTED`.
 

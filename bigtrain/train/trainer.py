@@ -121,7 +121,8 @@ class Trainer:
             lambda m: build_adamw(m, lr=t.lr, weight_decay=t.weight_decay, betas=(t.beta1, t.beta2), eps=t.adam_eps),
             seed=cfg.run.seed,
         )
-        self.schedule = LRSchedule(t.lr_schedule, t.lr, t.lr_warmup_steps, t.max_steps, t.min_lr_ratio, t.lr_decay_fraction)
+        self.schedule = LRSchedule(t.lr_schedule, t.lr, t.lr_warmup_steps, t.max_steps, t.min_lr_ratio,
+                                   t.lr_decay_fraction)
         self.byte_lengths = torch.from_numpy(self.tokenizer.token_byte_lengths()).to(self.info.device)
         self.num_params = count_parameters(cfg.model)
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
@@ -523,7 +524,8 @@ class Trainer:
             f"  data     {self.loader.summary()} train"
             f"{f', {self.val_stream.num_tokens:,} val tokens' if self.val_stream else ''}, "
             f"{c.train.max_steps} steps"
-            + (f" = {c.train.max_steps * c.train.global_batch_tokens / n:.2f} epochs" if (n := self.loader.shard_tokens()) else "")
+            + (f" = {c.train.max_steps * c.train.global_batch_tokens / n:.2f} epochs"
+               if (n := self.loader.shard_tokens()) else "")
         )
 
     def _print_sample(self) -> None:
