@@ -479,37 +479,23 @@ def resolve_resume(resume: str, run_dir: Path) -> Path | None:
         return None
     if resume == "auto":
         return CheckpointManager(run_dir).latest(report=messages.warn)
-    path = Path(resume).expanduser()
-    if (path / MANIFEST_FILE).is_file():
-        return path
-    if path.is_dir() and step_of(path) is not None:
-        raise UserError(f"checkpoint.resume={resume!r}: {path / MANIFEST_FILE} is missing, so this checkpoint was "
-                        f"never committed (or was damaged). Pass an older checkpoint or the run folder.")
-    found = CheckpointManager(path).latest(report=messages.warn) if path.is_dir() else None
-    if found is None:
-        raise UserError(
-            f"checkpoint.resume={resume!r}: no checkpoint there. Give a checkpoint folder (…/checkpoints/step_N), "
-            f"a run folder that has checkpoints, 'auto' or 'never'."
-        )
-    return found
+    return find_checkpoint(resume, f"checkpoint.resume={resume!r}", other_choices=", 'auto' or 'never'")
 
 
-def find_checkpoint(source: str | Path, verb: str) -> Path:
-    """The checkpoint a tool (``bigtrain export``, ``generate``) reads: ``source`` itself when it is a committed
-    checkpoint folder, else the newest good checkpoint of the run folder ``source``."""
+def find_checkpoint(source: str | Path, label: str, *, other_choices: str = "") -> Path:
+    """``source`` itself when it is a committed checkpoint folder, else the newest good checkpoint of the run
+    folder ``source``. ``label`` starts each error (a tool's name, or the config key that named ``source``)."""
     path = Path(source).expanduser()
-    if not path.exists():
-        raise UserError(f"{verb}: {str(path)!r} does not exist; pass a checkpoint folder (…/checkpoints/step_N) "
-                        f"or a run folder.")
+    choices = f"a checkpoint folder (…/checkpoints/step_N), a run folder that has checkpoints{other_choices}"
     if (path / MANIFEST_FILE).is_file():
         return path
     if path.is_dir() and step_of(path) is not None:
-        raise UserError(f"{verb}: {path / MANIFEST_FILE} is missing, so this checkpoint was never committed (or "
+        raise UserError(f"{label}: {path / MANIFEST_FILE} is missing, so this checkpoint was never committed (or "
                         f"was damaged); pass an older checkpoint or the run folder (see `bigtrain ckpt ls`).")
     found = CheckpointManager(path).latest(report=messages.warn) if path.is_dir() else None
     if found is None:
-        raise UserError(f"{verb}: {str(path)!r} holds no committed checkpoint; pass a checkpoint folder "
-                        f"(…/checkpoints/step_N) or a run folder that has checkpoints (see `bigtrain ckpt ls`).")
+        what = "holds no committed checkpoint" if path.exists() else "does not exist"
+        raise UserError(f"{label}: {str(path)!r} {what}; pass {choices}.")
     return found
 
 

@@ -24,20 +24,11 @@ from typing import Any
 
 from bigtrain import messages
 from bigtrain.errors import UserError
+from bigtrain.train.status import process_alive
 
 LOCK_FILE = ".bigtrain.lock"
 HEARTBEAT_S = 10.0
 STALE_AFTER_S = 90.0  # many missed heartbeats: the holder's node died or froze
-
-
-def _pid_running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
 
 
 class RunLock:
@@ -90,7 +81,7 @@ class RunLock:
             return "an unreadable lock file"
         host, pid = holder.get("host"), holder.get("pid")
         age = time.time() - float(holder.get("heartbeat", 0) or 0)
-        if host == self.host and isinstance(pid, int) and not _pid_running(pid):
+        if host == self.host and isinstance(pid, int) and not process_alive(pid):
             return f"process {pid} on {host} is not running"
         if age > self.stale_after_s:
             return f"the lock of {host} (pid {pid}) has not been refreshed for {age:.0f}s"

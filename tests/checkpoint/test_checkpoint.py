@@ -175,7 +175,7 @@ def test_changed_architecture_is_refused_with_a_diff(tmp_path: Path, trained) ->
 def test_resolve_resume_bad_input(tmp_path: Path, trained) -> None:
     assert resolve_resume("never", tmp_path) is None
     assert resolve_resume("auto", tmp_path) is None  # nothing saved yet: start fresh
-    with pytest.raises(UserError, match="no checkpoint there"):
+    with pytest.raises(UserError, match="does not exist; pass a checkpoint folder"):
         resolve_resume(str(tmp_path / "nope"), tmp_path)
     manager = CheckpointManager(tmp_path, CheckpointConfig())
     path = save(manager, 1, trained)
