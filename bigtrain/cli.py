@@ -340,6 +340,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # argparse exits with status 2 on bad usage, as a user error should
     try:
+        if getattr(args, "overrides", None):
+            from bigtrain.sections import check_unique_overrides
+
+            check_unique_overrides(args.overrides)
         code: int = args.func(args)
         return code
     except UserError as exc:

@@ -238,15 +238,23 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return parts, value
 
 
-def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """Apply dotted overrides to a raw config mapping (validation happens afterwards)."""
+def check_unique_overrides(overrides: Sequence[str]) -> None:
+    """Refuse a key given twice on a command line (it would silently be last-wins)."""
     seen: dict[str, str] = {}
     for text in overrides:
-        parts, value = parse_override(text)
+        parts, _ = parse_override(text)
         key = ".".join(parts)
         if key in seen:
             raise ConfigError(f"override {key} is given twice ({seen[key]!r} and {text!r}); keep one.")
         seen[key] = text
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply dotted overrides to a raw config mapping (validation happens afterwards). A later override of
+    the same key wins: programs compose override lists; the command line is checked by
+    :func:`check_unique_overrides`."""
+    for text in overrides:
+        parts, value = parse_override(text)
         node = data
         for depth, part in enumerate(parts[:-1]):
             child = node.get(part)
