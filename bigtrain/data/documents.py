@@ -26,11 +26,13 @@ import gzip
 import io
 import json
 import re
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from bigtrain import messages
 from bigtrain.errors import UserError
 
 SUFFIXES: dict[str, tuple[str, ...]] = {
@@ -199,15 +201,19 @@ def read_blocks(path: Path, text_key: str, *, start: int = 0, size: int = _READ_
     naming it (a bad JSON line: when its block is decoded or, for an array file, when it is read).
     """
     fmt = format_of(path)
-    if fmt == "text":
-        if start == 0:
-            yield RecordBlock(path, 0, [_read_bytes(path)], _decode_text)
-    elif fmt == "parquet":
-        yield from _parquet_blocks(path, text_key, start, size)
-    elif fmt == "jsonl":
-        yield from _jsonl_blocks(path, text_key, start, size)
-    else:
-        raise UserError(f"{path} has an unsupported type. Supported: {describe_formats()}.")
+    try:
+        if fmt == "text":
+            if start == 0:
+                yield RecordBlock(path, 0, [_read_bytes(path)], _decode_text)
+        elif fmt == "parquet":
+            yield from _parquet_blocks(path, text_key, start, size)
+        elif fmt == "jsonl":
+            yield from _jsonl_blocks(path, text_key, start, size)
+        else:
+            raise UserError(f"{path} has an unsupported type. Supported: {describe_formats()}.")
+    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:  # a .gz that is not (or no longer) gzip
+        raise UserError(f"{path}: cannot be decompressed ({type(exc).__name__}: {exc}); its name ends in .gz but "
+                        f"it is not a complete gzip file. Re-compress it, rename it, or leave it out.") from None
 
 
 def read_records(path: Path, text_key: str) -> Iterator[Record]:
@@ -225,8 +231,20 @@ def _read_bytes(path: Path) -> bytes:
         return f.read()
 
 
+# A "text" file with NUL bytes, or with this share of its bytes invalid UTF-8, is most likely binary.
+BINARY_INVALID_FRACTION = 0.1
+
+
 def _decode_text(block: RecordBlock) -> list[Record]:
-    return [decode_utf8(block.raw[0])]
+    raw = block.raw[0]
+    text = decode_utf8(raw)
+    has_nul = b"\x00" in raw[:65536]
+    if raw and (has_nul or text.num_invalid > BINARY_INVALID_FRACTION * len(raw)):
+        nul_note = ", NUL bytes" if has_nul else ""
+        messages.warn(f"warning: {block.path} looks like a binary file, not text ({text.num_invalid:,} invalid "
+                      f"UTF-8 sequences in {len(raw):,} bytes{nul_note}); it is read as text with U+FFFD "
+                      f"replacements. Leave it out of the inputs if it is not text.")
+    return [text]
 
 
 def _recut(chunks: Iterable[Sequence[Any]], start: int, size: int,

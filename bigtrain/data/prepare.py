@@ -214,11 +214,19 @@ def tokenize_to_shards(docs: Iterable[tuple[str, int, str]], tokenizer: Tokenize
     return {split: w.close(root) for split, w in sorted(writers.items())}
 
 
+def _is_within(path: Path, folder: Path) -> bool:
+    try:
+        path.resolve().relative_to(folder.resolve())
+    except ValueError:
+        return False
+    return True
+
+
 def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
     """Refuse to replace a non-empty directory unless asked: it may hold the user's data."""
     if out_dir.exists() and not overwrite and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise UserError(f"Output directory {out_dir} already exists and is not empty. "
-                        "Choose a new --out-dir, or delete the directory first.")
+        raise UserError(f"Output directory {out_dir} already exists and is not empty. Choose a new --out-dir, or "
+                        f"pass --overwrite to replace it.")
 
 
 PARTIAL_SUFFIX = ".partial"
@@ -239,11 +247,15 @@ def _open_build_dir(out: Path, signature: dict[str, Any]) -> tuple[Path, dict[st
             progress = json.loads((build / PROGRESS).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             progress = {}
-        if progress.get("signature") == signature and (build / "tokenizer.json").is_file():
+        same = progress.get("signature") == signature
+        if same and (build / "tokenizer.json").is_file():
             done = {k: v["docs"] for k, v in progress.get("splits", {}).items()}
             say(f"prepare: resuming the interrupted build in {build} (documents already in shards: {done})")
             return build, progress
-        say(f"prepare: discarding {build} (an interrupted build of other inputs or options)")
+        if same or not progress:
+            say(f"prepare: restarting the interrupted build in {build} (it stopped before its tokenizer was saved)")
+        else:
+            say(f"prepare: discarding {build} (an interrupted build of other inputs or options)")
         shutil.rmtree(build)
     build.mkdir(parents=True)
     return build, {}
@@ -305,6 +317,11 @@ def prepare_corpus(
     if not inputs:
         raise UserError("No input files given. Pass text files, directories or globs (e.g. 'corpus/*.jsonl').")
     files = find_files(inputs, owner="data prepare", option="the input paths")
+    # The output (and its partial build) may sit inside an input folder: never read it back as input.
+    files = [f for f in files if not _is_within(f, out) and not _is_within(f, out.with_name(out.name + PARTIAL_SUFFIX))]
+    if not files:
+        raise UserError(f"data prepare: the input paths ({', '.join(inputs)}) hold no input files outside the output "
+                        f"folder {out}.")
     tok = Tokenizer.from_file(tokenizer) if tokenizer is not None else None
     _check_out_dir(out, overwrite)  # before the (long) scan, not only when the build starts
     say(f"prepare: scanning {len(files)} input file(s)")

@@ -272,5 +272,9 @@ def train_tokenizer_files(files: Sequence[str], vocab_size: int, out: str | Path
     out_path = Path(out)
     if out_path.is_dir():
         out_path = out_path / "tokenizer.json"
-    tok.save(out_path)
+    try:
+        tok.save(out_path)  # atomic: a temporary sibling, then a rename
+    except OSError as exc:
+        raise UserError(f"data tokenizer train: cannot write {out_path} ({exc.strerror or exc}); choose a writable "
+                        f"--out.") from None
     return tok
