@@ -45,8 +45,21 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
     from bigtrain import messages
     from bigtrain.cli import main
 
-    out, err = io.StringIO(), io.StringIO()
+    import torch
+
+    class Captured(io.StringIO):
+        """What a verb prints; ``fileno()`` is the real stream's (faulthandler registers on it)."""
+
+        def __init__(self, real: Any) -> None:
+            super().__init__()
+            self.real = real
+
+        def fileno(self) -> int:
+            return self.real.fileno()
+
+    out, err = Captured(sys.__stdout__), Captured(sys.__stderr__)
     previous_sink = messages.set_sink(None)  # messages go to the (redirected) stdout/stderr
+    threads = torch.get_num_threads()  # `train` sets run.num_threads: restored after
     try:
         with _Env(env or {}), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
@@ -55,6 +68,7 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
                 code = exc.code if isinstance(exc.code, int) else 1
     finally:
         messages.set_sink(previous_sink)
+        torch.set_num_threads(threads)
     return subprocess.CompletedProcess(["bigtrain", *args], code, out.getvalue(), err.getvalue())
 
 
@@ -95,6 +109,13 @@ def train_records(run_dir: Path) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------- in-process training
+def overriding(base: list[str] | tuple[str, ...], *overrides: str) -> list[str]:
+    """``base`` overrides with ``overrides`` appended, dropping the base entries for the same keys
+    (bigtrain refuses a key given twice)."""
+    keys = {o.split("=", 1)[0] for o in overrides}
+    return [o for o in base if o.split("=", 1)[0] not in keys] + list(overrides)
+
+
 def build_trainer(config: str | Path, overrides: list[str] | tuple[str, ...]) -> Any:
     """A Trainer for ``config`` with ``overrides``, built in this process. Its messages go through
     ``bigtrain.messages`` (capture them with ``bigtrain.messages.capture()``)."""
@@ -106,12 +127,18 @@ def build_trainer(config: str | Path, overrides: list[str] | tuple[str, ...]) ->
 
 def train(out_dir: Path, *overrides: str, config: str | Path = "configs/debug.yaml") -> tuple[dict, list[str]]:
     """Train ``config`` to the end in this process (console logger off); returns (fit's summary, the
-    messages it printed)."""
+    messages it printed). torch's thread count (``run.num_threads``) is restored after."""
+    import torch
+
     from bigtrain import messages
 
-    with messages.capture() as lines:
-        trainer = build_trainer(config, [f"run.out_dir={out_dir}", *overrides, "log.console=false"])
-        summary = trainer.fit()
+    threads = torch.get_num_threads()
+    try:
+        with messages.capture() as lines:
+            trainer = build_trainer(config, [f"run.out_dir={out_dir}", *overrides, "log.console=false"])
+            summary = trainer.fit()
+    finally:
+        torch.set_num_threads(threads)
     return summary, lines
 
 
@@ -259,6 +286,8 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
             report = "\n".join(f"--- rank {r} of {world_size}:\n{tb}" for r, tb in errors.items())  # first first
             pytest.fail(f"run_distributed: {fn.__name__} failed on rank {first} of {world_size} (first to fail)\n"
                         f"{report}", pytrace=False)
+        for proc in procs:  # every rank reported: let them finish exiting (a stuck exit is killed below)
+            proc.join(timeout=30)
         return [done[r] for r in range(world_size)]
     finally:
         for proc in procs:

@@ -5,9 +5,13 @@ copy of the run from its step-N checkpoint and train N more. Per-step losses, gr
 the final parameters must be identical bit for bit on the same world size (CPU, fp32), and equal
 within 1e-6 relative on another world size (the reduction order changes). The same checkpoints
 are exported to Hugging Face format and checked against ``transformers``' Llama.
+
+The ranks are in-process (tests/helpers.py ``run_distributed``): one 2-rank launch trains and
+resumes every backend, one 1-rank launch resumes each on one process and exports.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -15,36 +19,69 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import run_cli, run_torchrun
+from tests.helpers import run_distributed, train, train_records
 
 N = 2
 TINY = ["model.num_layers=2", "model.dim=64", "data.seq_len=128", "train.global_batch_tokens=1024",
         "train.micro_batch_size=2", "train.lr_warmup_steps=1", "train.precision=fp32", "log.every_steps=1",
         "eval.every_steps=0", "eval.at_end=false", "log.sample_at_end=false", "run.device=cpu",
-        f"train.max_steps={2 * N}", f"checkpoint.every_steps={N}", "checkpoint.keep_last=5"]
-ENV = {"DS_ACCELERATOR": "cpu"}
-TIMEOUT = 240
+        f"train.max_steps={2 * N}", f"checkpoint.every_steps={N}", "checkpoint.keep_last=5", "run.num_threads=1"]
+TIMEOUT = 600
+ZERO2 = ["parallel.strategy=zero", "parallel.zero.stage=2"]
+ZERO3 = ["parallel.strategy=zero", "parallel.zero.stage=3"]
+# backend -> (overrides on 2 ranks, overrides for the 1-process resume, export the final checkpoint?)
+# 2 ranks -> 1 process: DCP reshards FSDP shards into whole tensors for `single`; ZeRO goes through
+# DeepSpeed's universal format (stages 1/2 keep AdamW's step per parameter there).
+BACKENDS = {
+    "fsdp": (["parallel.strategy=fsdp"], ["parallel.strategy=single"], True),
+    "zero2": (ZERO2, ZERO2, False),
+    "zero3": (ZERO3, ZERO3, True),
+}
 
 
 def records(run_dir: Path) -> dict[int, dict]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return {r["step"]: r for r in map(json.loads, lines) if r.get("kind") == "train"}
+    return {r["step"]: r for r in train_records(run_dir)}
 
 
-def train(out: Path, *overrides: str, nproc: int) -> None:
-    args = ("train", "configs/debug.yaml", f"run.out_dir={out}", *TINY, *overrides)
-    proc = (run_torchrun(*args, nproc=nproc, timeout=TIMEOUT, env=ENV) if nproc > 1
-            else run_cli(*args, timeout=TIMEOUT, env=ENV))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-
-
-def resume_copy(full: Path, dest: Path, *overrides: str, nproc: int) -> dict[int, dict]:
-    """Copy the run folder, select its step-N checkpoint as latest, resume and train to 2N."""
+def copy_for_resume(full: Path, dest: Path) -> None:
+    """Copy the run folder and select its step-N checkpoint as latest (metrics start empty)."""
     shutil.copytree(full, dest)
     (dest / "checkpoints" / "latest").write_text(f"step_{N:06d}\n")
     (dest / "metrics.jsonl").write_text("")
-    train(dest, *overrides, "checkpoint.resume=auto", nproc=nproc)
-    return records(dest)
+
+
+def train_and_resume_on_two_ranks(rank: int, root: str, names: list[str]) -> None:
+    """Each backend: train 2N steps straight ("full"), then resume a copy from step N ("again")."""
+    import torch.distributed as dist
+
+    for name in names:
+        full, again = Path(root) / name / "full", Path(root) / name / "again"
+        train(full, *TINY, *BACKENDS[name][0])
+        if rank == 0:
+            copy_for_resume(full, again)
+        dist.barrier()
+        train(again, *TINY, *BACKENDS[name][0], "checkpoint.resume=auto")
+
+
+def resume_on_one_rank_and_export(rank: int, root: str, names: list[str]) -> None:
+    """Each backend: resume a copy of the 2-rank run on one process ("one"); export its final checkpoint."""
+    from bigtrain.export import export_checkpoint
+
+    for name in names:
+        full, one = Path(root) / name / "full", Path(root) / name / "one"
+        copy_for_resume(full, one)
+        train(one, *TINY, *BACKENDS[name][1], "checkpoint.resume=auto")
+        if BACKENDS[name][2]:
+            export_checkpoint(full / "checkpoints" / f"step_{2 * N:06d}", "hf", Path(root) / name / "hf")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory, demo_data: Path) -> Path:
+    root = tmp_path_factory.mktemp("reshard")
+    names = [n for n in BACKENDS if not n.startswith("zero") or importlib.util.find_spec("deepspeed")]
+    run_distributed(train_and_resume_on_two_ranks, 2, str(root), names, timeout_s=TIMEOUT)
+    run_distributed(resume_on_one_rank_and_export, 1, str(root), names, timeout_s=TIMEOUT)
+    return root
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -74,14 +111,12 @@ def assert_resumed(full: Path, resumed: Path, *, rel: float = 0.0) -> None:
 
 
 def assert_export_matches_transformers(run_dir: Path, out: Path) -> None:
-    """`bigtrain export --to hf` of the final checkpoint: transformers' Llama gives the same logits."""
+    """The HF export of the final checkpoint (written in the 1-rank launch): transformers' Llama gives the same logits."""
     transformers = pytest.importorskip("transformers")
     from bigtrain.config import config_from_dict
     from bigtrain.model import build_on_meta
 
     ckpt = run_dir / "checkpoints" / f"step_{2 * N:06d}"
-    proc = run_cli("export", str(ckpt), "--to", "hf", str(out), timeout=120, env=ENV)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in out.iterdir()}
     weights = final_weights(run_dir)
     cfg = config_from_dict(json.loads((ckpt / "manifest.json").read_text())["config"]).model
@@ -96,48 +131,34 @@ def assert_export_matches_transformers(run_dir: Path, out: Path) -> None:
     assert diff <= 1e-4, diff
 
 
-@pytest.mark.slow
-def test_fsdp_resume_is_bitwise_and_reshards_to_one_rank(tmp_path: Path, demo_data: Path) -> None:
-    full = tmp_path / "full"
-    train(full, "parallel.strategy=fsdp", nproc=2)
+def test_fsdp_resume_is_bitwise_and_reshards_to_one_rank(runs: Path) -> None:
+    full = runs / "fsdp" / "full"
     manifest = json.loads((full / "checkpoints" / f"step_{N:06d}" / "manifest.json").read_text())
     assert manifest["world_size"] == 2 and manifest["backend"] == "dcp"
     files = set(manifest["files"])
     assert {"rank/rank_00000.pt", "rank/rank_00001.pt"} <= files
     assert {name.split("_")[2] for name in files if name.endswith(".distcp")} == {"0", "1"}  # dcp/__RANK_N.distcp
-    resume_copy(full, tmp_path / "again", "parallel.strategy=fsdp", nproc=2)
-    assert_resumed(full, tmp_path / "again")
+    assert_resumed(full, runs / "fsdp" / "again")
     # 2 ranks -> 1 process: DCP reshards the FSDP shards into whole tensors.
-    resume_copy(full, tmp_path / "one", "parallel.strategy=single", nproc=1)
-    assert_resumed(full, tmp_path / "one", rel=1e-6)
-    assert_export_matches_transformers(full, tmp_path / "hf")
+    assert_resumed(full, runs / "fsdp" / "one", rel=1e-6)
+    assert_export_matches_transformers(full, runs / "fsdp" / "hf")
 
 
-@pytest.mark.slow
-def test_zero2_resume_is_bitwise_and_reshards(tmp_path: Path, demo_data: Path) -> None:
+def test_zero2_resume_is_bitwise_and_reshards(runs: Path) -> None:
     pytest.importorskip("deepspeed")
-    zero2 = ("parallel.strategy=zero", "parallel.zero.stage=2")
-    full = tmp_path / "full"
-    train(full, *zero2, nproc=2)
-    resume_copy(full, tmp_path / "again", *zero2, nproc=2)
-    assert_resumed(full, tmp_path / "again")
+    full = runs / "zero2" / "full"
+    assert_resumed(full, runs / "zero2" / "again")
     # 2 ranks -> 1 through the universal format (stages 1/2 keep AdamW's step per parameter there).
-    resume_copy(full, tmp_path / "one", *zero2, nproc=1)
-    assert_resumed(full, tmp_path / "one", rel=1e-6)
+    assert_resumed(full, runs / "zero2" / "one", rel=1e-6)
 
 
-@pytest.mark.slow
-def test_zero3_resume_is_bitwise_reshards_and_exports(tmp_path: Path, demo_data: Path) -> None:
+def test_zero3_resume_is_bitwise_reshards_and_exports(runs: Path) -> None:
     pytest.importorskip("deepspeed")
-    zero3 = ("parallel.strategy=zero", "parallel.zero.stage=3")
-    full = tmp_path / "full"
-    train(full, *zero3, nproc=2)
+    full = runs / "zero3" / "full"
     ckpt = full / "checkpoints" / f"step_{N:06d}"
     assert json.loads((ckpt / "manifest.json").read_text())["backend"] == "deepspeed"
-    resume_copy(full, tmp_path / "again", *zero3, nproc=2)
-    assert_resumed(full, tmp_path / "again")
+    assert_resumed(full, runs / "zero3" / "again")
     # 2 ranks -> 1: converted to DeepSpeed's universal format on the fly, next to the checkpoint.
-    resume_copy(full, tmp_path / "one", *zero3, nproc=1)
-    assert (tmp_path / "one" / "checkpoints" / f"step_{N:06d}" / "universal" / "state").is_dir()
-    assert_resumed(full, tmp_path / "one", rel=1e-6)
-    assert_export_matches_transformers(full, tmp_path / "hf")
+    assert (runs / "zero3" / "one" / "checkpoints" / f"step_{N:06d}" / "universal" / "state").is_dir()
+    assert_resumed(full, runs / "zero3" / "one", rel=1e-6)
+    assert_export_matches_transformers(full, runs / "zero3" / "hf")

@@ -1,17 +1,15 @@
-"""Exact data resume across world sizes with real rank processes (torchrun, CPU).
+"""Exact data resume across world sizes with real rank processes (CPU).
 
-One torchrun launch with 2 ranks runs every scenario (shards, jsonl, a 2-source mixture):
-each rank runs k steps, saves its state, and continues (2->2); and continues the state a
-1-rank run saved (1->2). The pytest process computes the 1-rank straight-through stream,
-continues rank 0's 2-rank state on 1 rank (2->1), and checks that every joined global stream
-equals the straight one. (Run as a script, this file is the per-rank worker.)
+One launch of 2 in-process ranks (tests/helpers.py ``run_distributed``) runs every scenario
+(shards, jsonl, a 2-source mixture): each rank runs k steps, saves its state, and continues
+(2->2); and continues the state a 1-rank run saved (1->2). The pytest process computes the 1-rank
+straight-through stream, continues rank 0's 2-rank state on 1 rank (2->1), and checks that every
+joined global stream equals the straight one.
 """
 from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers import run_distributed
+
 N, K = 12, 5  # steps in all, steps before the checkpoint
 
 
@@ -27,11 +26,11 @@ def _rows(batches: list) -> np.ndarray:
     return torch.cat([torch.cat([b.inputs, b.targets[:, -1:]], 1) for b in batches]).numpy()
 
 
-def worker(spec_path: str) -> None:
+def worker(rank: int, spec_path: str) -> None:
     """One rank: for each scenario run K steps, save state, resume (2->2), and resume the 1-rank state (1->2)."""
-    from tests.unit.test_data_pipeline import data_config, pipeline
+    from tests.data.test_data_pipeline import data_config, pipeline
 
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    world = int(os.environ["WORLD_SIZE"])
     spec = json.loads(Path(spec_path).read_text())
     out = Path(spec["out"])
     for name, sources in spec["scenarios"].items():
@@ -55,7 +54,7 @@ def worker(spec_path: str) -> None:
 
 @pytest.mark.slow
 def test_resume_on_other_world_sizes_is_exact(tmp_path: Path) -> None:
-    from tests.unit.test_data_pipeline import data_config, global_steps, write_doc_shards, write_jsonl
+    from tests.data.test_data_pipeline import data_config, global_steps, write_doc_shards, write_jsonl
 
     write_doc_shards(tmp_path / "s", 40, seed=1)
     write_jsonl(tmp_path / "j", files=3, docs_per_file=8, seed=2)
@@ -70,10 +69,7 @@ def test_resume_on_other_world_sizes_is_exact(tmp_path: Path) -> None:
         (tmp_path / f"{name}.state1.json").write_text(json.dumps(global_steps(cfg, 1, K)[1]))
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps({"out": str(tmp_path), "scenarios": scenarios}))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "HF_DATASETS_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                           __file__, str(spec)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_distributed(worker, 2, str(spec), timeout_s=600, env={"HF_DATASETS_OFFLINE": "1"})
 
     for name, sources in scenarios.items():
         ref = straight[name]
@@ -90,6 +86,3 @@ def test_resume_on_other_world_sizes_is_exact(tmp_path: Path) -> None:
         for s in range(N - K):
             assert np.array_equal(two_one[s].numpy(), ref[K + s]), f"{name} 2->1 step {s}"
 
-
-if __name__ == "__main__":
-    worker(sys.argv[1])

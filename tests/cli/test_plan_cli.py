@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.helpers import cli
 
 
 def test_plan_llama3_8b_on_64_ranks() -> None:
-    proc = run_cli("plan", "configs/llama3-8b.yaml", "--world-size", "64", timeout=120)
+    proc = cli("plan", "configs/llama3-8b.yaml", "--world-size", "64")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
     assert "8.03B params" in out and "GFLOP/token" in out and "4,194,304 tokens/step" in out and "grad accum 8" in out
@@ -18,8 +18,8 @@ def test_plan_llama3_8b_on_64_ranks() -> None:
 
 
 def test_plan_one_strategy_with_overrides() -> None:
-    proc = run_cli("plan", "configs/llama3-8b.yaml", "parallel.activation_checkpointing=full", "--world-size", "8",
-                   "--strategy", "fsdp", "--gpu-memory-gib", "141", "--device", "cuda", timeout=120)
+    proc = cli("plan", "configs/llama3-8b.yaml", "parallel.activation_checkpointing=full", "--world-size", "8",
+                   "--strategy", "fsdp", "--gpu-memory-gib", "141", "--device", "cuda")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "activation_checkpointing=full" in proc.stdout and "141 GiB" in proc.stdout
     assert "zero-1" not in proc.stdout
@@ -35,7 +35,7 @@ def test_plan_one_strategy_with_overrides() -> None:
 def test_plan_bad_input_exits_2(args: list[str], needle: str) -> None:
     config_args = [a for a in args if "=" in a]
     flags = [a for a in args if "=" not in a]
-    proc = run_cli("plan", "configs/llama3-8b.yaml", *config_args, *flags, timeout=120)
+    proc = cli("plan", "configs/llama3-8b.yaml", *config_args, *flags)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr
     assert needle.lower() in proc.stderr.lower(), proc.stderr

@@ -1,4 +1,5 @@
-"""`bigtrain data tokenizer train / prepare / inspect` and training on a mixture of sources, end to end."""
+"""`bigtrain data tokenizer train / prepare / inspect` end to end, and training (in process) on a mixture of
+sources and with document ids."""
 from __future__ import annotations
 
 import json
@@ -6,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.helpers import cli, train, train_records
 
 QUICK = ["train.max_steps=3", "log.every_steps=1", "eval.every_steps=0", "eval.at_end=false",
          "checkpoint.at_end=false", "log.sample_at_end=false", "model.num_layers=1", "run.device=cpu",
@@ -25,14 +26,14 @@ def _corpus(folder: Path) -> Path:
 def test_tokenizer_prepare_inspect(tmp_path: Path) -> None:
     src = _corpus(tmp_path / "src")
     tok = tmp_path / "tok.json"
-    proc = run_cli("data", "tokenizer", "train", str(src), "--vocab-size", "300", "--out", str(tok))
+    proc = cli("data", "tokenizer", "train", str(src), "--vocab-size", "300", "--out", str(tok))
     assert proc.returncode == 0, proc.stderr
     assert "vocab 300" in proc.stdout and tok.is_file()
     out = tmp_path / "prepared"
-    proc = run_cli("data", "prepare", str(src), "--out-dir", str(out), "--tokenizer", str(tok), "--num-workers", "2",
-                   "--val-fraction", "0.1")
+    proc = cli("data", "prepare", str(src), "--out-dir", str(out), "--tokenizer", str(tok), "--num-workers", "2",
+               "--val-fraction", "0.1")
     assert proc.returncode == 0, proc.stderr
-    proc = run_cli("data", "inspect", str(out), "--sample-tokens", "20", "--check")
+    proc = cli("data", "inspect", str(out), "--sample-tokens", "20", "--check")
     assert proc.returncode == 0, proc.stderr
     text = proc.stdout
     manifest = json.loads((out / "manifest.json").read_text())
@@ -52,7 +53,7 @@ def test_tokenizer_prepare_inspect(tmp_path: Path) -> None:
      "matches no jsonl files"),
 ])
 def test_bad_input_exits_2(args: list[str], needle: str) -> None:
-    proc = run_cli(*args)
+    proc = cli(*args)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert needle in proc.stderr and "Traceback" not in proc.stderr
 
@@ -63,11 +64,9 @@ def test_train_on_a_mixture_logs_per_source_counts(tmp_path: Path, demo_data: Pa
     sources = (f"data.sources=[{{kind: shards, paths: [{demo_data / 'train'}], weight: 3, name: plays}}, "
                f"{{kind: jsonl, paths: ['{src}/*.jsonl'], weight: 1, name: web}}]")
     out = tmp_path / "run"
-    proc = run_cli("train", "configs/debug.yaml", f"run.out_dir={out}", sources, "data.document_ids=true", *QUICK)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "plays (1,493,920 tokens, 75%), web (jsonl, streamed, 25%)" in proc.stdout
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    last = [r for r in records if r.get("kind") == "train"][-1]
+    _, printed = train(out, sources, "data.document_ids=true", *QUICK)
+    assert "plays (1,493,920 tokens, 75%), web (jsonl, streamed, 25%)" in "\n".join(printed)
+    last = train_records(out)[-1]
     assert last["data/plays/samples"] + last["data/web/samples"] == 3 * 16
     assert last["data/plays/samples"] == 36 and last["data/web/docs"] > 0
 
@@ -77,11 +76,8 @@ def test_document_ids_reach_the_model(tmp_path: Path, demo_data: Path) -> None:
     first loss differs from the golden plain-causal run on the same data and weights."""
     golden = json.loads((Path(__file__).parents[1] / "golden" / "debug_20_steps.json").read_text())
     overrides = [o for o in golden["overrides"] if not o.startswith("train.max_steps")]
-    proc = run_cli("train", golden["config"], f"run.out_dir={tmp_path}", *overrides, "train.max_steps=1",
-                   "data.document_ids=true", timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    record = next(r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
-                  if r["kind"] == "train")
+    train(tmp_path, *overrides, "train.max_steps=1", "data.document_ids=true", config=golden["config"])
+    record = train_records(tmp_path)[0]
     plain = golden["losses"][0]
     assert record["loss"] == record["loss"] and abs(record["loss"] - plain) > 1e-4, (record["loss"], plain)
     assert abs(record["loss"] - plain) < 0.5  # same data and init: masked, not broken

@@ -1,7 +1,7 @@
 """Hugging Face Llama export/import: HF -> bigtrain (model.init_from) -> HF is lossless, logits match
 transformers, `--to torch` writes one state dict, bad input exits 2.
 
-(Export parity from FSDP and ZeRO-3 checkpoints is in tests/distributed/test_resume.py, which
+(Export parity from FSDP and ZeRO-3 checkpoints is in tests/checkpoint/test_reshard.py, which
 already has those checkpoints.) No hub access: the reference model is built from a local config.
 """
 from __future__ import annotations
@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from bigtrain.checkpoint.export import export_checkpoint, load_hf_weights, read_safetensors_dir, write_safetensors
-from bigtrain.config import load_config
+from bigtrain.checkpoint.hf import load_hf_weights, read_safetensors_dir, write_safetensors
 from bigtrain.errors import UserError
+from bigtrain.export import export_checkpoint
 from bigtrain.model import ModelConfig, build_on_meta
-from tests.conftest import run_cli
+from tests.helpers import build_trainer, cli
 
 transformers = pytest.importorskip("transformers")
 
@@ -53,9 +53,7 @@ def overrides(hf_dir: Path, out: Path) -> list[str]:
 
 
 def test_import_round_trip_and_logits(hf_dir: Path, tmp_path: Path, demo_data: Path) -> None:
-    from bigtrain.train.trainer import Trainer
-
-    trainer = Trainer(load_config("configs/debug.yaml", overrides(hf_dir, tmp_path / "run")), echo=lambda *_: None)
+    trainer = build_trainer("configs/debug.yaml", overrides(hf_dir, tmp_path / "run"))
     # Imported weights give transformers' logits.
     hf_model = transformers.LlamaForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
     tokens = torch.randint(0, SHAPE["vocab_size"], (2, 64), generator=torch.Generator().manual_seed(0))
@@ -64,7 +62,7 @@ def test_import_round_trip_and_logits(hf_dir: Path, tmp_path: Path, demo_data: P
     assert diff <= 1e-4, diff
     # HF -> bigtrain checkpoint -> HF: every tensor equal.
     ckpt = trainer.save_checkpoint(blocking=True)
-    out = export_checkpoint(ckpt, "hf", tmp_path / "hf_again", echo=lambda *_: None)
+    out = export_checkpoint(ckpt, "hf", tmp_path / "hf_again")
     original, again = read_safetensors_dir(hf_dir), read_safetensors_dir(out)
     assert original.keys() == again.keys()
     for name in original:
@@ -75,7 +73,7 @@ def test_import_round_trip_and_logits(hf_dir: Path, tmp_path: Path, demo_data: P
     transformers.LlamaForCausalLM.from_pretrained(str(out))  # loadable as exported
 
     # --to torch: one state dict with bigtrain's names, loadable into the decoder.
-    target = export_checkpoint(ckpt, "torch", tmp_path / "model.pt", echo=lambda *_: None)
+    target = export_checkpoint(ckpt, "torch", tmp_path / "model.pt")
     model = build_on_meta(ModelConfig(**SHAPE))
     model.to_empty(device="cpu")
     model.init_weights(0)
@@ -111,7 +109,7 @@ def test_init_from_not_a_model_folder(tmp_path: Path) -> None:
       "train.max_steps=1"], ["model.init_from", "no config.json"]),
 ])
 def test_bad_input_exit_2(args: list[str], needles: list[str], demo_data: Path) -> None:
-    proc = run_cli(*args, timeout=120)
+    proc = cli(*args)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr
     for needle in needles:

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import run_cli
+from tests.helpers import run_cli
+from tests.helpers import train as train_here
 
 ARGS = ["model.num_layers=2", "model.dim=64", "data.seq_len=128", "train.global_batch_tokens=1024",
         "train.micro_batch_size=4", "train.lr_warmup_steps=1", "train.precision=fp32", "log.every_steps=1",
@@ -28,13 +29,7 @@ def train(out: Path, *extra: str, env: dict | None = None):
 
 def train_in_process(out: Path, *extra: str) -> str:
     """Train in this pytest process (cheaper than a subprocess); returns what it printed."""
-    from bigtrain.config import load_config
-    from bigtrain.train.trainer import Trainer
-
-    printed: list[str] = []
-    cfg = load_config("configs/debug.yaml", [f"run.out_dir={out}", *ARGS, "log.console=false", *extra])
-    Trainer(cfg, echo=printed.append).fit()
-    return "\n".join(printed)
+    return "\n".join(train_here(out, *ARGS, *extra)[1])
 
 
 def losses(out: Path) -> dict[int, tuple[float, float]]:

@@ -1,20 +1,17 @@
-"""Non-finite policy (train.on_nonfinite) and Ctrl-C on one process, end to end through the CLI.
+"""Non-finite policy (train.on_nonfinite) on one process, end to end through `bigtrain train`
+(``bigtrain.cli.main`` in this process: exit status, messages, run folder).
 
 `train.debug_poison_steps` multiplies the loss by NaN at the listed steps (a testing aid).
+Ctrl-C (a real signal to a real process) is tests/e2e/test_ctrl_c.py.
 """
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, run_cli
+from tests.helpers import REPO, cli
 
 # A tiny, fast variant of the debug run (one process).
 TINY = ["model.dim=64", "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=2", "data.seq_len=64",
@@ -38,9 +35,9 @@ def status(run_dir: Path) -> dict:
 
 def test_stop_policy_exits_3_without_saving_a_poisoned_checkpoint(tmp_path: Path, demo_data: Path) -> None:
     out = tmp_path / "stop"
-    proc = run_cli("train", "configs/debug.yaml", f"run.out_dir={out}", *TINY, "train.max_steps=6",
-                   "log.every_steps=5", "checkpoint.every_steps=2", "checkpoint.keep_last=5",
-                   "train.debug_poison_steps=[3]")
+    proc = cli("train", "configs/debug.yaml", f"run.out_dir={out}", *TINY, "train.max_steps=6",
+               "log.every_steps=5", "checkpoint.every_steps=2", "checkpoint.keep_last=5",
+               "train.debug_poison_steps=[3]")
     assert proc.returncode == 3, proc.stdout + proc.stderr
     assert "non-finite loss or gradient norm at step 3" in proc.stderr and "Traceback" not in proc.stderr
     # Step 2 was saved; the save at step 4 (weights already NaN) was refused; nothing after.
@@ -50,10 +47,10 @@ def test_stop_policy_exits_3_without_saving_a_poisoned_checkpoint(tmp_path: Path
 
 
 def test_skip_policy_drops_bad_steps(tmp_path: Path, demo_data: Path) -> None:
-    """(Stopping after train.max_consecutive_skips in a row is covered by tests/unit/test_failures.py.)"""
+    """(Stopping after train.max_consecutive_skips in a row is covered by tests/train/test_step_policies.py.)"""
     out = tmp_path / "skip"
-    proc = run_cli("train", "configs/debug.yaml", f"run.out_dir={out}", *TINY, "train.max_steps=5", "log.every_steps=1",
-                   "train.on_nonfinite=skip", "train.debug_poison_steps=[2,3]")
+    proc = cli("train", "configs/debug.yaml", f"run.out_dir={out}", *TINY, "train.max_steps=5", "log.every_steps=1",
+               "train.on_nonfinite=skip", "train.debug_poison_steps=[2,3]")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     losses = train_losses(out)
     assert [s for s, v in losses.items() if v != v] == [2, 3]  # NaN logged for the skipped steps
@@ -71,37 +68,6 @@ def test_nonfinite_bad_config_is_a_user_error(tmp_path: Path) -> None:
         with pytest.raises(ConfigError, match=needle):
             load_config(REPO / "configs/debug.yaml", [override])
     # The CLI turns it into status 2 and one paragraph (no traceback).
-    proc = run_cli("config", "show", "configs/debug.yaml", "train.on_nonfinite=skip", "parallel.strategy=zero")
+    proc = cli("config", "show", "configs/debug.yaml", "train.on_nonfinite=skip", "parallel.strategy=zero")
     assert proc.returncode == 2 and "train.on_nonfinite" in proc.stderr and "stop" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
-
-
-def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.communicate()[0]
-        if (run_dir / "metrics.jsonl").is_file() and max(train_losses(run_dir) or [0]) >= step:
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"no step {step} within {timeout}s")
-
-
-def test_ctrl_c_saves_and_exits_cleanly(tmp_path: Path, demo_data: Path) -> None:
-    """SIGINT (Ctrl-C) in a debug run: finish the step, save, status preempted, exit 130, no traceback."""
-    out = tmp_path / "ctrl-c"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "bigtrain", "train", "configs/debug.yaml", f"run.out_dir={out}",
-                             *TINY, "train.max_steps=100000", "log.every_steps=1"],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        wait_for_step(out, 2, proc)
-        proc.send_signal(signal.SIGINT)
-        log = proc.communicate(timeout=120)[0]
-    finally:
-        proc.kill()
-    assert proc.returncode == 130, log
-    assert "Traceback" not in log and "received SIGINT" in log, log
-    st = status(out)
-    assert st["status"] == "preempted" and st["signal"] == "SIGINT", st
-    saved = int((out / "checkpoints" / "latest").read_text().strip().split("_")[1])
-    assert saved == st["step"] >= 2 and saved == max(train_losses(out))

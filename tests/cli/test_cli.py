@@ -1,4 +1,9 @@
-"""The CLI end to end on the demo corpus: train, resume exactly, generate, config show, bad input."""
+"""The CLI end to end on the demo corpus: train, resume exactly, generate, export, config show, bad input.
+
+The verbs run through ``bigtrain.cli.main`` in this process (tests/helpers.py ``cli``: the same path
+from argument parsing to exit status, without an interpreter start-up per call); what needs a
+process of its own (``python -m bigtrain``, import side effects, missing packages) runs in one.
+"""
 from __future__ import annotations
 
 import json
@@ -7,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, run_cli
+from tests.helpers import REPO, cli, run_cli
 
 # A short, cheap version of the demo run.
 QUICK = ["train.max_steps=6", "train.global_batch_tokens=2048", "train.micro_batch_size=4",
-         "train.lr_warmup_steps=2", "eval.every_steps=3", "eval.max_batches=2", "log.every_steps=2",
-         "log.sample_tokens=12", "run.num_threads=2"]
+         "train.lr_warmup_steps=2", "eval.every_steps=3", "eval.max_batches=2", "eval.final_max_batches=2",
+         "log.every_steps=2", "log.sample_tokens=12", "run.num_threads=2"]
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -29,8 +34,8 @@ def assert_user_error(proc, *needles: str) -> None:
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory: pytest.TempPathFactory, demo_data: Path) -> tuple[Path, str]:
     out = tmp_path_factory.mktemp("run") / "debug"
-    proc = run_cli("train", "configs/debug.yaml", f"run.out_dir={out}", "checkpoint.every_steps=3",
-                   "checkpoint.keep_last=5", *QUICK)
+    proc = cli("train", "configs/debug.yaml", f"run.out_dir={out}", "checkpoint.every_steps=3",
+               "checkpoint.keep_last=5", *QUICK)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return out, proc.stdout
 
@@ -59,8 +64,8 @@ def test_resume_continues_exactly(trained_run: tuple[Path, str], tmp_path: Path)
     shutil.rmtree(resumed / "checkpoints" / "step_000006")
     (resumed / "checkpoints" / "latest").write_text("step_000003\n")
     (resumed / "metrics.jsonl").write_text("")
-    proc = run_cli("train", "configs/debug.yaml", f"run.out_dir={resumed}", "checkpoint.every_steps=3",
-                   "checkpoint.keep_last=5", "checkpoint.resume=auto", *QUICK)
+    proc = cli("train", "configs/debug.yaml", f"run.out_dir={resumed}", "checkpoint.every_steps=3",
+               "checkpoint.keep_last=5", "checkpoint.resume=auto", *QUICK)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "resumed from" in proc.stdout
     original = {r["step"]: r["loss"] for r in read_metrics(out) if r["kind"] == "train"}
@@ -72,9 +77,31 @@ def test_resume_continues_exactly(trained_run: tuple[Path, str], tmp_path: Path)
 
 def test_generate_from_run(trained_run: tuple[Path, str]) -> None:
     out, _ = trained_run
-    proc = run_cli("generate", str(out), "--prompt", "ROMEO:", "--max-new-tokens", "10", "--num-samples", "2")
+    proc = cli("generate", str(out), "--prompt", "ROMEO:", "--max-new-tokens", "10", "--num-samples", "2")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("ROMEO:") == 2 and "--- sample 2" in proc.stdout
+
+
+def test_export_run_to_hf_and_torch(trained_run: tuple[Path, str], tmp_path: Path) -> None:
+    """`bigtrain export` of a run folder takes its latest checkpoint. (Exported logits against transformers:
+    tests/checkpoint/test_export.py and test_reshard.py.)"""
+    import torch
+
+    from bigtrain.checkpoint.hf import read_safetensors_dir
+    from bigtrain.checkpoint.manager import load_model_weights
+
+    out, _ = trained_run
+    proc = cli("export", str(out), "--to", "hf", str(tmp_path / "hf"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in (tmp_path / "hf").iterdir()}
+    proc = cli("export", str(out), "--to", "torch", str(tmp_path / "model.pt"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    weights, manifest = load_model_weights(out / "checkpoints" / "step_000006")
+    assert manifest.step == 6
+    exported = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert exported.keys() == weights.keys() and all(torch.equal(exported[k], weights[k]) for k in weights)
+    hf = read_safetensors_dir(tmp_path / "hf")
+    assert hf["model.embed_tokens.weight"].equal(weights["tok_embeddings.weight"])
 
 
 def test_python_m_and_config_show() -> None:
@@ -96,32 +123,32 @@ def test_python_m_and_config_show() -> None:
     ],
 )
 def test_bad_input_exit_2(args: list[str], needles: list[str]) -> None:
-    assert_user_error(run_cli(*args), *needles)
+    assert_user_error(cli(*args), *needles)
 
 
 def test_malformed_config(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: {dim: [1, 2\n")
-    assert_user_error(run_cli("train", str(bad)), "not valid YAML")
+    assert_user_error(cli("train", str(bad)), "not valid YAML")
 
 
 def test_missing_corpus_leaves_nothing_behind(tmp_path: Path, demo_data: Path) -> None:
     out = tmp_path / "run"
-    proc = run_cli("train", "configs/debug.yaml", f"run.out_dir={out}", f"data.train_path={tmp_path}/missing")
+    proc = cli("train", "configs/debug.yaml", f"run.out_dir={out}", f"data.train_path={tmp_path}/missing")
     assert_user_error(proc, "missing")
     assert not out.exists()
 
 
 def test_empty_corpus_is_rejected(tmp_path: Path) -> None:
     (tmp_path / "empty.txt").write_text("")
-    proc = run_cli("data", "prepare", str(tmp_path / "empty.txt"), "--out-dir", str(tmp_path / "out"))
+    proc = cli("data", "prepare", str(tmp_path / "empty.txt"), "--out-dir", str(tmp_path / "out"))
     assert_user_error(proc)
     assert not (tmp_path / "out").exists()
 
 
 def test_tokenizer_larger_than_model_vocab(tmp_path: Path, demo_data: Path) -> None:
     out = tmp_path / "run"
-    proc = run_cli("train", "configs/debug.yaml", f"run.out_dir={out}", "model.vocab_size=1024")
+    proc = cli("train", "configs/debug.yaml", f"run.out_dir={out}", "model.vocab_size=1024")
     assert_user_error(proc, "model.vocab_size", "4096")
     assert not out.exists()
 
@@ -129,7 +156,7 @@ def test_tokenizer_larger_than_model_vocab(tmp_path: Path, demo_data: Path) -> N
 def test_unwritable_run_folder(tmp_path: Path, demo_data: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    proc = run_cli("train", "configs/debug.yaml", f"run.out_dir={blocker}/run")
+    proc = cli("train", "configs/debug.yaml", f"run.out_dir={blocker}/run")
     assert_user_error(proc, "run.out_dir")
 
 
@@ -138,12 +165,19 @@ def test_tokenizer_from_other_corpus_is_rejected(tmp_path: Path, demo_data: Path
 
     other = tmp_path / "tok.json"
     Tokenizer.byte_level().save(other)
-    proc = run_cli("train", "configs/debug.yaml", f"run.out_dir={tmp_path}/run", f"data.tokenizer={other}")
+    proc = cli("train", "configs/debug.yaml", f"run.out_dir={tmp_path}/run", f"data.tokenizer={other}")
     assert_user_error(proc, "tokenizer")
 
 
+def test_nccl_on_cpu_exit_2(tmp_path: Path, demo_data: Path) -> None:
+    proc = cli("train", "configs/debug.yaml", f"run.out_dir={tmp_path}/run", "run.device=cpu", "parallel.strategy=ddp",
+               "parallel.backend=nccl", "train.max_steps=1")
+    assert_user_error(proc, "parallel.backend=nccl")
+
+
 def test_unknown_verb_is_usage_error() -> None:
-    assert run_cli("trian").returncode == 2
+    proc = cli("trian")
+    assert proc.returncode == 2 and "invalid choice: 'trian'" in proc.stderr, proc.stderr
 
 
 def test_import_does_not_pull_heavy_optional_modules() -> None:
