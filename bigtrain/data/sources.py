@@ -23,7 +23,7 @@ import numpy as np
 
 from bigtrain.data.batches import TokenStream
 from bigtrain.data.config import SourceConfig
-from bigtrain.data.documents import check_parquet_column, find_files, format_of
+from bigtrain.data.documents import check_parquet_column, find_files, format_of, read_records
 from bigtrain.data.packing import Packer
 from bigtrain.data.tokenizer import Tokenizer
 from bigtrain.errors import UserError
@@ -140,6 +140,10 @@ class TextSource:
         for f in self.files:
             if format_of(f) == "parquet":
                 check_parquet_column(f, cfg.text_field, f"Set data.sources[].text_field of source {name!r}.")
+            # Every file opens and its first records decode now, before the run folder exists: a broken
+            # file (bad gzip, a malformed JSON line) would otherwise stop the run mid-epoch.
+            for _ in read_records(f, cfg.text_field):
+                break
         if add_bos and tokenizer.bos_id is None:
             raise UserError("data.add_bos is true but the tokenizer has no BOS token; set data.add_bos: false.")
         spec = {

@@ -134,3 +134,15 @@ def test_a_validation_split_shorter_than_one_batch_is_found_before_the_folder(tm
     trainer = build_trainer("configs/debug.yaml", [f"run.out_dir={run}", *TINY, "data.seq_len=256",
                                                    "train.micro_batch_size=1024", "train.global_batch_tokens=262144"])
     trainer.run_lock.release()
+
+
+def test_a_broken_source_file_is_found_before_the_folder(tmp_path: Path, demo_data: Path) -> None:
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "good.jsonl").write_text('{"text": "a fine document"}\n' * 10)
+    (raw / "bad.jsonl").write_text('{"text": "fine"}\n{"text": unquoted}\n')
+    run = tmp_path / "run"
+    with pytest.raises(UserError, match="bad.jsonl"):
+        build_trainer("configs/debug.yaml", [f"run.out_dir={run}", *TINY, "data.train_path=",
+                                             f"data.sources=[{{kind: jsonl, paths: ['{raw}']}}]"])
+    assert not run.exists()
