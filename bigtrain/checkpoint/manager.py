@@ -76,7 +76,7 @@ from bigtrain.parallel.dist import DistInfo
 from bigtrain.parallel.strategy import Strategy
 
 # Test hook: "before_manifest", "before_rename" or "before_latest", optionally "@STEP": SIGKILL this
-# process at that point of the commit (tests/distributed/test_resume_kill.py proves recovery).
+# process at that point of the commit (tests/checkpoint/test_resume_kill.py proves recovery).
 KILL_ENV = "BIGTRAIN_CHECKPOINT_KILL_AT"
 
 
