@@ -19,7 +19,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -177,6 +177,11 @@ def _rank_main(payload: bytes, rank: int, world_size: int, process_group: bool, 
     os.setsid()
     _die_with_parent()
     import faulthandler
+    import multiprocessing
+
+    # A spawned child inherits "spawn" as its start method; a torchrun-launched rank has the platform's
+    # default (fork on Linux), and DataLoader workers would otherwise re-import torch (seconds each).
+    multiprocessing.set_start_method(None, force=True)
 
     faulthandler.enable(all_threads=True)
     faulthandler.register(signal.SIGUSR2, all_threads=True, chain=False)

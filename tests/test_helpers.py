@@ -1,6 +1,7 @@
 """tests/helpers.py's ``run_distributed``: results in rank order, a failing rank's traceback, timeouts, no orphans."""
 from __future__ import annotations
 
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -20,8 +21,11 @@ def _all_reduce_rank(rank: int, scale: int) -> dict:
     dist.all_reduce(t)
     env = {k: os.environ[k] for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
                                       "OMP_NUM_THREADS", "EXTRA")}
+    import multiprocessing
+
     return {"rank": rank, "sum": scale * t.item(), "env": env, "pid": os.getpid(),
-            "backend": dist.get_backend(), "world": dist.get_world_size(), "threads": torch.get_num_threads()}
+            "backend": dist.get_backend(), "world": dist.get_world_size(), "threads": torch.get_num_threads(),
+            "start_method": multiprocessing.get_start_method()}
 
 
 def test_results_come_back_in_rank_order_with_the_torchrun_environment() -> None:
@@ -29,6 +33,8 @@ def test_results_come_back_in_rank_order_with_the_torchrun_environment() -> None
     assert [r["rank"] for r in out] == [0, 1, 2]
     assert all(r["sum"] == 10 * (0 + 1 + 2) for r in out)  # a real collective across the three
     assert all(r["backend"] == "gloo" and r["world"] == 3 and r["threads"] == 1 for r in out)
+    # As in a rank torchrun starts: the platform's default start method (DataLoader workers fork), not spawn.
+    assert {r["start_method"] for r in out} == {multiprocessing.get_all_start_methods()[0]}
     for rank, r in enumerate(out):
         assert r["env"] == {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "3", "LOCAL_WORLD_SIZE": "3",
                             "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1", "EXTRA": "x"}

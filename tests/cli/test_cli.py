@@ -7,7 +7,10 @@ process of its own (``python -m bigtrain``, import side effects, missing package
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -181,9 +184,6 @@ def test_unknown_verb_is_usage_error() -> None:
 
 
 def test_import_does_not_pull_heavy_optional_modules() -> None:
-    import subprocess
-    import sys
-
     code = ("import sys, bigtrain, bigtrain.cli, bigtrain.config, bigtrain.model, bigtrain.train.trainer; "
             "bad = [m for m in ('deepspeed', 'wandb', 'datasets', 'triton') if m in sys.modules]; print(bad)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
@@ -192,8 +192,9 @@ def test_import_does_not_pull_heavy_optional_modules() -> None:
 
 # Runs the CLI with the optional packages made unimportable, as on a GPU image where bigtrain was
 # installed with --no-deps: training works; features that need a missing package say so (exit 2).
+# One process runs every invocation in turn (argv lists as JSON in argv[1]) and prints one JSON result each.
 WITHOUT_OPTIONAL = """
-import importlib.abc, importlib.machinery, sys
+import contextlib, importlib.abc, importlib.machinery, io, json, sys
 class Missing(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def find_spec(self, name, path, target=None):
         if name.split(".")[0] in {"deepspeed", "datasets", "wandb", "accelerate", "matplotlib", "transformers"}:
@@ -202,33 +203,52 @@ class Missing(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         raise ModuleNotFoundError(f"No module named {module.__name__!r}")
 sys.meta_path.insert(0, Missing())
 from bigtrain.cli import main
+class Captured(io.StringIO):
+    def __init__(self, real):
+        super().__init__()
+        self.real = real
+    def fileno(self):
+        return self.real.fileno()
 sys.argv[0] = "bigtrain"
-sys.exit(main())
+for argv in json.loads(sys.argv[1]):
+    out, err = Captured(sys.__stdout__), Captured(sys.__stderr__)
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(argv)
+        except SystemExit as exc:
+            code = exc.code
+        except BaseException:
+            import traceback
+            traceback.print_exc()
+            code = "raised"
+    print("RESULT " + json.dumps({"code": code, "stdout": out.getvalue(), "stderr": err.getvalue()}), flush=True)
 """
 
 
-def run_without_optional(*args: str):
-    import os
-    import subprocess
-    import sys
-
+def run_without_optional(*invocations: list[str]) -> list[subprocess.CompletedProcess]:
+    """Each invocation's (exit status, stdout, stderr), all run in one process without the optional packages."""
     env = {k: v for k, v in os.environ.items() if k not in ("WANDB_MODE", "WANDB_DISABLED")}  # the config decides
-    return subprocess.run([sys.executable, "-c", WITHOUT_OPTIONAL, *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=300, env={**env, "OMP_NUM_THREADS": "2"})
+    proc = subprocess.run([sys.executable, "-c", WITHOUT_OPTIONAL, json.dumps(invocations)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300, env={**env, "OMP_NUM_THREADS": "2"})
+    results = [json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and len(results) == len(invocations), proc.stdout + proc.stderr
+    return [subprocess.CompletedProcess(argv, r["code"], r["stdout"], r["stderr"]) for argv, r in zip(invocations, results)]
 
 
 def test_trains_without_optional_packages(tmp_path: Path, demo_data: Path) -> None:
     tiny = [f"run.out_dir={tmp_path / 'run'}", "train.max_steps=2", "eval.every_steps=0", "eval.max_batches=1",
             "eval.final_max_batches=1", "log.sample_at_end=false", "checkpoint.every_steps=1", "run.num_threads=2"]
-    proc = run_without_optional("train", "configs/debug.yaml", *tiny)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert (tmp_path / "run" / "checkpoints" / "step_000002" / "manifest.json").is_file()
     # Text sources need no optional package (tests/data/test_documents.py streams one with `datasets` unimportable).
-    for extra, needles in [
+    refused = [
         (["parallel.strategy=zero"], ["parallel.strategy=zero needs the `deepspeed` package", "parallel.strategy=fsdp"]),
         (["log.wandb.mode=offline"], ["log.wandb.mode=offline needs the `wandb` package", "log.wandb.mode=disabled"]),
-    ]:
-        assert_user_error(run_without_optional("train", "configs/debug.yaml", *tiny, "checkpoint.resume=never", *extra),
-                          *needles)
-    assert_user_error(run_without_optional("plot", str(tmp_path / "run"), "--out", str(tmp_path / "p.png")),
-                      "bigtrain plot needs the `matplotlib` package")
+    ]
+    trained, *results = run_without_optional(
+        ["train", "configs/debug.yaml", *tiny],
+        *(["train", "configs/debug.yaml", *tiny, "checkpoint.resume=never", *extra] for extra, _ in refused),
+        ["plot", str(tmp_path / "run"), "--out", str(tmp_path / "p.png")])
+    assert trained.returncode == 0, trained.stdout + trained.stderr
+    assert (tmp_path / "run" / "checkpoints" / "step_000002" / "manifest.json").is_file()
+    for proc, (_, needles) in zip(results, refused):
+        assert_user_error(proc, *needles)
+    assert_user_error(results[-1], "bigtrain plot needs the `matplotlib` package")

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytest
 import torch
 
 from tests.helpers import run_distributed
@@ -52,7 +51,6 @@ def worker(rank: int, spec_path: str) -> None:
         np.save(out / f"{name}.1to2.rank{rank}.npy", np.stack(from_one))
 
 
-@pytest.mark.slow
 def test_resume_on_other_world_sizes_is_exact(tmp_path: Path) -> None:
     from tests.data.test_data_pipeline import data_config, global_steps, write_doc_shards, write_jsonl
 

@@ -98,7 +98,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, demo_data: Path) -> dict[str,
     return {"root": root, "a": a, "b": b}
 
 
-@pytest.mark.slow  # shares the module's ~50 s of tiny training runs
+@pytest.mark.slow  # shares the module's ~30 s of tiny training runs
 def test_breakdown_sums_to_step_time(runs: dict[str, Path]) -> None:
     train = [r for r in read_metrics(runs["a"]) if r["kind"] == "train"]
     assert [r["step"] for r in train] == [1, 2, 4, 6]
@@ -115,7 +115,7 @@ def test_breakdown_sums_to_step_time(runs: dict[str, Path]) -> None:
     assert "collectives_s" not in by_step[2]  # one process: nothing to communicate
 
 
-@pytest.mark.slow  # shares the module's ~50 s of tiny training runs
+@pytest.mark.slow  # shares the module's ~30 s of tiny training runs
 def test_status_profile_and_tensorboard(runs: dict[str, Path]) -> None:
     a = runs["a"]
     status = json.loads((a / "status.json").read_text())
@@ -128,7 +128,7 @@ def test_status_profile_and_tensorboard(runs: dict[str, Path]) -> None:
     assert list((a / "tensorboard").glob("events.out.tfevents.*"))
 
 
-@pytest.mark.slow  # shares the module's ~50 s of tiny training runs
+@pytest.mark.slow  # shares the module's ~30 s of tiny training runs
 def test_wandb_offline_run_lives_in_the_run_folder(runs: dict[str, Path]) -> None:
     b = runs["b"]
     run_id = (b / "wandb_run_id").read_text().strip()
@@ -160,7 +160,7 @@ def test_wandb_online_without_key_fails_fast(tmp_path: Path, demo_data: Path) ->
     assert not out.exists()  # stopped before the run folder (and any model) was made
 
 
-@pytest.mark.slow  # shares the module's ~50 s of tiny training runs
+@pytest.mark.slow  # shares the module's ~30 s of tiny training runs
 def test_plot_two_runs(runs: dict[str, Path], tmp_path: Path) -> None:
     import matplotlib.image
 
@@ -177,7 +177,7 @@ def test_plot_two_runs(runs: dict[str, Path], tmp_path: Path) -> None:
         assert close.sum() > 200, rgb
 
 
-@pytest.mark.slow  # shares the module's ~50 s of tiny training runs
+@pytest.mark.slow  # shares the module's ~30 s of tiny training runs
 def test_plot_and_runs_bad_input(runs: dict[str, Path], tmp_path: Path) -> None:
     proc = cli("plot", str(tmp_path / "missing"), "-o", str(tmp_path / "x.png"))
     assert proc.returncode == 2 and "has no metrics.jsonl" in proc.stderr and "Traceback" not in proc.stderr
@@ -189,7 +189,7 @@ def test_plot_and_runs_bad_input(runs: dict[str, Path], tmp_path: Path) -> None:
     assert proc.returncode == 0 and "no runs under" in proc.stdout
 
 
-@pytest.mark.slow  # shares the module's ~50 s of tiny training runs
+@pytest.mark.slow  # shares the module's ~30 s of tiny training runs
 def test_runs_table_shows_each_status(runs: dict[str, Path], tmp_path: Path, demo_data: Path) -> None:
     from bigtrain.train.status import write_status
 
