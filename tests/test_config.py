@@ -9,7 +9,7 @@ import yaml
 from bigtrain.config import ConfigError, config_from_dict, load_config
 from bigtrain.sections import parse_override
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 
 
 def err(overrides: list[str], path: str | None = None) -> str:

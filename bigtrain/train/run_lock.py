@@ -89,6 +89,8 @@ class RunLock:
 
     def acquire(self) -> None:
         """Take the lock or raise :class:`UserError` naming the holder; starts the heartbeat thread."""
+        if self.held:
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(3):  # a racing launch may take over the stale lock between our read and create
             if self._create():

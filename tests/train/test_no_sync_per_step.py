@@ -22,6 +22,7 @@ SYNC_METHODS = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__
 
 
 def test_trainer_syncs_only_on_log_steps(tmp_path: Path, demo_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from bigtrain import messages
     from bigtrain.train.trainer import Trainer
 
     every, steps = 4, 5  # log steps 1, 4, 5; steps 2 and 3 must not sync
@@ -30,8 +31,8 @@ def test_trainer_syncs_only_on_log_steps(tmp_path: Path, demo_data: Path, monkey
         "eval.every_steps=0", "eval.at_end=false", "checkpoint.at_end=false", "log.sample_at_end=false",
         "log.console=false", "data.seq_len=64", "train.global_batch_tokens=256", "train.micro_batch_size=2",
     ])
-    printed: list[str] = []
-    trainer = Trainer(cfg, echo=printed.append)
+    with messages.capture():
+        trainer = Trainer(cfg)
     current = {"step": 0}
     syncs: Counter[int] = Counter()
     original_step = trainer.train_step
@@ -53,7 +54,8 @@ def test_trainer_syncs_only_on_log_steps(tmp_path: Path, demo_data: Path, monkey
             return _original(self, *args, **kwargs)
 
         monkeypatch.setattr(torch.Tensor, name, recorder)
-    trainer.fit()
+    with messages.capture() as printed:
+        trainer.fit()
     monkeypatch.undo()
 
     log_steps = {1, steps} | {s for s in range(1, steps + 1) if s % every == 0}

@@ -5,6 +5,7 @@ import threading
 from pathlib import Path
 from types import SimpleNamespace
 
+from bigtrain.train.run_lock import LOCK_FILE, RunLock
 from bigtrain.train.trainer import Trainer
 
 
@@ -14,6 +15,7 @@ def _bare_trainer(run_dir: Path, rank: int) -> Trainer:
     trainer.run_dir = run_dir
     trainer.info = SimpleNamespace(rank=rank, is_main=rank == 0)
     trainer.cfg = SimpleNamespace(to_yaml=lambda: "run: {}\n")
+    trainer.run_lock = RunLock(run_dir)  # rank 0 takes the run folder's lock
     return trainer
 
 
@@ -25,8 +27,10 @@ def test_ranks_preparing_one_run_folder_at_once_all_succeed(tmp_path: Path) -> N
     errors: list[BaseException] = []
     start = threading.Barrier(ranks)
 
+    trainers = [_bare_trainer(run_dir, rank) for rank in range(ranks)]
+
     def prepare(rank: int) -> None:
-        trainer = _bare_trainer(run_dir, rank)
+        trainer = trainers[rank]
         start.wait()
         try:
             for _ in range(rounds):
@@ -40,4 +44,6 @@ def test_ranks_preparing_one_run_folder_at_once_all_succeed(tmp_path: Path) -> N
     for thread in threads:
         thread.join()
     assert errors == []
-    assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml"]  # no probe left behind
+    assert sorted(p.name for p in run_dir.iterdir()) == [LOCK_FILE]  # no probe left behind
+    trainers[0].run_lock.release()
+    assert list(run_dir.iterdir()) == []
