@@ -127,17 +127,21 @@ def build_trainer(config: str | Path, overrides: list[str] | tuple[str, ...]) ->
 
 def train(out_dir: Path, *overrides: str, config: str | Path = "configs/debug.yaml") -> tuple[dict, list[str]]:
     """Train ``config`` to the end in this process (console logger off); returns (fit's summary, the
-    messages it printed). torch's thread count (``run.num_threads``) is restored after."""
+    messages it printed). torch's thread count (``run.num_threads``) is restored and the data
+    pipeline closed after."""
     import torch
 
     from bigtrain import messages
 
     threads = torch.get_num_threads()
+    trainer = None
     try:
         with messages.capture() as lines:
             trainer = build_trainer(config, [f"run.out_dir={out_dir}", *overrides, "log.console=false"])
             summary = trainer.fit()
     finally:
+        if trainer is not None:
+            trainer.loader.close()  # its prefetch thread and DataLoader workers (a process would exit here)
         torch.set_num_threads(threads)
     return summary, lines
 
