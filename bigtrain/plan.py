@@ -171,6 +171,10 @@ def plan_memory(cfg: RunConfig, world_size: int, strategy: str, *, device: str |
     """
     if world_size < 1:
         raise UserError(f"world size must be >= 1, got {world_size}.")
+    if cfg.parallel.model_parallel_degrees:
+        keys = ", ".join(f"parallel.{k}={v}" for k, v in cfg.parallel.model_parallel_degrees.items())
+        raise UserError(f"bigtrain plan does not model tensor, context or pipeline parallelism yet ({keys}); "
+                        f"plan the data-parallel layout (set them to 1) and divide by hand for now.")
     strategy = _normalize(strategy, cfg)
     if strategy == "single" and world_size != 1:
         raise UserError(f"strategy single runs one process; it cannot plan for {world_size} ranks.")

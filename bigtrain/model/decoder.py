@@ -62,17 +62,23 @@ class Attention(nn.Module):
                 doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         """cos/sin: the full rotary tables; positions [B, S] (None = 0..S-1); doc_ids [B, S] masks across documents."""
         bsz, seq, _ = x.shape
-        q = self.wq(x).view(bsz, seq, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.wk(x).view(bsz, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.wv(x).view(bsz, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        # Head counts are inferred (-1): under tensor parallelism a rank holds only its share of the heads.
+        q = self.wq(x).view(bsz, seq, -1, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(bsz, seq, -1, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(bsz, seq, -1, self.head_dim).transpose(1, 2)
         q, k = K.rotary(q, k, cos, sin, positions, self.kernels)
-        if self.num_kv_heads != self.num_heads:
+        out = self.attend(q, k, v, doc_ids)
+        y: torch.Tensor = self.wo(out.transpose(1, 2).reshape(bsz, seq, -1))
+        return y
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               doc_ids: torch.Tensor | None) -> torch.Tensor:
+        """Attention over [B, heads, S, head_dim] (rotary applied); context parallelism overrides this."""
+        if k.shape[1] != q.shape[1]:
             # Explicit repeat instead of sdpa's enable_gqa: every sdpa backend accepts it.
             rep = self.num_heads // self.num_kv_heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        out = attention(q, k, v, doc_ids)
-        y: torch.Tensor = self.wo(out.transpose(1, 2).reshape(bsz, seq, -1))
-        return y
+        return attention(q, k, v, doc_ids)
 
 
 class FeedForward(nn.Module):
@@ -137,7 +143,9 @@ class Decoder(nn.Module):
         fill = fill or seeded_filler(seed)
         std = self.cfg.init_std
         residual_std = std / math.sqrt(2 * self.cfg.num_layers)
-        fill(self.tok_embeddings.weight, std, "tok_embeddings.weight")
+        # A pipeline stage holds some of the blocks and maybe no embedding / final norm / output (None).
+        if self.tok_embeddings is not None:
+            fill(self.tok_embeddings.weight, std, "tok_embeddings.weight")
         for i, module in self.layers.items():
             block = cast(Block, module)  # a Block (wrappers swap its class in place)
             for mod, lin in (("attn", "wq"), ("attn", "wk"), ("attn", "wv"), ("ffn", "w1"), ("ffn", "w3")):
@@ -146,7 +154,8 @@ class Decoder(nn.Module):
             fill(block.ffn.w2.weight, residual_std, f"layers.{i}.ffn.w2.weight")
             block.attn_norm.reset_parameters()
             block.ffn_norm.reset_parameters()
-        self.norm.reset_parameters()
+        if self.norm is not None:
+            self.norm.reset_parameters()
         if self.output is not None:
             fill(self.output.weight, std, "output.weight")
         cos, sin = rotary_tables(
@@ -175,7 +184,11 @@ class Decoder(nn.Module):
         h = self.tok_embeddings(tokens)
         for block in self.layers.values():
             h = block(h, cos, sin, positions, doc_ids)
-        h = self.norm(h)
+        return self.output_head(self.norm(h), targets)
+
+    def output_head(self, h: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor:
+        """Final hidden states [B, S, dim] -> logits, or the mean loss against ``targets``
+        (tensor parallelism overrides this with a loss on vocabulary-sharded logits)."""
         if targets is None:
             return F.linear(h, self.output_weight())
         return K.linear_cross_entropy(h.flatten(0, 1), self.output_weight(), targets.flatten(),

@@ -1,7 +1,8 @@
 """FSDP2 (``fully_shard``): parameters, gradients and optimizer state sharded over ranks.
 
-The meta-device model is sharded block by block and then at the root, on a 1-D DeviceMesh
-(plain FSDP) or a 2-D ("replicate", "shard") mesh (HSDP); only then is it materialized with
+The meta-device model is first split by tensor and context parallelism when asked, then sharded
+block by block and at the root over the FSDP part of the named mesh (:mod:`bigtrain.parallel.mesh`:
+``dp_shard_cp``, or ``dp_replicate`` x ``dp_shard_cp`` for HSDP); only then is it materialized with
 ``to_empty`` and initialized shard by shard, so no rank ever holds the full model. Checkpoints
 are sharded (:mod:`bigtrain.checkpoint.dcp`: each rank writes its own DTensor shards with
 torch.distributed.checkpoint, which reshards on load).
@@ -9,46 +10,43 @@ torch.distributed.checkpoint, which reshards on load).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from bigtrain import messages
+from bigtrain.kernels.reference import cross_entropy
 from bigtrain.parallel import dist
 from bigtrain.parallel.apply import blocks, parallelize
 from bigtrain.parallel.config import ParallelConfig
 from bigtrain.parallel.dist import DistInfo
 from bigtrain.parallel.grads import clip_grad_norm_
 from bigtrain.parallel.init import sharded_filler
-from bigtrain.parallel.strategy import OptimizerFactory, Strategy
+from bigtrain.parallel.mesh import Layout, ParallelMesh
+from bigtrain.parallel.pp import Pipeline, PipelineDecoder, split_for_pipeline
+from bigtrain.parallel.strategy import MicroBatch, OptimizerFactory, Strategy
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 class FSDPStrategy(Strategy):
-    def __init__(self, info: DistInfo, precision: str, cfg: ParallelConfig, *, compile: bool = False) -> None:
+    def __init__(self, info: DistInfo, precision: str, cfg: ParallelConfig, *, compile: bool = False,
+                 micro_batch_size: int = 1, accum_steps: int = 1) -> None:
         super().__init__(info, precision)
         self.cfg, self.fcfg, self.compile = cfg, cfg.fsdp, compile
+        self.num_microbatches = cfg.check_microbatches(micro_batch_size * accum_steps, accum_steps)
+        self.pipeline: Pipeline | None = None
         # Parameters are all-gathered in param_dtype and the blocks compute in it, so FSDP's
         # mixed precision replaces autocast whenever it matches the run's compute dtype.
         self.param_dtype = self.compute_dtype if self.fcfg.param_dtype == "auto" else _DTYPES[self.fcfg.param_dtype]
         self.reduce_dtype = _DTYPES[self.fcfg.reduce_dtype]
         if self.param_dtype != torch.float32 and self.fcfg.param_dtype != "auto":
             self.compute_dtype = self.param_dtype
-        self.mesh: Any = None
+        self.mesh: ParallelMesh | None = None
 
     # -- setup ---------------------------------------------------------------------
-    def _build_mesh(self) -> Any:
-        from torch.distributed.device_mesh import init_device_mesh
-
-        replicas, world = self.fcfg.replicate_degree, self.info.world_size
-        if replicas > 1:
-            return init_device_mesh(self.device.type, (replicas, world // replicas),
-                                    mesh_dim_names=("replicate", "shard"))
-        return init_device_mesh(self.device.type, (world,), mesh_dim_names=("shard",))
-
     def wrap(self, model: nn.Module, make_optimizer: OptimizerFactory,
              seed: int) -> tuple[nn.Module, torch.optim.Optimizer]:
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
@@ -57,10 +55,23 @@ class FSDPStrategy(Strategy):
             messages.warn("bigtrain: note: parallel.strategy=fsdp on one process: nothing is sharded (mixed precision "
                           "and CPU offload still apply); launch more processes with torchrun to shard.")
         dist.ensure_process_group(self.info, dist.resolve_backend(self.cfg.backend, self.device), self.cfg.timeout_s)
-        self.mesh = self._build_mesh()
+        self.mesh = ParallelMesh(Layout.from_config(self.cfg, self.info.world_size), self.device.type)
+        # The one ordered place: pipeline split -> tensor parallelism -> context parallelism ->
+        # (act-ckpt -> fp8 -> compile -> FSDP2).
+        stages = None
+        if self.cfg.pipeline_parallel > 1:
+            stages = split_for_pipeline(model, self.mesh.pp, self.cfg.pipeline_virtual_stages)
+        if self.cfg.tensor_parallel > 1:
+            from bigtrain.parallel.tp import apply_tensor_parallel
+
+            apply_tensor_parallel(model, self.mesh.tp)
+        if self.cfg.context_parallel > 1:
+            from bigtrain.parallel.cp import apply_context_parallel
+
+            apply_context_parallel(model, self.mesh.cp)
         mp = MixedPrecisionPolicy(param_dtype=None if self.param_dtype == torch.float32 else self.param_dtype,
                                   reduce_dtype=self.reduce_dtype)
-        common: dict[str, Any] = {"mesh": self.mesh, "mp_policy": mp}
+        common: dict[str, Any] = {"mesh": self.mesh.fsdp, "mp_policy": mp}
         if self.fcfg.cpu_offload:
             common["offload_policy"] = CPUOffloadPolicy()
         last = blocks(model)[-1]
@@ -70,7 +81,15 @@ class FSDPStrategy(Strategy):
             reshard = self.fcfg.reshard_after_forward and module is not last and not is_root
             fully_shard(module, reshard_after_forward=reshard, **common)
 
-        parallelize(model, self.cfg, compile=self.compile, shard=shard)
+        if stages is None:
+            parallelize(model, self.cfg, compile=self.compile, shard=shard)
+        else:
+            # Each stage is a root (its forward is what the schedule calls); the rank's model only holds them.
+            parallelize(model, self.cfg, compile=self.compile, shard=None)
+            for block in blocks(model):
+                shard(block, False)
+            for stage in stages.values():
+                shard(stage, True)
         # Sharded parameters live in host memory under CPU offload; buffers are used by compute.
         model.to_empty(device="cpu" if self.fcfg.cpu_offload else self.device)
         model.init_weights(seed, fill=sharded_filler(seed))  # type: ignore[operator]  # a Decoder, typed nn.Module
@@ -78,6 +97,15 @@ class FSDPStrategy(Strategy):
             for module in model.modules():
                 for name, buf in module.named_buffers(recurse=False):
                     module._buffers[name] = buf.to(self.device)
+        if stages is not None:
+            assert isinstance(model, PipelineDecoder)
+            z_loss = model.cfg.z_loss
+
+            def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+                return cross_entropy(logits.flatten(0, 1), targets.flatten(), z_loss=z_loss)
+
+            self.pipeline = Pipeline(model, schedule=self.cfg.pipeline_schedule, num_microbatches=self.num_microbatches,
+                                     device=self.device, loss_fn=loss_fn)
         return model, make_optimizer(model)
 
     # -- step ----------------------------------------------------------------------
@@ -99,11 +127,22 @@ class FSDPStrategy(Strategy):
         else:
             yield
 
+    def forward_backward(self, model: nn.Module, micro_batches: Sequence[MicroBatch]) -> torch.Tensor:
+        if self.pipeline is None:
+            return super().forward_backward(model, micro_batches)
+        # The pipeline splits the step's sequences into its own microbatches (accumulation folds into it).
+        inputs = torch.cat([b.inputs for b in micro_batches])
+        targets = torch.cat([b.targets for b in micro_batches])
+        with self.autocast():
+            return self.pipeline.step(inputs, targets)
+
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
     def clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor:
-        return clip_grad_norm_(model.parameters(), max_norm)  # DTensor-aware: the full-gradient norm
+        # DTensor-aware: the full-gradient norm; a pipeline adds up its stages' norms.
+        group = self.mesh.pp.get_group() if self.mesh is not None and self.cfg.pipeline_parallel > 1 else None
+        return clip_grad_norm_(model.parameters(), max_norm, pipeline_group=group)
 
     def step(self, optimizer: torch.optim.Optimizer) -> None:
         optimizer.step()

@@ -7,16 +7,19 @@ sharded and unsharded gradients would disagree; fp64 makes them agree to ~1e-9.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch.distributed.tensor import DTensor
 
 
-def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
+def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float, *,
+                    pipeline_group: Any | None = None) -> torch.Tensor:
     """Global L2 norm of the gradients (fp32 scalar, before clipping); clips in place when max_norm > 0.
 
     Sharded (DTensor) gradients give the norm of the full gradient: partial norms are reduced
-    over the device mesh.
+    over the device mesh. Under pipeline parallelism each rank holds other parameters: the
+    squared norms are summed over ``pipeline_group``.
     """
     params = [p for p in parameters if p.grad is not None]
     if not params:
@@ -26,6 +29,10 @@ def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float) -> torc
     total: torch.Tensor = torch.linalg.vector_norm(torch.stack(norms))
     if isinstance(total, DTensor):
         total = total.full_tensor()
+    if pipeline_group is not None:
+        squared = total.double().pow(2)
+        torch.distributed.all_reduce(squared, group=pipeline_group)
+        total = squared.sqrt()
     total = total.float()
     if max_norm > 0:
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)

@@ -2,7 +2,8 @@
 
 :mod:`bigtrain.model.init` draws each parameter in fixed-size blocks of its flattened full
 tensor; here a rank computes where its local shard sits in that flat tensor and draws only the
-blocks overlapping it. Only dim-0 sharding (what FSDP2 does, possibly uneven) is supported.
+blocks overlapping it (dim-0 sharding, what FSDP2 does, possibly uneven), or the rows of its block
+at full width (tensor parallelism's column splits).
 """
 from __future__ import annotations
 
@@ -36,8 +37,25 @@ def local_row_range(param: torch.Tensor) -> tuple[int, int]:
     return start, length
 
 
+def _local_box(param: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(local shape, global offset) of this rank's block of a DTensor with any placements.
+
+    torch computes this for DCP (which must know where every shard sits), including FSDP2's strided
+    sharding of tensor-parallel weights; a rank's block is always a box of the full tensor.
+    """
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(
+        param.shape, param.device_mesh, param.placements)  # type: ignore[attr-defined]  # a DTensor (the caller checked)
+    return tuple(shape), tuple(offset)
+
+
 def sharded_filler(seed: int) -> Filler:
-    """A filler that accepts DTensor parameters (and plain tensors) and draws only the local shard."""
+    """A filler that accepts DTensor parameters (and plain tensors) and draws only the local shard.
+
+    Dim-0 sharding (FSDP2) draws exactly the local rows. Other placements (tensor parallelism
+    splits columns too) draw the local rows at full width and keep the local columns.
+    """
     plain = seeded_filler(seed)
 
     @torch.no_grad()
@@ -47,10 +65,24 @@ def sharded_filler(seed: int) -> Filler:
             plain(param, std, name)
             return
         local = param.to_local()
-        first_row, rows = local_row_range(param)
-        assert rows == (local.shape[0] if local.ndim else 1), (name, rows, tuple(local.shape))
+        if all(p.is_replicate() or (type(p).__name__ == "Shard" and p.dim == 0)  # type: ignore[attr-defined]  # Shard has .dim
+               for p in param.placements):
+            first_row, rows = local_row_range(param)
+            assert rows == (local.shape[0] if local.ndim else 1), (name, rows, tuple(local.shape))
+            row_numel = math.prod(param.shape[1:])
+            values = normal_range(param.numel(), first_row * row_numel, rows * row_numel, std, seed, name,
+                                  local.device)
+            local.copy_(values.view(local.shape))
+            return
+        shape, offset = _local_box(param)
+        assert tuple(local.shape) == shape, (name, shape, tuple(local.shape))
+        if local.numel() == 0:
+            return
         row_numel = math.prod(param.shape[1:])
-        values = normal_range(param.numel(), first_row * row_numel, rows * row_numel, std, seed, name, local.device)
-        local.copy_(values.view(local.shape))
+        rows = normal_range(param.numel(), offset[0] * row_numel, shape[0] * row_numel, std, seed, name, local.device)
+        block = rows.view(shape[0], *param.shape[1:])
+        for dim in range(1, len(shape)):
+            block = block.narrow(dim, offset[dim], shape[dim])
+        local.copy_(block)
 
     return fill

@@ -7,8 +7,10 @@ picks one from ``parallel.strategy``.
 =========================  ===========================================================================
 set-up                     ``wrap`` (shard/wrap a meta-device model, materialize, init, build the
                            optimizer), ``load_model_weights`` (``model.init_from``)
-each micro-batch           ``autocast``, ``no_sync`` (accumulation), ``backward``
-each step                  ``clip_grad_norm``, ``step``, ``reduce_mean`` (the logged loss, eval sums)
+each step                  ``forward_backward`` (the step's micro-batches: ``autocast``, ``no_sync``
+                           between them, ``backward``; a pipeline runs its schedule instead),
+                           ``clip_grad_norm``, ``step``, ``reduce_mean`` (the logged loss, eval sums)
+evaluation                 ``autocast`` around ``model(tokens)``
 end of run / generation    ``barrier``, ``unwrap`` (the plain model inside the wrapper)
 attributes                 ``info``, ``device``, ``compute_dtype``, ``checkpoint_format``
 =========================  ===========================================================================
@@ -21,8 +23,8 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -31,6 +33,14 @@ from bigtrain.parallel.config import ParallelConfig
 from bigtrain.parallel.dist import DistInfo
 
 OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
+
+
+class MicroBatch(NamedTuple):
+    """One micro-batch on the device: ``model(inputs, targets, **kwargs)`` is its mean loss."""
+
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    kwargs: dict[str, torch.Tensor]  # doc_ids / positions with document masking, else empty
 
 
 class Strategy(ABC):
@@ -48,6 +58,19 @@ class Strategy(ABC):
         """Take a meta-device model; shard/wrap it, materialize and init it, build the optimizer."""
 
     # -- step ----------------------------------------------------------------------
+    def forward_backward(self, model: nn.Module, micro_batches: Sequence[MicroBatch]) -> torch.Tensor:
+        """Forward and backward over the step's micro-batches, gradients averaged over them (synchronized
+        after the last one only); returns this rank's mean loss (detached)."""
+        loss_sum = torch.zeros((), device=self.device)
+        for i, batch in enumerate(micro_batches):
+            last = i == len(micro_batches) - 1
+            with self.no_sync(model) if not last else contextlib.nullcontext():
+                with self.autocast():
+                    loss = model(batch.inputs, batch.targets, **batch.kwargs)
+                self.backward(loss / len(micro_batches))
+            loss_sum += loss.detach()
+        return loss_sum / len(micro_batches)
+
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         """Mixed-precision context for forward passes (a no-op in fp32)."""
         if self.compute_dtype == torch.float32:
@@ -125,7 +148,8 @@ def build_strategy(cfg: ParallelConfig, info: DistInfo, *, precision: str, compi
     The values from other sections are passed explicitly: ``compile`` (``train.compile``, applied with
     activation checkpointing by :func:`bigtrain.parallel.apply.parallelize`); ``micro_batch_size``,
     ``grad_clip`` and ``accum_steps`` go into ZeRO's DeepSpeed config (DeepSpeed owns the
-    accumulation boundary and clipping); the other backends ignore them.
+    accumulation boundary and clipping); FSDP2 uses the first and last to size a pipeline's
+    microbatches; the other backends ignore them.
     """
     cfg.check_world_size(info.world_size)
     if cfg.strategy == "single":
@@ -139,7 +163,8 @@ def build_strategy(cfg: ParallelConfig, info: DistInfo, *, precision: str, compi
     if cfg.strategy == "fsdp":
         from bigtrain.parallel.fsdp import FSDPStrategy
 
-        return FSDPStrategy(info, precision, cfg, compile=compile)
+        return FSDPStrategy(info, precision, cfg, compile=compile, micro_batch_size=micro_batch_size,
+                            accum_steps=accum_steps)
     if cfg.strategy == "zero":
         from bigtrain.parallel.zero import ZeroStrategy
 

@@ -95,6 +95,8 @@ class RunConfig(Section):
                 f"parallel.strategy=zero (DeepSpeed's loss scaler); with parallel.strategy={self.parallel.strategy} "
                 f"use train.precision=bf16 (same speed on GPUs that have it, no loss scaling needed) or fp32."
             )
+        self.parallel.check_model(self.model, seq)
+        self.parallel.check_pipeline(self.model, self.data.document_ids)
         if self.train.on_nonfinite == "skip" and self.parallel.strategy == "zero":
             raise ConfigError("train.on_nonfinite: skip does not work with parallel.strategy=zero (DeepSpeed "
                               "computes the gradient norm inside its optimizer step, too late to skip it); use "
@@ -105,16 +107,20 @@ class RunConfig(Section):
         launch scripts and the trainer all call this): the parallel layout and the batch split. Returns
         :meth:`batch_layout`."""
         self.parallel.check_world_size(world_size)
-        return self.batch_layout(world_size)
+        seqs, accum = self.batch_layout(self.parallel.data_parallel_size(world_size))
+        self.parallel.check_microbatches(accum * self.train.micro_batch_size, accum)
+        return seqs, accum
 
-    def batch_layout(self, world_size: int) -> tuple[int, int]:
-        """(sequences per step across ranks, gradient-accumulation steps) for ``world_size`` ranks."""
+    def batch_layout(self, data_parallel_size: int) -> tuple[int, int]:
+        """(sequences per step across ranks, gradient-accumulation steps) for ``data_parallel_size`` ranks that
+        read different batches (all ranks, unless tensor/context parallelism groups them)."""
         seqs = self.train.global_batch_tokens // self.data.seq_len
-        per_pass = self.train.micro_batch_size * world_size
+        per_pass = self.train.micro_batch_size * data_parallel_size
         if seqs % per_pass:
+            ranks = "ranks" if not self.parallel.model_parallel_degrees else "data-parallel ranks"
             raise ConfigError(
-                f"train.global_batch_tokens: {seqs} sequences per step cannot be split over {world_size} ranks x "
-                f"micro_batch_size {self.train.micro_batch_size}; make it a multiple of "
+                f"train.global_batch_tokens: {seqs} sequences per step cannot be split over {data_parallel_size} "
+                f"{ranks} x micro_batch_size {self.train.micro_batch_size}; make it a multiple of "
                 f"{per_pass * self.data.seq_len} tokens."
             )
         return seqs, seqs // per_pass

@@ -30,7 +30,7 @@ from bigtrain.model import build_on_meta, count_parameters, flops_per_token
 from bigtrain.optim.optimizer import build_adamw
 from bigtrain.optim.schedule import LRSchedule
 from bigtrain.parallel import dist
-from bigtrain.parallel.strategy import build_strategy
+from bigtrain.parallel.strategy import MicroBatch, build_strategy
 from bigtrain.train import peers
 from bigtrain.train.failures import NonFiniteGuard, Watchdog
 from bigtrain.train.fault_injection import install_loss_poison
@@ -85,12 +85,15 @@ class Trainer:
         self.val_stream = (TokenStream.open(cfg.data.val_path, vocab_size=cfg.model.vocab_size,
                                             tokenizer_fingerprint=fingerprint, what="validation")
                            if cfg.data.val_path else None)
+        # Tensor/context-parallel peers read the same batches: the data pipeline sees data-parallel ranks only.
+        self.data_world = cfg.parallel.data_parallel_size(self.info.world_size)
+        self.data_rank = cfg.parallel.data_parallel_rank(self.info.rank, self.info.world_size)
         self._check_val_split()
         self.global_batch_seqs, self.accum_steps = cfg.check_launch(self.info.world_size)
         self.loader = DataPipeline.from_config(
             cfg.data, tokenizer=self.tokenizer, vocab_size=cfg.model.vocab_size,
             micro_batch_size=cfg.train.micro_batch_size, global_batch_seqs=self.global_batch_seqs,
-            rank=self.info.rank, world_size=self.info.world_size, seed=cfg.run.seed,
+            rank=self.data_rank, world_size=self.data_world, seed=cfg.run.seed,
             pin_memory=self.info.device.type == "cuda",
         )
         self.run_dir = Path(cfg.run.out_dir)
@@ -168,11 +171,12 @@ class Trainer:
             self.profiler = ProfilerWindow(cfg.log.profile.steps, self.run_dir, self.info.device)
 
     def _check_val_split(self) -> None:
-        """The validation split must hold one evaluation batch per rank (found now, not after training)."""
+        """The validation split must hold one evaluation batch per data-parallel rank (found now, not after
+        training)."""
         cfg = self.cfg
         if self.val_stream is None or not (cfg.eval.every_steps or cfg.eval.at_end):
             return
-        seq, micro, world = cfg.data.seq_len, cfg.train.micro_batch_size, self.info.world_size
+        seq, micro, world = cfg.data.seq_len, cfg.train.micro_batch_size, self.data_world
         batches = (self.val_stream.num_tokens - 1) // seq // micro
         if batches < world:
             need = world * micro * seq + 1
@@ -343,19 +347,13 @@ class Trainer:
         timer = self.timer  # phases are timed without a host sync (CUDA events); see train/timing.py
         with timer.phase("data_wait_s"):
             micro_batches = self.loader.next_step()
-        loss_sum = torch.zeros((), device=self.info.device)
         with timer.phase("fwd_bwd_s"):
-            for i, batch in enumerate(micro_batches):
-                inputs = batch.inputs.to(self.info.device, non_blocking=True)
-                targets = batch.targets.to(self.info.device, non_blocking=True)
-                last = i == len(micro_batches) - 1
-                with self.strategy.no_sync(self.model) if not last else contextlib.nullcontext():
-                    with self.strategy.autocast():
-                        loss = self.model(inputs, targets, **self._doc_kwargs(batch))
-                    self.strategy.backward(loss / len(micro_batches))
-                loss_sum += loss.detach()
+            device = self.info.device
+            batches = [MicroBatch(b.inputs.to(device, non_blocking=True), b.targets.to(device, non_blocking=True),
+                                  self._doc_kwargs(b)) for b in micro_batches]
+            rank_loss = self.strategy.forward_backward(self.model, batches)
         with self._collectives_phase():
-            mean_loss = self.strategy.reduce_mean(loss_sum / len(micro_batches))  # the same on every rank
+            mean_loss = self.strategy.reduce_mean(rank_loss)  # the same on every rank
         with timer.phase("optimizer_s"):
             grad_norm = self.strategy.clip_grad_norm(self.model, self.cfg.train.grad_clip)
             if self.nonfinite.allows_update(self.step + 1, mean_loss, grad_norm):
@@ -388,7 +386,7 @@ class Trainer:
         for batch in eval_batches(self.val_stream, seq_len=self.cfg.data.seq_len,
                                   micro_batch_size=self.cfg.train.micro_batch_size,
                                   max_batches=self.cfg.eval.max_batches if max_batches is None else max_batches,
-                                  rank=self.info.rank, world_size=self.info.world_size):
+                                  rank=self.data_rank, world_size=self.data_world):
             inputs = batch.inputs.to(self.info.device)
             targets = batch.targets.to(self.info.device)
             with self.strategy.autocast():
@@ -503,6 +501,16 @@ class Trainer:
         for logger in self.loggers:
             logger.log(record)
 
+    @property
+    def layout_summary(self) -> str:
+        """The N-D layout for the header (``dp_shard 2 x tp 2``) when tensor/context parallelism is on."""
+        p = self.cfg.parallel
+        if p.strategy != "fsdp" or not p.model_parallel_degrees:
+            return ""
+        from bigtrain.parallel.mesh import Layout
+
+        return Layout.from_config(p, self.info.world_size).describe()
+
     def _print_header(self) -> None:
         if not self.info.is_main:
             return
@@ -515,7 +523,8 @@ class Trainer:
             f"bigtrain: run {c.run.name!r} -> {self.run_dir}\n"
             f"  model    {self.num_params / 1e6:.2f}M params ({c.model.num_layers} layers, dim {c.model.dim}, "
             f"{c.model.num_heads} heads / {c.model.kv_heads} kv), {self.flops_per_token / 1e6:.1f} MFLOP/token\n"
-            f"  device   {self.info.device} x {self.info.world_size}, strategy {c.parallel.strategy}, "
+            f"  device   {self.info.device} x {self.info.world_size}, strategy {c.parallel.strategy}"
+            f"{f' ({self.layout_summary})' if self.layout_summary else ''}, "
             f"compute {str(self.strategy.compute_dtype).replace('torch.', '')}, threads {torch.get_num_threads()}"
             f"{'' if self.peak_flops else ', MFU n/a (no known peak for this device)'}\n"
             f"  kernels  {kernels}\n"

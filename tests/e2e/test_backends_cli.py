@@ -62,5 +62,5 @@ def test_bad_distributed_input_exits_2_on_every_worker(tmp_path: Path, demo_data
     assert proc.returncode != 0, out
     assert "(exitcode: 2)" in out, out
     assert not re.search(r'File ".*/bigtrain/', out), out  # torchrun's own ChildFailedError traceback is fine
-    for needle in ("replicate_degree=3", "does not divide"):
+    for needle in ("replicate_degree=3", "needs a multiple of 3 processes"):
         assert needle in out, out

@@ -1,0 +1,143 @@
+"""The parallel layout: how the ranks of a launch split into pipeline, data, context and tensor parallelism.
+
+This is the one module that knows the layout. :class:`Layout` is plain arithmetic (it needs no
+process group, so the data pipeline and ``bigtrain config check`` use it before one exists);
+:class:`ParallelMesh` is the named ``DeviceMesh`` built from it, and every parallel feature asks
+it for the sub-mesh it needs instead of computing ranks itself.
+
+Dimensions, outermost first (a rank's coordinates are its index in row-major order, so the
+innermost dimension, ``tp``, spans neighbouring ranks: the GPUs of one node)::
+
+    pp            pipeline stages (parallel.pipeline_parallel)
+    dp_replicate  HSDP replica groups (parallel.fsdp.replicate_degree)
+    dp_shard      FSDP2 sharding: what is left of the world size
+    cp            context parallelism (parallel.context_parallel)
+    tp            tensor parallelism (parallel.tensor_parallel)
+
+Derived (flattened) dimensions: ``dp`` = dp_replicate x dp_shard (the ranks that read different
+batches) and ``dp_shard_cp`` = dp_shard x cp (what FSDP2 shards over: context-parallel peers hold
+the same weights and their gradients are averaged like data-parallel ones).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from bigtrain.sections import ConfigError
+
+if TYPE_CHECKING:
+    from bigtrain.parallel.config import ParallelConfig
+
+DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
+_CONFIG_KEYS = {"pp": "parallel.pipeline_parallel", "dp_replicate": "parallel.fsdp.replicate_degree",
+                "cp": "parallel.context_parallel", "tp": "parallel.tensor_parallel"}
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Degrees of every dimension for one world size (their product is the world size)."""
+
+    pp: int = 1
+    dp_replicate: int = 1
+    dp_shard: int = 1
+    cp: int = 1
+    tp: int = 1
+
+    @classmethod
+    def from_config(cls, cfg: ParallelConfig, world_size: int) -> Layout:
+        """The layout ``cfg`` asks for on ``world_size`` ranks; exit 2 with a valid layout when it does not factor."""
+        fixed = {"pp": cfg.pipeline_parallel, "dp_replicate": cfg.fsdp.replicate_degree,
+                 "cp": cfg.context_parallel, "tp": cfg.tensor_parallel}
+        product = 1
+        for degree in fixed.values():
+            product *= degree
+        if world_size % product:
+            raise ConfigError(cls._does_not_factor(fixed, product, world_size))
+        return cls(dp_shard=world_size // product, **fixed)
+
+    @staticmethod
+    def _does_not_factor(fixed: dict[str, int], product: int, world_size: int) -> str:
+        given = " x ".join(f"{_CONFIG_KEYS[d]}={v}" for d, v in fixed.items() if v > 1)
+        hints = []
+        for dim, degree in fixed.items():
+            if degree == 1:
+                continue
+            others = product // degree
+            if world_size % others == 0:
+                choices = [d for d in _divisors(world_size // others) if d != degree]
+                hints.append(f"{_CONFIG_KEYS[dim]} in {{{', '.join(map(str, choices))}}}")
+        multiples = ", ".join(str(product * k) for k in range(1, 4))
+        suggestion = (f"valid layouts for {world_size} processes: {' or '.join(hints)}; or launch a multiple of "
+                      f"{product} processes ({multiples}, ...)") if hints else (
+            f"launch a multiple of {product} processes ({multiples}, ...)")
+        return (f"the parallel layout does not fit this launch: {given} needs a multiple of {product} processes, "
+                f"but there are {world_size} (the FSDP shard degree is world size / ({product}), which must be a "
+                f"whole number); {suggestion}.")
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(getattr(self, d) for d in DIMS)
+
+    @property
+    def world_size(self) -> int:
+        return self.pp * self.dp_replicate * self.dp_shard * self.cp * self.tp
+
+    @property
+    def data_parallel_size(self) -> int:
+        """Ranks that read different batches."""
+        return self.dp_replicate * self.dp_shard
+
+    def coordinates(self, rank: int) -> dict[str, int]:
+        """This rank's index along every dimension (row-major: tp varies fastest)."""
+        coords: dict[str, int] = {}
+        for dim in reversed(DIMS):
+            size = getattr(self, dim)
+            coords[dim] = rank % size
+            rank //= size
+        return {d: coords[d] for d in DIMS}
+
+    def data_rank(self, rank: int) -> int:
+        """The data pipeline's rank: pipeline/tensor/context-parallel peers share it (and read the same batch)."""
+        c = self.coordinates(rank)
+        return c["dp_replicate"] * self.dp_shard + c["dp_shard"]
+
+    def describe(self) -> str:
+        """e.g. ``dp_shard 2 x tp 2`` (dimensions of size 1 left out; ``1 rank`` when all are)."""
+        parts = [f"{d} {getattr(self, d)}" for d in DIMS if getattr(self, d) > 1]
+        return " x ".join(parts) if parts else "1 rank"
+
+
+class ParallelMesh:
+    """The named ``DeviceMesh`` of a :class:`Layout` and the sub-meshes each feature uses."""
+
+    def __init__(self, layout: Layout, device_type: str) -> None:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        self.layout = layout
+        self.mesh: Any = init_device_mesh(device_type, layout.shape, mesh_dim_names=DIMS)
+        # Flattened views (private in every torch that has them, 2.4+; torchtitan relies on the same).
+        self.mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
+        self.mesh["dp_replicate", "dp_shard"]._flatten("dp")
+
+    @property
+    def fsdp(self) -> Any:
+        """What FSDP2 shards over: (dp_replicate, dp_shard_cp) for HSDP, else dp_shard_cp."""
+        if self.layout.dp_replicate > 1:
+            return self.mesh["dp_replicate", "dp_shard_cp"]
+        return self.mesh["dp_shard_cp"]
+
+    @property
+    def tp(self) -> Any:
+        return self.mesh["tp"]
+
+    @property
+    def cp(self) -> Any:
+        return self.mesh["cp"]
+
+    @property
+    def pp(self) -> Any:
+        return self.mesh["pp"]
