@@ -9,7 +9,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from bigtrain.errors import EXIT_FAILURE, EXIT_OK, EXIT_USER_ERROR, UserError
+from bigtrain.errors import EXIT_FAILURE, EXIT_OK, EXIT_USER_ERROR, EnvironmentFailure, UserError
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -98,7 +98,7 @@ def _cmd_data_prepare(args: argparse.Namespace) -> int:
 
     prepare_corpus(args.inputs, args.out_dir, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
                    val_fraction=args.val_fraction, text_key=args.text_key, seed=args.seed,
-                   num_workers=args.num_workers, overwrite=args.overwrite)
+                   num_workers=args.num_workers, overwrite=args.overwrite, shard_tokens=args.shard_tokens)
     return EXIT_OK
 
 
@@ -158,13 +158,27 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         raise UserError(f"--world-size must be >= 1, got {args.world_size}.")
     if args.gpu_memory_gib <= 0:
         raise UserError(f"--gpu-memory-gib must be positive, got {args.gpu_memory_gib}.")
+    from bigtrain.plan_layout import Hardware, format_layouts
+
     cfg = load_config(args.config, args.overrides)
     strategies = list(STRATEGIES) if args.strategy == "all" else [args.strategy]
     if args.strategy == "single" and args.world_size != 1:
         raise UserError("--strategy single runs one process; use --world-size 1 or another strategy.")
+    for flag in ("gpus_per_node", "peak_tflops", "intra_node_gbps", "inter_node_gbps"):
+        if getattr(args, flag) <= 0:
+            raise UserError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}.")
+    if not 0 < args.efficiency <= 1:
+        raise UserError(f"--efficiency must be in (0, 1], got {args.efficiency}.")
     device = args.device or ("cpu" if cfg.run.device == "cpu" else "cuda")
-    print(format_plan(cfg, args.world_size, strategies, device=device, gpu_memory_gib=args.gpu_memory_gib,
-                      source=args.config), end="")
+    hw = Hardware(gpus_per_node=args.gpus_per_node, peak_tflops=args.peak_tflops, efficiency=args.efficiency,
+                  intra_node_gbps=args.intra_node_gbps, inter_node_gbps=args.inter_node_gbps,
+                  gpu_memory_gib=args.gpu_memory_gib)
+    if not cfg.parallel.model_parallel_degrees:  # the data-parallel backends, side by side
+        print(format_plan(cfg, args.world_size, strategies, device=device, gpu_memory_gib=args.gpu_memory_gib,
+                          source=args.config), end="")
+    if args.strategy in ("all", "fsdp") and args.world_size > 1:
+        print(("\n" if not cfg.parallel.model_parallel_degrees else "")
+              + format_layouts(cfg, args.world_size, hw, device=device), end="")
     return EXIT_OK
 
 
@@ -253,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--text-key", default="text", help="jsonl field / parquet column holding the text")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--num-workers", type=int, default=0, help="tokenizer processes (0 = one per CPU core)")
+    q.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard file")
     q.add_argument("--overwrite", action="store_true", help="replace a non-empty --out-dir")
     q.set_defaults(func=_cmd_data_prepare)
     q = data_verbs.add_parser("inspect", help="token/document counts, per-source stats and a decoded sample")
@@ -311,6 +326,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["cuda", "cpu"], default=None,
                    help="what train.precision=auto resolves on: cuda = bf16, cpu = fp32 "
                         "(default: run.device, auto = cuda)")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="N-D layouts: GPUs per node (tensor parallelism "
+                                                                "stays inside one)")
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="N-D step-time estimate: peak TFLOP/s per GPU")
+    p.add_argument("--efficiency", type=float, default=0.4, help="N-D step-time estimate: achieved fraction of peak")
+    p.add_argument("--intra-node-gbps", type=float, default=450.0, help="N-D estimate: GB/s per GPU inside a node")
+    p.add_argument("--inter-node-gbps", type=float, default=50.0, help="N-D estimate: GB/s per GPU between nodes")
     p.set_defaults(func=_cmd_plan)
 
     p = verbs.add_parser("doctor",
@@ -351,6 +372,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         messages.warn(f"bigtrain: error: {exc}")  # once per launch: rank 0 (other ranks found the same)
         return EXIT_USER_ERROR
+    except EnvironmentFailure as exc:
+        from bigtrain import messages
+
+        messages.warn(f"bigtrain: error: {exc}", every_rank=True)  # a node's own disk may be full
+        return EXIT_FAILURE
     except KeyboardInterrupt:
         print("bigtrain: interrupted", file=sys.stderr)
         return 130

@@ -1,9 +1,15 @@
-"""Errors a user can fix: the CLI prints the message (no traceback) and exits with status 2."""
+"""Errors a user can fix: the CLI prints the message (no traceback) and exits with status 2; failures of the
+machine bigtrain has handled (exit 1, also without a traceback)."""
 from __future__ import annotations
 
 
 class UserError(Exception):
     """A mistake in the user's input (config, paths, data) with a message that says how to fix it."""
+
+
+class EnvironmentFailure(Exception):
+    """A failure of the machine, not of the input (a full disk, a read-only folder) that bigtrain has already
+    cleaned up after: the CLI prints the message without a traceback and exits with status 1."""
 
 
 EXIT_OK = 0

@@ -251,10 +251,15 @@ def plan_memory(cfg: RunConfig, world_size: int, strategy: str, *, device: str |
         shares_master = compute == "fp32" and not zcfg.offload_optimizer and not zcfg.offload_params
         master = 0 if shares_master else fp32 * part
         optimizer = master + 2 * fp32 * part + fp32 * 2  # moments + a step scalar per flat group
-        # bigtrain's ZeroStrategy materializes the whole fp32 model on every rank, then DeepSpeed partitions it.
-        setup = fp32 * n_all
-        notes.append("zero: set-up materializes the whole fp32 model on every rank before DeepSpeed partitions it "
-                     "(deepspeed.zero.Init is not used yet); 'fits' counts that")
+        if stage == 3:
+            # Built inside deepspeed.zero.Init (partitioned module by module) and initialized one gathered
+            # parameter at a time: the partitions plus the largest parameter, whole.
+            setup = params + p * max(_numel(s) for s in shapes.all)
+        else:
+            # Stages 1/2 hold whole parameters anyway; set-up initializes them in fp32 before DeepSpeed casts.
+            setup = fp32 * n_all
+            notes.append("zero-1/2: set-up initializes the whole fp32 model on every rank before DeepSpeed casts "
+                         "and partitions it; 'fits' counts that")
         if zcfg.offload_optimizer:
             host, optimizer = optimizer, 0
             notes.append("zero: offload_optimizer keeps optimizer state and master weights in host memory")

@@ -2,7 +2,7 @@
 
 Layers, top to bottom (a module may import its own package and any lower layer, never a higher one):
 
-    5  entry points and tools: cli, __main__, doctor, plan, generate, export, runs, plot, config
+    5  entry points and tools: cli, __main__, doctor, plan, plan_layout, generate, export, runs, plot, config
     4  train/                                     (RunConfig lives here: train/run_config.py)
     3  checkpoint/  parallel/  data/  optim/      (peers: no imports between them, except checkpoint → parallel)
     2  model/
@@ -24,7 +24,7 @@ import pytest
 PACKAGE_ROOT = Path(__file__).resolve().parents[1] / "bigtrain"
 
 LAYER_OF_UNIT: dict[str, int] = {
-    "cli": 5, "__main__": 5, "doctor": 5, "plan": 5, "generate": 5, "export": 5, "runs": 5, "plot": 5, "config": 5,
+    "cli": 5, "__main__": 5, "doctor": 5, "plan": 5, "plan_layout": 5, "generate": 5, "export": 5, "runs": 5, "plot": 5, "config": 5,
     "train": 4,
     "checkpoint": 3, "parallel": 3, "data": 3, "optim": 3,
     "model": 2,

@@ -33,7 +33,7 @@ import numpy as np
 from bigtrain.data.documents import ScanStats, find_files, iter_documents
 from bigtrain.data.shards import dtype_for_vocab, manifest_head, write_manifest, write_shard
 from bigtrain.data.tokenizer import MIN_BPE_VOCAB, Tokenizer
-from bigtrain.errors import UserError
+from bigtrain.errors import EnvironmentFailure, UserError
 from bigtrain.messages import say, warn
 
 _BATCH_CHARS = 8 << 20  # text per encode_batch call: big enough to keep Rust busy, small in RAM
@@ -367,6 +367,12 @@ def prepare_corpus(
     except UserError:
         shutil.rmtree(build, ignore_errors=True)  # a mistake in the input is not worth resuming
         raise
+    except OSError as exc:  # a full disk, a read-only folder: what is written stays, unfinished, for a resume
+        where = f" ({exc.filename})" if exc.filename else ""
+        raise EnvironmentFailure(
+            f"data prepare stopped: {exc.strerror or exc}{where}. Nothing was published at {out}; "
+            f"the shards finished so far are kept in {build}. Free space (or fix the folder) and run the same "
+            f"command again to resume from there.") from exc
     except BaseException:
         warn(f"prepare: interrupted; run the same command again to resume from {build}")
         raise

@@ -27,6 +27,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                   "ffn_hidden_dim": 14336, "max_seq_len": 8192, "tie_embeddings": False, "rope_theta": 500000.0},
     "llama3-70b": {"vocab_size": 128256, "dim": 8192, "num_layers": 80, "num_heads": 64, "num_kv_heads": 8,
                    "ffn_hidden_dim": 28672, "max_seq_len": 8192, "tie_embeddings": False, "rope_theta": 500000.0},
+    "llama3-405b": {"vocab_size": 128256, "dim": 16384, "num_layers": 126, "num_heads": 128, "num_kv_heads": 8,
+                    "ffn_hidden_dim": 53248, "max_seq_len": 8192, "tie_embeddings": False, "rope_theta": 500000.0},
 }
 
 
@@ -39,7 +41,7 @@ class ModelConfig(Section):
     """Decoder-only Transformer shape (pre-norm, RMSNorm, RoPE, SwiGLU, grouped-query attention)."""
 
     preset: str | None = doc_field(None, "Named size to start from (debug, gpt2-124m, gpt2-350m, gpt2-1.5b, llama-1b, "
-                                         "llama3-8b, llama3-70b); other keys override it.")
+                                         "llama3-8b, llama3-70b, llama3-405b); other keys override it.")
     vocab_size: int = doc_field(4096, "Embedding rows; must be >= the tokenizer's vocabulary (round up to a multiple "
                                       "of 64 for speed).")
     dim: int = doc_field(256, "Hidden size of the residual stream.")

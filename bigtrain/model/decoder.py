@@ -141,23 +141,42 @@ class Decoder(nn.Module):
         per-(seed, name, block) generators, so a sharding-aware filler reproduces the same weights.
         """
         fill = fill or seeded_filler(seed)
+        for name, param, std in self.init_plan():
+            if std is None:
+                nn.init.ones_(param)
+            else:
+                fill(param, std, name)
+        self.init_buffers()
+
+    def init_plan(self) -> list[tuple[str, nn.Parameter, float | None]]:
+        """How each parameter is initialized: (canonical name, parameter, normal std; None = ones, the norms).
+
+        One entry per parameter, so a backend that holds parameters in pieces (ZeRO-3) can
+        initialize them one at a time.
+        """
         std = self.cfg.init_std
         residual_std = std / math.sqrt(2 * self.cfg.num_layers)
+        plan: list[tuple[str, nn.Parameter, float | None]] = []
         # A pipeline stage holds some of the blocks and maybe no embedding / final norm / output (None).
         if self.tok_embeddings is not None:
-            fill(self.tok_embeddings.weight, std, "tok_embeddings.weight")
+            plan.append(("tok_embeddings.weight", self.tok_embeddings.weight, std))
         for i, module in self.layers.items():
             block = cast(Block, module)  # a Block (wrappers swap its class in place)
             for mod, lin in (("attn", "wq"), ("attn", "wk"), ("attn", "wv"), ("ffn", "w1"), ("ffn", "w3")):
-                fill(getattr(getattr(block, mod), lin).weight, std, f"layers.{i}.{mod}.{lin}.weight")
-            fill(block.attn.wo.weight, residual_std, f"layers.{i}.attn.wo.weight")
-            fill(block.ffn.w2.weight, residual_std, f"layers.{i}.ffn.w2.weight")
-            block.attn_norm.reset_parameters()
-            block.ffn_norm.reset_parameters()
+                plan.append((f"layers.{i}.{mod}.{lin}.weight", getattr(getattr(block, mod), lin).weight, std))
+            plan.append((f"layers.{i}.attn.wo.weight", block.attn.wo.weight, residual_std))
+            plan.append((f"layers.{i}.ffn.w2.weight", block.ffn.w2.weight, residual_std))
+            plan.append((f"layers.{i}.attn_norm.weight", block.attn_norm.weight, None))
+            plan.append((f"layers.{i}.ffn_norm.weight", block.ffn_norm.weight, None))
         if self.norm is not None:
-            self.norm.reset_parameters()
+            plan.append(("norm.weight", self.norm.weight, None))
         if self.output is not None:
-            fill(self.output.weight, std, "output.weight")
+            plan.append(("output.weight", self.output.weight, std))
+        return plan
+
+    @torch.no_grad()
+    def init_buffers(self) -> None:
+        """Recompute the rotary tables (not persistent: derived from the config)."""
         cos, sin = rotary_tables(
             self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta, device=self.rope_cos.device
         )

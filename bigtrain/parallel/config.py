@@ -179,10 +179,10 @@ class ParallelConfig(Section):
             raise ConfigError("data.document_ids=true does not work with parallel.pipeline_parallel > 1 yet (only "
                               "the token activations travel between stages); set data.document_ids=false or "
                               "parallel.pipeline_parallel=1.")
-        if self.tensor_parallel > 1 or self.context_parallel > 1:
-            raise ConfigError("parallel.pipeline_parallel > 1 does not compose with tensor_parallel or "
-                              "context_parallel in bigtrain yet; use pipeline parallelism with FSDP2 "
-                              "(pipeline_parallel x data parallelism), or tensor/context parallelism without it.")
+        if self.context_parallel > 1:
+            raise ConfigError("parallel.pipeline_parallel > 1 does not compose with context_parallel in bigtrain "
+                              "yet; use pipeline x tensor x data parallelism, or context parallelism without "
+                              "pipeline stages.")
 
     def check_microbatches(self, sequences_per_rank: int, accum_steps: int) -> int:
         """The pipeline's microbatch count for ``sequences_per_rank`` sequences per step (exit 2 if it does not fit)."""

@@ -110,7 +110,7 @@ def _split_batch(state: ContextParallelState, module: nn.Module, args: tuple[Any
     tokens = args[0]
     targets = args[1] if len(args) > 1 else kwargs.get("targets")
     state.active = targets is not None
-    if not state.active:
+    if targets is None:
         return args, kwargs
     batch, seq = tokens.shape
     piece = seq // state.size
@@ -130,9 +130,10 @@ def apply_context_parallel(model: nn.Module, cp_mesh: Any) -> None:
     assert isinstance(model, Decoder), type(model)
     state = ContextParallelState(group=cp_mesh.get_group(), size=cp_mesh.size(), rank=cp_mesh.get_local_rank())
     for block in model.layers.values():
-        attn = block.attn
+        attn = block.get_submodule("attn")
         attn.__class__ = ContextParallelAttention
-        attn.cp_state = state  # type: ignore[assignment]  # set on the swapped-in subclass
+        assert isinstance(attn, ContextParallelAttention)
+        attn.cp_state = state
 
     def hook(module: nn.Module, args: tuple[Any, ...],
              kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:

@@ -6,11 +6,26 @@ sharded and unsharded gradients would disagree; fp64 makes them agree to ~1e-9.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+import logging
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 from torch.distributed.tensor import DTensor
+
+
+@contextlib.contextmanager
+def _quiet_redistribute() -> Iterator[None]:
+    """DTensor warns that reducing a norm over a 2-D mesh (FSDP x TP) takes two all-reduces: true, and
+    negligible for one scalar per step."""
+    logger = logging.getLogger("torch.distributed.tensor._redistribute")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float, *,
@@ -25,10 +40,11 @@ def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float, *,
     if not params:
         return torch.zeros(())
     grads = [p.grad for p in params if p.grad is not None]
-    norms = [torch.linalg.vector_norm(g, 2.0, dtype=torch.float64) for g in grads]
-    total: torch.Tensor = torch.linalg.vector_norm(torch.stack(norms))
-    if isinstance(total, DTensor):
-        total = total.full_tensor()
+    with _quiet_redistribute():
+        norms = [torch.linalg.vector_norm(g, 2.0, dtype=torch.float64) for g in grads]
+        total: torch.Tensor = torch.linalg.vector_norm(torch.stack(norms))
+        if isinstance(total, DTensor):
+            total = total.full_tensor()
     if pipeline_group is not None:
         squared = total.double().pow(2)
         torch.distributed.all_reduce(squared, group=pipeline_group)

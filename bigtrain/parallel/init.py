@@ -79,8 +79,9 @@ def sharded_filler(seed: int) -> Filler:
         if local.numel() == 0:
             return
         row_numel = math.prod(param.shape[1:])
-        rows = normal_range(param.numel(), offset[0] * row_numel, shape[0] * row_numel, std, seed, name, local.device)
-        block = rows.view(shape[0], *param.shape[1:])
+        drawn = normal_range(param.numel(), offset[0] * row_numel, shape[0] * row_numel, std, seed, name,
+                             local.device)
+        block = drawn.view(shape[0], *param.shape[1:])
         for dim in range(1, len(shape)):
             block = block.narrow(dim, offset[dim], shape[dim])
         local.copy_(block)

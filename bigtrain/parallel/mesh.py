@@ -14,12 +14,13 @@ innermost dimension, ``tp``, spans neighbouring ranks: the GPUs of one node)::
     cp            context parallelism (parallel.context_parallel)
     tp            tensor parallelism (parallel.tensor_parallel)
 
-Derived (flattened) dimensions: ``dp`` = dp_replicate x dp_shard (the ranks that read different
-batches) and ``dp_shard_cp`` = dp_shard x cp (what FSDP2 shards over: context-parallel peers hold
-the same weights and their gradients are averaged like data-parallel ones).
+A derived (flattened) dimension: ``dp_shard_cp`` = dp_shard x cp, what FSDP2 shards over
+(context-parallel peers hold the same weights and their gradients are averaged like data-parallel
+ones). dp_replicate x dp_shard are the ranks that read different batches (:meth:`Layout.data_rank`).
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -119,16 +120,20 @@ class ParallelMesh:
 
         self.layout = layout
         self.mesh: Any = init_device_mesh(device_type, layout.shape, mesh_dim_names=DIMS)
-        # Flattened views (private in every torch that has them, 2.4+; torchtitan relies on the same).
-        self.mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
-        self.mesh["dp_replicate", "dp_shard"]._flatten("dp")
+        # The flattened view is kept, not sliced again from the root (which torch deprecates).
+        # ``_flatten`` is private in every torch that has it (2.4+); torchtitan relies on it too.
+        self._dp_shard_cp = self.mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
 
     @property
     def fsdp(self) -> Any:
         """What FSDP2 shards over: (dp_replicate, dp_shard_cp) for HSDP, else dp_shard_cp."""
-        if self.layout.dp_replicate > 1:
+        if self.layout.dp_replicate == 1:
+            return self._dp_shard_cp
+        if self.layout.cp == 1:
+            return self.mesh["dp_replicate", "dp_shard"]
+        with warnings.catch_warnings():  # HSDP x CP needs a 2-D mesh with a flattened dimension
+            warnings.filterwarnings("ignore", message="Slicing a flattened dim")
             return self.mesh["dp_replicate", "dp_shard_cp"]
-        return self.mesh["dp_shard_cp"]
 
     @property
     def tp(self) -> Any:

@@ -87,6 +87,11 @@ class PipelineDecoder(Decoder):
         pp = len(self.pp_ranks)
         me = dist.get_rank()
         batch, seq = tokens.shape
+        # Under tensor (sequence) parallelism activations are split along the sequence: pad the end
+        # to a multiple of tp (causal attention keeps it invisible) and drop the padded logits.
+        tp_mesh = getattr(self, "tp_mesh", None)
+        tp = tp_mesh.size() if tp_mesh is not None else 1
+        tokens = F.pad(tokens, (0, -seq % tp))
         h: torch.Tensor = tokens
         for stage in range(self.pp_num_stages):
             owner = self.pp_ranks[stage % pp]
@@ -94,18 +99,20 @@ class PipelineDecoder(Decoder):
             if owner != me:
                 continue
             if stage > 0 and previous != me:
-                h = torch.empty(batch, seq, self.cfg.dim, device=tokens.device)
+                h = torch.empty(batch, tokens.shape[1] // tp, self.cfg.dim, device=tokens.device)
                 dist.recv(h, src=previous, group=self.pp_group)
             h = self.pp_stages[stage](h).float()
             following = self.pp_ranks[(stage + 1) % pp]
             if stage < self.pp_num_stages - 1 and following != me:
                 dist.send(h.contiguous(), dst=following, group=self.pp_group)
         last_owner = self.pp_ranks[(self.pp_num_stages - 1) % pp]
-        logits = h if me == last_owner else torch.empty(batch, seq, self.cfg.vocab_size, device=tokens.device)
+        logits = (h if me == last_owner
+                  else torch.empty(batch, tokens.shape[1], self.cfg.vocab_size, device=tokens.device))
         dist.broadcast(logits, src=last_owner, group=self.pp_group)
+        logits = logits[:, :seq]
         if targets is None:
             return logits
-        return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten())  # (training uses the schedule)
 
 
 def split_for_pipeline(model: nn.Module, pp_mesh: Any, virtual: int) -> dict[int, StageModule]:
@@ -127,6 +134,7 @@ def split_for_pipeline(model: nn.Module, pp_mesh: Any, virtual: int) -> dict[int
         model.norm = None  # type: ignore[assignment]  # nor the head
         model.output = None
     model.__class__ = PipelineDecoder
+    assert isinstance(model, PipelineDecoder)
     model.pp_stages = stages
     model.pp_ranks = [int(r) for r in pp_mesh.mesh.tolist()]
     model.pp_group = pp_mesh.get_group()

@@ -151,12 +151,16 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: Any) -> None:
         for module in model.modules():
             if isinstance(module, RMSNorm):
                 module.kernels = "torch"
-    root_plan: dict[str, Any] = {
-        "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
-        "norm": SequenceParallel(use_local_output=True),
-    }
-    if model.output is not None:  # only its weight is used (output_head); this shards it by vocabulary
-        root_plan["output"] = ColwiseParallel()
+    # A pipeline stage may lack the embedding, the final norm or the output projection (None).
+    root_plan: dict[str, Any] = {}
+    if model.tok_embeddings is not None:
+        root_plan["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1))
+    if model.norm is not None:
+        root_plan["norm"] = SequenceParallel(use_local_output=True)
+    if model.output is not None:
+        # Shards the weight by vocabulary. The unsplit model only uses the weight (output_head); a
+        # pipeline's last stage calls the module, which gathers the sequence and the logits.
+        root_plan["output"] = ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate())
     parallelize_module(model, tp_mesh, root_plan)
     # Block inputs: (x, cos, sin, positions, doc_ids); only x is a sequence-sharded activation.
     attn_in = (Shard(1), None, None, None, None)
@@ -175,5 +179,6 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: Any) -> None:
             "ffn.w3": ColwiseParallel(),
             "ffn.w2": RowwiseParallel(output_layouts=Shard(1)),
         })
-    model.__class__ = TensorParallelDecoder
-    model.tp_mesh = tp_mesh
+    if type(model) is Decoder:  # a pipeline's part keeps its own class (it pads inference input itself)
+        model.__class__ = TensorParallelDecoder
+    model.tp_mesh = tp_mesh  # type: ignore[assignment]  # an attribute of the tensor-parallel model

@@ -138,14 +138,14 @@ class ZeroStrategy(Strategy):
              seed: int) -> tuple[nn.Module, torch.optim.Optimizer]:
         deepspeed = import_deepspeed()
         self._ensure_process_group()
-        # Every rank materializes and initializes the full model with the same seed (bit-identical
-        # to SingleStrategy), then deepspeed.initialize partitions it. For stage 3 this means one
-        # full fp32 copy per rank during set-up: fine up to models that fit one device, which is
-        # what this first version supports; deepspeed.zero.Init (partition at construction) is
-        # the follow-up for models that do not.
-        parallelize(model, self.cfg, compile=self.compile)  # act-ckpt → compile; DeepSpeed shards below
-        model.to_empty(device=self.device)
-        model.init_weights(seed)  # type: ignore[operator]  # a Decoder, typed as the nn.Module it is wrapped as
+        if self.zero.stage == 3:
+            model = self._build_partitioned(model, seed)
+        else:
+            # Stages 0-2 keep whole parameters on every rank: materialize and initialize the full
+            # model with the same seed (bit-identical to SingleStrategy); DeepSpeed shards the rest.
+            parallelize(model, self.cfg, compile=self.compile)  # act-ckpt → compile
+            model.to_empty(device=self.device)
+            model.init_weights(seed)  # type: ignore[operator]  # a Decoder, typed as the nn.Module it is wrapped as
         optimizer = make_optimizer(model)
         self._order = [p for group in optimizer.param_groups for p in group["params"]]
         self._group_sizes = [len(group["params"]) for group in optimizer.param_groups]
@@ -157,6 +157,33 @@ class ZeroStrategy(Strategy):
         if shared:
             messages.say(f"zero: fp32 run, master weights share storage with the working partitions ({shared} groups)")
         return engine, ds_optimizer
+
+    def _build_partitioned(self, meta_model: nn.Module, seed: int) -> nn.Module:
+        """Stage 3: no rank ever holds the whole model. The decoder is rebuilt inside
+        ``deepspeed.zero.Init``, which partitions each module's parameters as soon as the module is
+        constructed; then each parameter is gathered alone, filled with the sharding-independent
+        init (the same weights as every other backend) and partitioned again. Peak set-up memory is
+        this rank's partitions plus the largest single parameter."""
+        deepspeed = import_deepspeed()
+        from bigtrain.model.init import seeded_filler
+
+        config = getattr(meta_model, "cfg", None)
+        assert config is not None, "ZeRO-3 set-up rebuilds the model from its config (model.cfg)"
+        with deepspeed.zero.Init(config_dict_or_path=self.ds_config, remote_device="cpu" if self.zero.offload_params
+                                 else None):
+            model: nn.Module = type(meta_model)(config)
+        parallelize(model, self.cfg, compile=self.compile)  # act-ckpt (compile is off under stage 3)
+        fill = seeded_filler(seed)
+        with torch.no_grad():
+            for name, param, std in model.init_plan():  # type: ignore[operator]  # a Decoder
+                # modifier_rank=0: rank 0's values (every rank computes the same) are partitioned on exit.
+                with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+                    if std is None:
+                        nn.init.ones_(param)
+                    else:
+                        fill(param, std, name)
+            model.init_buffers()  # type: ignore[operator]  # a Decoder
+        return model
 
     def _share_fp32_masters(self) -> int:
         """In an fp32 run, make DeepSpeed's fp32 master partitions share storage with the working partitions.

@@ -83,3 +83,39 @@ def test_tokenizer_train_into_an_unwritable_place(tmp_path: Path, capfd: pytest.
     status, text = _main(capfd, "data", "tokenizer", "train", str(raw), "--vocab-size", "300", "--out",
                          str(blocker / "tokenizer.json"))
     assert status == 2 and "cannot write" in text and str(blocker) in text
+
+
+def test_a_full_disk_while_writing_shards_is_a_message_and_the_build_resumes(
+        tmp_path: Path, demo_data: Path, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """ENOSPC on the second shard: exit 1 with one paragraph, nothing published at OUT, and the same command
+    finishes the build afterwards with the same result as a build that never failed."""
+    import errno
+
+    from bigtrain.data import prepare
+
+    raw = _corpus(tmp_path)
+    args = ["--shard-tokens", "200"]
+    assert _main(capfd, *_prepare(demo_data, str(raw), "--out-dir", str(tmp_path / "clean"), *args))[0] == 0
+    real_write, calls = prepare.write_shard, []
+
+    def full_disk(path: Path, *a: object, **k: object) -> None:
+        calls.append(path)
+        if len(calls) == 2:
+            Path(path).write_bytes(b"partial")  # what a full disk leaves behind
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real_write(path, *a, **k)
+
+    monkeypatch.setattr(prepare, "write_shard", full_disk)
+    out = tmp_path / "out"
+    status, text = _main(capfd, *_prepare(demo_data, str(raw), "--out-dir", str(out), *args))
+    assert status == 1, text
+    assert "data prepare stopped: No space left on device" in text and "run the same command again" in text, text
+    assert not out.exists() and (tmp_path / "out.partial").is_dir()
+    monkeypatch.setattr(prepare, "write_shard", real_write)
+    status, text = _main(capfd, *_prepare(demo_data, str(raw), "--out-dir", str(out), *args))
+    assert status == 0, text
+    want = json.loads((tmp_path / "clean" / "manifest.json").read_text())["splits"]
+    assert json.loads((out / "manifest.json").read_text())["splits"] == want
+    for split in want.values():
+        for shard in split["shards"]:
+            assert (out / shard).read_bytes() == (tmp_path / "clean" / shard).read_bytes(), shard

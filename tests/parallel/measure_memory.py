@@ -7,20 +7,18 @@ them back — as at the peak of a step, after backward and before the update. Th
 """
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 from typing import Any
 
 
 def held_after_backward(trainer: Any) -> dict[str, int]:
     """Bytes this rank holds at the peak of a step (``trainer`` has run at least one step)."""
-    batches = trainer.loader.next_step()
-    for i, batch in enumerate(batches):
-        last = i == len(batches) - 1
-        with trainer.strategy.no_sync(trainer.model) if not last else contextlib.nullcontext():
-            with trainer.strategy.autocast():
-                loss = trainer.model(batch.inputs.to(trainer.info.device), batch.targets.to(trainer.info.device))
-            trainer.strategy.backward(loss / len(batches))
+    from bigtrain.parallel.strategy import MicroBatch
+
+    device = trainer.info.device
+    batches = [MicroBatch(b.inputs.to(device), b.targets.to(device), trainer._doc_kwargs(b))
+               for b in trainer.loader.next_step()]
+    trainer.strategy.forward_backward(trainer.model, batches)  # what a step does before the update
     return trainer.strategy.held_state_bytes(trainer.model, trainer.optimizer)
 
 
