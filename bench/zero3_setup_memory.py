@@ -24,8 +24,8 @@ from pathlib import Path
 
 from benchinfo import REPO, cpu_name, git_commit  # bench/ is on sys.path when run as a script
 
-# ~1.1 GiB of fp32 parameters: 22 blocks of dim 1024 (12.6M each) + a 4096 x 1024 embedding.
-MODEL = ["model.dim=1024", "model.num_layers=22", "model.num_heads=8", "model.ffn_hidden_dim=2752",
+# ~1.05 GiB of fp32 parameters: 24 blocks of dim 1024 (12.6M each) + a 4096 x 1024 embedding.
+MODEL = ["model.dim=1024", "model.num_layers=24", "model.num_heads=8", "model.ffn_hidden_dim=2752",
          "model.vocab_size=4096", "data.seq_len=64", "train.global_batch_tokens=256", "train.micro_batch_size=2"]
 CASES = {"zero-2 (whole parameters, baseline)": ["parallel.strategy=zero", "parallel.zero.stage=2"],
          "zero-3 (zero.Init)": ["parallel.strategy=zero", "parallel.zero.stage=3"]}
