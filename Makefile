@@ -37,7 +37,7 @@ train: demo-data
 	$(BIN)/bigtrain train $(CONFIG)
 
 test: setup-dev
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
 
 test-fast: setup-dev
 	$(BIN)/python -m pytest -q -m "not slow" tests

@@ -148,7 +148,7 @@ class Decoder(nn.Module):
                 fill(param, std, name)
         self.init_buffers()
 
-    def init_plan(self) -> list[tuple[str, nn.Parameter, float | None]]:
+    def init_plan(self) -> list[tuple[str, torch.Tensor, float | None]]:
         """How each parameter is initialized: (canonical name, parameter, normal std; None = ones, the norms).
 
         One entry per parameter, so a backend that holds parameters in pieces (ZeRO-3) can
@@ -156,7 +156,7 @@ class Decoder(nn.Module):
         """
         std = self.cfg.init_std
         residual_std = std / math.sqrt(2 * self.cfg.num_layers)
-        plan: list[tuple[str, nn.Parameter, float | None]] = []
+        plan: list[tuple[str, torch.Tensor, float | None]] = []
         # A pipeline stage holds some of the blocks and maybe no embedding / final norm / output (None).
         if self.tok_embeddings is not None:
             plan.append(("tok_embeddings.weight", self.tok_embeddings.weight, std))

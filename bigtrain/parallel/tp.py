@@ -181,4 +181,4 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: Any) -> None:
         })
     if type(model) is Decoder:  # a pipeline's part keeps its own class (it pads inference input itself)
         model.__class__ = TensorParallelDecoder
-    model.tp_mesh = tp_mesh  # type: ignore[assignment]  # an attribute of the tensor-parallel model
+    model.tp_mesh = tp_mesh
