@@ -27,8 +27,7 @@ from bigtrain.model.decoder import Decoder
 
 # parallel.pipeline_schedule -> torch.distributed.pipelining class (multi: several stages per rank).
 SCHEDULES = {"gpipe": ("ScheduleGPipe", False), "1f1b": ("Schedule1F1B", False),
-             "interleaved_1f1b": ("ScheduleInterleaved1F1B", True),
-             "interleaved_zero_bubble": ("ScheduleInterleavedZeroBubble", True)}
+             "interleaved_1f1b": ("ScheduleInterleaved1F1B", True)}
 
 
 def stage_layers(num_layers: int, num_stages: int) -> list[list[str]]:

@@ -21,7 +21,7 @@ from tests.parallel.measure_memory import held_after_backward
 
 STEPS = 8
 COMMON = ["model.num_layers=2", "model.dim=64", "model.num_heads=4", "model.num_kv_heads=2", "data.seq_len=128",
-          f"train.max_steps={STEPS}", "train.global_batch_tokens=1024", "train.micro_batch_size=2",
+          f"train.max_steps={STEPS}", "train.global_batch_tokens=1024", "train.micro_batch_size=4",
           "train.lr_warmup_steps=2", "train.precision=fp32", "log.every_steps=1", "eval.every_steps=0",
           "eval.at_end=true", "eval.max_batches=2", "eval.final_max_batches=2",
           "checkpoint.at_end=false", "log.sample_at_end=false",
@@ -49,8 +49,9 @@ LAYOUTS: dict[str, tuple[int, list[str], str]] = {
     "pp2-1f1b": (2, [FSDP, "parallel.pipeline_parallel=2", "parallel.pipeline_schedule=1f1b"], "untied-4-layers"),
     "pp2-interleaved-1f1b": (2, [FSDP, "parallel.pipeline_parallel=2", "parallel.pipeline_schedule=interleaved_1f1b",
                                  "parallel.pipeline_virtual_stages=2"], "untied-4-layers"),
-    "pp2xfsdp2-gpipe": (4, [FSDP, "parallel.pipeline_parallel=2", "parallel.pipeline_schedule=gpipe"],
-                        "untied-4-layers"),
+    # 2 data-parallel ranks x 4 sequences: the pipeline splits each rank's 4 sequences into 2 microbatches.
+    "pp2xfsdp2-gpipe": (4, [FSDP, "parallel.pipeline_parallel=2", "parallel.pipeline_schedule=gpipe",
+                            "parallel.pipeline_microbatches=2"], "untied-4-layers"),
     "pp2xtp2": (4, [FSDP, "parallel.pipeline_parallel=2", "parallel.tensor_parallel=2"], "untied-4-layers"),
 }
 
@@ -148,7 +149,7 @@ HALF = 10
 RESUME = ["train.lr_schedule=constant", "checkpoint.keep_last=5", "eval.at_end=false", "checkpoint.at_end=true"]
 # name -> (ranks, overrides of the first half; ranks, overrides of the second half; reference)
 ACROSS = {
-    "tp2-to-fsdp2": (2, [FSDP, "parallel.tensor_parallel=2"], 2, [FSDP], "plain"),
+    # (TP2 -> data parallel is the 4-rank case: tensor parallelism removed, the FSDP degree changed too.)
     "fsdp2xtp2-to-fsdp2": (4, [FSDP, "parallel.tensor_parallel=2"], 2, [FSDP], "plain"),
     "cp2-to-single": (2, [FSDP, "parallel.context_parallel=2"], 1, ["parallel.strategy=single"], "plain"),
     "pp2-to-single": (2, [FSDP, "parallel.pipeline_parallel=2"], 1, ["parallel.strategy=single"], "untied-4-layers"),
