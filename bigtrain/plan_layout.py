@@ -201,25 +201,48 @@ def plan_layout(cfg: RunConfig, layout: Layout, hw: Hardware, *, device: str = "
     world = layout.world_size
     flops_rank = flops_per_token(m, lcfg.data.seq_len) * t.global_batch_tokens / world
     compute_s = flops_rank / (hw.peak_tflops * 1e12 * hw.efficiency)
-    microbatches_per_rank = accum * t.micro_batch_size // seqs_per_micro  # microbatches this rank runs
-    act_bytes = tokens * h * a  # one block's activation (whole, before the sequence-parallel split)
-    passes = 3 if ckpt else 2  # forward, backward (+ recompute)
-    tp_s = (4 * passes * blocks_here * microbatches_per_rank * act_bytes * (tp - 1) / tp / _link(hw, tp)
-            if tp > 1 else 0.0)
-    cp = layout.cp
-    attn_bytes = tokens * a * (2 * h + 2 * h * m.kv_heads / m.num_heads) / tp  # q, out, k, v
-    cp_s = (2 * passes * blocks_here * microbatches_per_rank * attn_bytes * (cp - 1) / cp / _link(hw, cp * tp)
-            if cp > 1 else 0.0)
-    pp_s = (2 * virtual * microbatches_per_rank * tokens / tp * h * a / _link(hw, world)
-            if layout.pp > 1 else 0.0)
+    traffic = traffic_bytes(lcfg, layout, device=device)
+    tp_s = traffic["tp"] / _link(hw, layout.tp)
+    cp_s = traffic["cp"] / _link(hw, layout.cp * layout.tp)
+    pp_s = traffic["pp"] / _link(hw, world)
+    fsdp_s = traffic["fsdp"] / _link(hw, fsdp * layout.tp) + traffic["hsdp"] / (hw.inter_node_gbps * 1e9)
     bubble = (layout.pp - 1) / (micro * virtual) if layout.pp > 1 else 0.0
-    stage_params = sum(math.prod(s) for s in shapes)
-    fsdp_s = 3 * stage_params * param_bytes * (fsdp - 1) / fsdp / _link(hw, fsdp * tp) if fsdp > 1 else 0.0
-    if layout.dp_replicate > 1:
-        fsdp_s += 2 * 4 * local * (layout.dp_replicate - 1) / layout.dp_replicate / hw.inter_node_gbps / 1e9
     return LayoutPlan(layout=layout, microbatches=micro, params=params, grads=grads, optimizer=optimizer,
                       buffers=buffers, activations=activations, compute_s=compute_s, tp_s=tp_s, cp_s=cp_s,
                       pp_s=pp_s, fsdp_exposed_s=max(0.0, fsdp_s - compute_s), bubble=bubble)
+
+
+def traffic_bytes(cfg: RunConfig, layout: Layout, *, device: str = "cuda") -> dict[str, float]:
+    """Bytes one rank sends per optimizer step, by dimension (``tp``, ``cp``, ``pp``, ``fsdp``, ``hsdp``): ring
+    collectives move (n - 1) / n of the tensor per rank (all-reduce twice that); the model in the module docstring.
+    bench/comm_volume.py holds this against bytes counted at the collectives."""
+    lcfg, accum, micro = check_layout(cfg, layout)
+    m, t, p = lcfg.model, lcfg.train, lcfg.parallel
+    a = _BYTES[resolve_compute_dtype(t.precision, device)]
+    param_bytes = a if p.fsdp.param_dtype == "auto" else _BYTES[p.fsdp.param_dtype]
+    tp, cp, pp, virtual = layout.tp, layout.cp, layout.pp, p.pipeline_virtual_stages
+    fsdp = layout.dp_shard * layout.cp
+    seqs_per_micro = accum * t.micro_batch_size // micro
+    tokens = seqs_per_micro * lcfg.data.seq_len // cp  # tokens of one microbatch on this rank
+    microbatches = accum * t.micro_batch_size // seqs_per_micro
+    blocks_here = m.num_layers // pp
+    ckpt = p.activation_checkpointing != "none"
+    passes = 3 if ckpt else 2  # forward, backward (+ recompute)
+    act = tokens * m.dim * a  # one block's activation (whole, before the sequence-parallel split)
+    # Per block: all-gather before attention and MLP, reduce-scatter after, in each pass.
+    tp_bytes = 4 * passes * blocks_here * microbatches * act * (tp - 1) / tp if tp > 1 else 0.0
+    attn = tokens * a * (2 * m.dim + 2 * m.dim * m.kv_heads / m.num_heads) / tp  # q, output, k, v
+    cp_bytes = 2 * passes * blocks_here * microbatches * attn * (cp - 1) / cp if cp > 1 else 0.0
+    # Every stage boundary carries an activation forward and its gradient back, per microbatch.
+    pp_bytes = 2 * (pp * virtual - 1) / pp * microbatches * act / tp if pp > 1 else 0.0
+    one_block, root = _stage_params(lcfg, layout)
+    stage_numel = sum(math.prod(s) for s in one_block) * blocks_here + sum(math.prod(s) for s in root)
+    # All-gather in forward and backward, reduce-scatter of the gradients (fp32 by default).
+    per_param = 2 * param_bytes + _BYTES[p.fsdp.reduce_dtype]
+    fsdp_bytes = per_param * stage_numel * (fsdp - 1) / fsdp if fsdp > 1 else 0.0
+    rep = layout.dp_replicate
+    hsdp_bytes = 2 * _BYTES[p.fsdp.reduce_dtype] * stage_numel / fsdp * (rep - 1) / rep if rep > 1 else 0.0
+    return {"tp": tp_bytes, "cp": cp_bytes, "pp": pp_bytes, "fsdp": fsdp_bytes, "hsdp": hsdp_bytes}
 
 
 def candidate_layouts(cfg: RunConfig, world_size: int, hw: Hardware) -> list[Layout]:
