@@ -23,3 +23,19 @@ def git_commit() -> str:
     """Short hash of HEAD ('unknown' outside a git checkout)."""
     proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO)
     return proc.stdout.strip() or "unknown"
+
+
+def publish(report: str, out: str | Path | None) -> None:
+    """Print the result table and, when ``out`` is given, write it there (parents created)."""
+    print(report)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(report)
+
+
+def torchrun_python(ranks: int, code: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """Run the Python ``code`` in ``ranks`` local gloo processes under torchrun (in the repository root)."""
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
+                           "--no-python", sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True)

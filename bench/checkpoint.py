@@ -28,23 +28,23 @@ import time
 from pathlib import Path
 
 import torch
+from benchinfo import cpu_name, git_commit, publish  # bench/ is on sys.path when run as a script
 
 from bigtrain.checkpoint.config import CheckpointConfig
-from bigtrain.checkpoint.manager import CheckpointManager, capture_rng
+from bigtrain.checkpoint.manager import CheckpointManager
+from bigtrain.checkpoint.rank_state import capture_rng
 from bigtrain.config import load_config
 from bigtrain.model import build_on_meta
 from bigtrain.optim.optimizer import build_adamw
 from bigtrain.parallel.dist import DistInfo
 from bigtrain.parallel.single import SingleStrategy
-from benchinfo import cpu_name, git_commit  # bench/ is on sys.path when run as a script
-
 
 
 def build(preset: str, device: str):
     """Model + AdamW with state (one real step on a short batch), through the single-process strategy."""
     cfg = load_config(None, [f"model.preset={preset}", "data.seq_len=64", "train.global_batch_tokens=64",
                              "train.micro_batch_size=1"])
-    strategy = SingleStrategy(DistInfo(0, 0, 1, torch.device(device)), "fp32")
+    strategy = SingleStrategy(DistInfo(0, 0, 1, torch.device(device)), "fp32", cfg.parallel, compile=False)
     t = cfg.train
     model, optimizer = strategy.wrap(build_on_meta(cfg.model), lambda m: build_adamw(
         m, lr=t.lr, weight_decay=t.weight_decay, betas=(t.beta1, t.beta2), eps=t.adam_eps), seed=0)
@@ -99,7 +99,7 @@ def main() -> None:
     rank_state = {"data": {"next_sample": 0}, "rng": capture_rng()}
     # One manager for the async saves, as in a training run: its host buffers are allocated by the
     # first save (timed separately, "first async stall") and reused by every later one.
-    async_manager = CheckpointManager(base / "async", CheckpointConfig(keep_last=1), echo=lambda *_: None)
+    async_manager = CheckpointManager(base / "async", CheckpointConfig(keep_last=1))
     common = dict(strategy=strategy, model=model, optimizer=optimizer, rank_state=rank_state, tokens_seen=0,
                   config=config, config_hash="bench")
     t0 = time.perf_counter()
@@ -113,7 +113,7 @@ def main() -> None:
             (base / "plain.pt").unlink()
 
             run = base / f"run{r}"
-            manager = CheckpointManager(run, CheckpointConfig(keep_last=10), echo=lambda *_: None)
+            manager = CheckpointManager(run, CheckpointConfig(keep_last=10))
             _sync(args.device)
             t0 = time.perf_counter()
             path = manager.save(1, blocking=True, **common)
@@ -170,10 +170,7 @@ def main() -> None:
     out.write(f"best-of-{args.repeats}: sync save / torch.save = {best['sync save'] / best['torch.save']:.2f}, "
               f"async stall / sync save = {best['async stall'] / best['sync save']:.2f}\n\n")
     out.write("repeats (s): " + "; ".join(f"{k}: " + ", ".join(f"{x:.2f}" for x in v) for k, v in results.items()) + "\n")
-    print(out.getvalue())
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(out.getvalue())
+    publish(out.getvalue(), args.out)
 
 
 if __name__ == "__main__":

@@ -17,14 +17,13 @@ import datetime as dt
 import io
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from benchinfo import REPO, cpu_name, git_commit  # bench/ is on sys.path when run as a script
+from benchinfo import REPO, cpu_name, git_commit, publish, torchrun_python  # bench/ is on sys.path when run as a script
 
 TINY = ["model.num_layers=4", "model.dim=64", "model.num_heads=4", "model.num_kv_heads=2", "model.tie_embeddings=false",
         "data.seq_len=128", "train.global_batch_tokens=1024", "train.micro_batch_size=4", "train.precision=fp32",
@@ -138,9 +137,7 @@ def main() -> None:
             result = str(Path(tmp) / f"result{i}")
             code = (f"from comm_volume import rank_main; "
                     f"rank_main({str(Path(tmp) / f'run{i}')!r}, {overrides!r}, {result!r})")
-            proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                   f"--nproc-per-node={ranks}", "--no-python", sys.executable, "-c", code],
-                                  cwd=REPO, env=env, capture_output=True, text=True)
+            proc = torchrun_python(ranks, code, env)
             if proc.returncode:
                 raise SystemExit(f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
             per_rank = [json.loads(Path(f"{result}.{r}").read_text()) for r in range(ranks)]
@@ -170,10 +167,7 @@ def main() -> None:
         total_got, total_want = sum(measured.values()), sum(planned.values())
         out.write(f"| {name} | {ranks} | **total** | {total_got / 1e6:.3f} | {total_want / 1e6:.3f} | "
                   f"{total_want / total_got:.2f} |\n")
-    print(out.getvalue())
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(out.getvalue())
+    publish(out.getvalue(), args.out)
 
 
 if __name__ == "__main__":

@@ -32,13 +32,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers are the para
 
 import numpy as np
 import torch
+from benchinfo import cpu_name, git_commit, publish  # bench/ is on sys.path when run as a script
 
 from bigtrain.data.config import DataConfig
 from bigtrain.data.pipeline import DataPipeline
 from bigtrain.data.shards import Shard, write_shard
 from bigtrain.data.tokenizer import Tokenizer
 from bigtrain.sections import parse_section
-from benchinfo import cpu_name, git_commit  # bench/ is on sys.path when run as a script
 
 WORDS = ("the of and to in a is that for it as was with be by on not he I this are or his from at which but have "
          "an had they you were their one all we can her has there been if more when will would who so no data model "
@@ -237,10 +237,7 @@ def main() -> None:
               + "; rank 3 of 8 " + ", ".join(f"{x / 1e6:.1f}" for x in rank8)
               + "; datasets baseline " + ", ".join(f"{x / 1e6:.3f}" for x in base)
               + "; pipeline jsonl " + ", ".join(f"{x / 1e6:.3f}" for x in mine) + "\n")
-    print(out.getvalue())
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(out.getvalue())
+    publish(out.getvalue(), args.out)
 
 
 if __name__ == "__main__":

@@ -21,12 +21,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from benchinfo import cpu_name, git_commit, publish  # bench/ is on sys.path when run as a script
 
 from bigtrain.config import load_config
 from bigtrain.data.shards import Shard, list_shards
 from bigtrain.model import build_on_meta, materialize
-from benchinfo import cpu_name, git_commit  # bench/ is on sys.path when run as a script
-
 
 WARMUP_STEPS = 5  # excluded from both timings (allocator and first-call warm-up)
 
@@ -62,6 +61,7 @@ def plain_loop(cfg, steps: int) -> float:
 
 def bigtrain_loop(config: str, steps: int) -> float:
     """Trainer.fit, timed by its own metrics.jsonl: the step-time windows after WARMUP_STEPS."""
+    from bigtrain import messages
     from bigtrain.train.trainer import Trainer
 
     assert steps % WARMUP_STEPS == 0
@@ -69,7 +69,10 @@ def bigtrain_loop(config: str, steps: int) -> float:
         cfg = load_config(config, [f"run.out_dir={out}", f"train.max_steps={steps}", "eval.every_steps=0",
                                    "eval.at_end=false", "checkpoint.at_end=false", "log.sample_at_end=false",
                                    "log.console=false", f"log.every_steps={WARMUP_STEPS}"])
-        Trainer(cfg, echo=lambda *_: None).fit()
+        with messages.capture():  # the run's own output would interleave with the table
+            trainer = Trainer(cfg)
+            trainer.fit()
+        trainer.loader.close()
         records = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     windows = [r["step_time_s"] for r in records if r["kind"] == "train" and r["step"] > WARMUP_STEPS]
     return sum(windows) / len(windows)  # equal-length windows
@@ -107,10 +110,7 @@ def main() -> None:
     out.write(f"\nbigtrain / plain = {b / p:.3f} ({verdict} the <= 1.05 target)\n\n")
     out.write("repeats (ms/step, plain / bigtrain): " + ", ".join(
         f"{x * 1000:.0f} / {y * 1000:.0f}" for x, y in zip(plain, ours)) + "\n")
-    print(out.getvalue())
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(out.getvalue())
+    publish(out.getvalue(), args.out)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchinfo import cpu_name, git_commit  # bench/ is on sys.path when run as a script
+from benchinfo import cpu_name, git_commit, publish  # bench/ is on sys.path when run as a script
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = {  # name -> (train.compile, model.kernels, model.fp8)
@@ -123,15 +123,13 @@ def run_bigtrain(job: Job) -> dict[str, Any]:
     from bigtrain.parallel.config import ParallelConfig
     from bigtrain.parallel.strategy import build_strategy
     from bigtrain.sections import parse_section
-    from bigtrain.train.config import TrainConfig
 
     compile_, kernels, fp8 = VARIANTS[job.variant]
     mcfg = model_config(job, kernels, fp8)
-    train = parse_section(TrainConfig, {"compile": compile_, "precision": job.precision, "micro_batch_size": job.micro_batch,
-                                        "global_batch_tokens": job.tokens_per_step, "max_steps": 10**6}, "train")
     pcfg = parse_section(ParallelConfig, {"strategy": job.backend}, "parallel")
     info = dist.init(job.device)
-    strategy = build_strategy(pcfg, info, job.precision, train=train, accum_steps=1)
+    strategy = build_strategy(pcfg, info, precision=job.precision, compile=compile_,
+                              micro_batch_size=job.micro_batch, grad_clip=1.0, accum_steps=1)
     model, opt = strategy.wrap(build_on_meta(mcfg), lambda m: build_adamw(
         m, lr=3e-4, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8), seed=0)
     gen = torch.Generator(device=info.device).manual_seed(0)
@@ -208,8 +206,8 @@ def child_main(payload: str) -> None:
     """Measure one Job and print one JSON line (``RESULT {...}``) for the parent."""
     job = Job(**json.loads(payload))
     from bigtrain.model import flops_per_token
-    from bigtrain.train.metrics import peak_flops
     from bigtrain.parallel.dist import resolve_device
+    from bigtrain.train.metrics import peak_flops
 
     out = run_plain(job) if job.backend == "plain" else run_bigtrain(job)
     times = out.pop("times")
@@ -337,10 +335,7 @@ def main() -> None:
         out.write(f"| {name} | {backend} | {variant} | {job.micro_batch} | {res['median_step_s'] * 1000:.1f} | "
                   f"{res['tokens_per_s']:,.0f} | {mfu} | {res['peak_gib']:.2f} | {fmt(res.get('ratio'), '.3f')} | "
                   f"{res['kernels']} |\n")
-    print(out.getvalue())
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(out.getvalue())
+    publish(out.getvalue(), args.out)
 
 
 if __name__ == "__main__":

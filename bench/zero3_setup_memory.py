@@ -17,12 +17,10 @@ import datetime as dt
 import io
 import json
 import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-from benchinfo import REPO, cpu_name, git_commit  # bench/ is on sys.path when run as a script
+from benchinfo import REPO, cpu_name, git_commit, publish, torchrun_python  # bench/ is on sys.path when run as a script
 
 # ~1.05 GiB of fp32 parameters: 24 blocks of dim 1024 (12.6M each) + a 4096 x 1024 embedding.
 MODEL = ["model.dim=1024", "model.num_layers=24", "model.num_heads=8", "model.ffn_hidden_dim=2752",
@@ -92,9 +90,7 @@ def main() -> None:
             run_dir = str(Path(tmp) / f"run{len(rows)}")
             code = (f"from zero3_setup_memory import rank_main; "
                     f"rank_main({run_dir!r}, {MODEL + overrides!r}, {str(result)!r})")
-            proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                                   "--no-python", sys.executable, "-c", code],
-                                  cwd=REPO, env=env, capture_output=True, text=True)
+            proc = torchrun_python(2, code, env)
             if proc.returncode:
                 raise SystemExit(f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
             rows.append((name, json.loads(result.read_text())))
@@ -116,10 +112,7 @@ def main() -> None:
     z3 = rows[-1][1]["model_setup"] / model
     out.write(f"\nzero-3 set-up = {z3:.2f}x the full model per rank ({'meets' if z3 <= 0.65 else 'MISSES'} the "
               f"<= 0.65x target)\n")
-    print(out.getvalue())
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(out.getvalue())
+    publish(out.getvalue(), args.out)
 
 
 if __name__ == "__main__":

@@ -62,26 +62,18 @@ def _heads_to_seq(x: torch.Tensor, size: int, group: Any) -> torch.Tensor:
     return got.transpose(0, 1).reshape(b, size * h, s // size, d)
 
 
-class _SeqToHeads(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, state: ContextParallelState) -> torch.Tensor:
-        ctx.state = state
-        return _seq_to_heads(x, state.size, state.group)
+class _Exchange(torch.autograd.Function):
+    """Sequence -> heads (``to_heads``) or back; the gradient takes the inverse exchange."""
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return _heads_to_seq(grad, ctx.state.size, ctx.state.group), None
-
-
-class _HeadsToSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, state: ContextParallelState) -> torch.Tensor:
-        ctx.state = state
-        return _heads_to_seq(x, state.size, state.group)
+    def forward(ctx: Any, x: torch.Tensor, state: ContextParallelState, to_heads: bool) -> torch.Tensor:
+        ctx.state, ctx.to_heads = state, to_heads
+        return (_seq_to_heads if to_heads else _heads_to_seq)(x, state.size, state.group)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return _seq_to_heads(grad, ctx.state.size, ctx.state.group), None
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        inverse = _heads_to_seq if ctx.to_heads else _seq_to_heads
+        return inverse(grad, ctx.state.size, ctx.state.group), None, None
 
 
 class ContextParallelAttention(Attention):
@@ -98,9 +90,9 @@ class ContextParallelAttention(Attention):
             # Fewer local kv heads than ranks: give every query head its own copy before the exchange.
             rep = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        q, k, v = (_SeqToHeads.apply(t, state) for t in (q, k, v))
+        q, k, v = (_Exchange.apply(t, state, True) for t in (q, k, v))
         out = super().attend(q, k, v, doc_ids)
-        result: torch.Tensor = _HeadsToSeq.apply(out, state)
+        result: torch.Tensor = _Exchange.apply(out, state, False)
         return result
 
 
