@@ -17,9 +17,9 @@ for key, value in {
 }.items():
     os.environ.setdefault(key, value)
 if sys.prefix != sys.base_prefix:
-    # DeepSpeed JIT-builds a small extension on its first ZeRO run. Its build flags name the virtual
-    # environment, so two checkouts sharing ~/.cache/torch_extensions rebuild it in turn (~1 min each
-    # time): one build folder per virtual environment.
+    # Any JIT-built torch extension (bigtrain keeps DeepSpeed from building its CPU one, see
+    # parallel/zero.py import_deepspeed) goes to one folder per virtual environment: build flags name
+    # the environment, so checkouts sharing ~/.cache/torch_extensions would rebuild in turn.
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
 
 

@@ -97,6 +97,14 @@ def import_deepspeed() -> Any:
     from deepspeed.utils import logger as ds_logger
 
     ds_logger.setLevel(logging.WARNING)
+    if os.environ.get("DS_ACCELERATOR") == "cpu":
+        # On its CPU accelerator DeepSpeed JIT-compiles a shared-memory all-reduce extension when
+        # its communication layer starts (about a minute on two cores, and it needs a C++
+        # compiler). Only its inference all-reduce uses it, which training never calls; marking
+        # the op incompatible makes DeepSpeed skip the build and use torch.distributed.
+        compatible = getattr(getattr(deepspeed, "ops", None), "__compatible_ops__", None)
+        if isinstance(compatible, dict):
+            compatible["deepspeed_shm_comm"] = False
     return deepspeed
 
 

@@ -98,3 +98,16 @@ def test_bad_zero_config_is_a_user_error(overrides, words, tmp_path: Path) -> No
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert words in proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_cpu_runs_skip_the_shared_memory_extension_build() -> None:
+    """On the CPU accelerator DeepSpeed would JIT-compile its shm all-reduce extension (about a minute,
+    needs a compiler) for an inference-only collective; bigtrain's import marks it unused."""
+    pytest.importorskip("deepspeed")
+    from bigtrain.parallel.zero import import_deepspeed
+
+    deepspeed = import_deepspeed()
+    from deepspeed.comm.torch import build_shm_op
+
+    assert deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] is False
+    assert build_shm_op() is None  # what TorchBackend calls at start-up: nothing is built
