@@ -20,9 +20,14 @@ def cpu_name() -> str:
 
 
 def git_commit() -> str:
-    """Short hash of HEAD ('unknown' outside a git checkout)."""
+    """Short hash of HEAD, with -dirty when tracked files have uncommitted changes ('unknown' outside git)."""
     proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO)
-    return proc.stdout.strip() or "unknown"
+    commit = proc.stdout.strip()
+    if not commit:
+        return "unknown"
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+                           cwd=REPO).stdout.strip()
+    return commit + ("-dirty" if dirty else "")  # uncommitted changes to tracked files were measured too
 
 
 def publish(report: str, out: str | Path | None) -> None:

@@ -240,7 +240,9 @@ def skip_reason(backend: str, variant: str, device: str) -> str | None:
 
 
 def run_job(job: Job, timeout: float) -> dict[str, Any]:
-    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "PYTHONPATH": str(REPO)}
+    # This checkout first; whatever PYTHONPATH already holds (e.g. carried packages) after it.
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "PYTHONPATH": path}
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(job.__dict__)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)

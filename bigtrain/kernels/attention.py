@@ -78,10 +78,16 @@ def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
     return (same & causal).unsqueeze(1)
 
 
-def _flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor) -> torch.Tensor:
+def flex_document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor, *,
+                            compiled: bool = True) -> torch.Tensor:
+    """Causal attention within documents through FlexAttention with a block mask (the CUDA path).
+
+    ``compiled=False`` runs torch's eager FlexAttention, which materializes the scores: a
+    reference for checking the mask on any device (bench/gpu_check.py --smoke), not for training.
+    """
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    if "fn" not in _flex:
+    if compiled and "fn" not in _flex:
         # Compiled once: eager flex_attention materializes the scores and is only a reference.
         _flex["fn"] = torch.compile(flex_attention, dynamic=False)
 
@@ -90,7 +96,7 @@ def _flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: 
 
     bsz, _, seq, _ = q.shape
     block_mask = create_block_mask(mask_mod, bsz, None, seq, seq, device=q.device)
-    fn: Callable[..., torch.Tensor] = _flex["fn"]
+    fn: Callable[..., torch.Tensor] = _flex["fn"] if compiled else flex_attention
     return fn(q, k, v, block_mask=block_mask)
 
 
@@ -102,5 +108,5 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.
     if doc_ids is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     if flex_available(q.device):
-        return _flex_attention(q, k, v, doc_ids)
+        return flex_document_attention(q, k, v, doc_ids)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=document_mask(doc_ids))
