@@ -1,4 +1,6 @@
-"""``bigtrain export``: a checkpoint (or a run folder's latest) → a Hugging Face Llama folder or one torch file.
+"""``bigtrain export``: a checkpoint (or a run folder's latest) → a Hugging Face folder or one torch file.
+
+The folder is a ``LlamaForCausalLM``, or a ``Qwen3ForCausalLM`` for a ``model.qk_norm`` model.
 
 Reads any checkpoint (DCP from single/DDP/FSDP, or DeepSpeed ZeRO) in one CPU process, whatever world
 size wrote it; the HF format itself lives in :mod:`bigtrain.checkpoint.hf`.
@@ -53,7 +55,7 @@ def export_checkpoint(source: str | Path, to: str, out: str | Path, *, overwrite
     replaced only with ``overwrite``.
     """
     if to not in ("hf", "torch"):
-        raise UserError(f"--to {to!r}: use hf (Hugging Face Llama folder) or torch (one state-dict file).")
+        raise UserError(f"--to {to!r}: use hf (Hugging Face Llama / Qwen3 folder) or torch (one state-dict file).")
     out = Path(out).expanduser()
     target = out / "model.pt" if to == "torch" and out.is_dir() else out
     _check_target(target, to, overwrite)

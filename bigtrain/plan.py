@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from bigtrain.config import RunConfig
 from bigtrain.errors import UserError
 from bigtrain.model import ModelConfig, build_on_meta, count_parameters, flops_per_token
+from bigtrain.optim.muon import muon_parameter_ids
 
 # Row order of the table: replicated → most sharded.
 STRATEGIES: tuple[str, ...] = ("single", "ddp", "zero1", "zero2", "zero3", "fsdp")
@@ -37,7 +38,7 @@ class MemoryPlan:
     compute_dtype: str  # dtype of matmuls and activations (fp32 | bf16 | fp16)
     params: int  # parameters held on the device (local shard for sharded backends)
     grads: int  # gradients held between backward and the optimizer step
-    optimizer: int  # AdamW moments (2 x fp32) + step counters + DeepSpeed's fp32 master partition
+    optimizer: int  # AdamW moments (2 x fp32) + step counters (Muon matrices: 1 fp32 momentum) + DeepSpeed's master
     buffers: int  # communication buffers: DDP buckets, FSDP/ZeRO-3 gathered (unsharded) layers
     activations: int  # estimate for one micro-batch (micro_batch_size x seq_len tokens)
     host: int = 0  # bytes kept in host memory instead (FSDP cpu_offload, ZeRO offload)
@@ -76,6 +77,7 @@ class _Shapes:
     all: tuple[tuple[int, ...], ...]  # every distinct parameter (tied counted once)
     block: tuple[tuple[int, ...], ...]  # one Transformer block's parameters
     root: tuple[tuple[int, ...], ...]  # the rest: embedding, final norm, output projection
+    muon: tuple[tuple[int, ...], ...]  # the block matrices train.optimizer=muon updates (a subset of ``all``)
 
 
 @functools.lru_cache(maxsize=8)
@@ -91,7 +93,19 @@ def _shapes(mcfg: ModelConfig) -> _Shapes:
                 block.append(tuple(p.shape))
     every = tuple(tuple(p.shape) for p in model.parameters())
     root = tuple(tuple(p.shape) for p in model.parameters() if id(p) not in in_blocks)
-    return _Shapes(every, tuple(block), root)
+    hidden = muon_parameter_ids(model)
+    muon = tuple(tuple(p.shape) for p in model.parameters() if id(p) in hidden)
+    return _Shapes(every, tuple(block), root, muon)
+
+
+def _optimizer_state(shapes: _Shapes, muon: bool, numel: Callable[[tuple[int, ...]], int]) -> int:
+    """Optimizer state bytes of the parameters held as ``numel(shape)`` elements each: AdamW keeps two fp32
+    moments and a step scalar per tensor; with Muon, a block matrix keeps one fp32 momentum buffer only."""
+    fp32 = 4
+    adamw = fp32 * (2 * sum(numel(s) for s in shapes.all) + len(shapes.all))
+    if not muon:
+        return adamw
+    return adamw - fp32 * sum(numel(s) + 1 for s in shapes.muon)
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -116,6 +130,7 @@ def activation_bytes(cfg: RunConfig, compute_bytes: int, residual_bytes: int = 4
       2 RMSNorms: fp32 input + fp32 normalized + output in compute dtype = 2 (8 + a) h
       attention: q, k, v after GQA repeat (saved by SDPA) + SDPA output + wo input = 5 a h
       SwiGLU: w1 out, w3 out, silu(w1 out), their product = 4 a f
+      QK-norm (``model.qk_norm``): like the block norms, over q (h) and k (kv_heads x head_dim)
     plus the final norm and the loss: fp32 log-softmax of the logits + the logits = (4 + a) V per token.
     Activation checkpointing keeps only each checkpointed block's input (``residual_bytes`` h) and
     recomputes one block at a time in backward. Not counted: allocator fragmentation, temporary
@@ -123,7 +138,7 @@ def activation_bytes(cfg: RunConfig, compute_bytes: int, residual_bytes: int = 4
     """
     m = cfg.model
     a, h, f = compute_bytes, m.dim, m.ffn_dim
-    per_block = 2 * (8 + a) * h + 5 * a * h + 4 * a * f
+    per_block = 2 * (8 + a) * h + 5 * a * h + 4 * a * f + qk_norm_bytes(m, a)
     blocks = m.num_layers
     mode = cfg.parallel.activation_checkpointing
     if mode == "full":
@@ -140,6 +155,12 @@ def activation_bytes(cfg: RunConfig, compute_bytes: int, residual_bytes: int = 4
 
 
 # --------------------------------------------------------------------------- the plan
+
+
+def qk_norm_bytes(m: ModelConfig, compute_bytes: int) -> int:
+    """Activation bytes per token and block that QK-norm adds (0 without it): fp32 input + fp32 normalized +
+    output in the compute dtype, for q and k."""
+    return (8 + compute_bytes) * (m.dim + m.kv_heads * m.head_dim) if m.qk_norm else 0
 
 
 def resolve_compute_dtype(precision: str, device: str) -> str:
@@ -176,6 +197,9 @@ def plan_memory(cfg: RunConfig, world_size: int, strategy: str, *, device: str |
         raise UserError(f"bigtrain plan does not model tensor, context or pipeline parallelism yet ({keys}); "
                         f"plan the data-parallel layout (set them to 1) and divide by hand for now.")
     strategy = _normalize(strategy, cfg)
+    muon = cfg.train.optimizer == "muon"
+    if muon and strategy.startswith("zero"):
+        raise UserError(f"{LABELS[strategy]} does not run train.optimizer=muon; plan fsdp or ddp instead.")
     if strategy == "single" and world_size != 1:
         raise UserError(f"strategy single runs one process; it cannot plan for {world_size} ranks.")
     cfg.batch_layout(world_size)  # raises ConfigError when the batch does not split
@@ -186,7 +210,6 @@ def plan_memory(cfg: RunConfig, world_size: int, strategy: str, *, device: str |
     n_all = sum(_numel(s) for s in shapes.all)
     n_block = sum(_numel(s) for s in shapes.block)
     n_root = sum(_numel(s) for s in shapes.root)
-    n_tensors = len(shapes.all)
     fp32 = 4
     notes: list[str] = []
     host = setup = 0
@@ -196,7 +219,7 @@ def plan_memory(cfg: RunConfig, world_size: int, strategy: str, *, device: str |
     if strategy in ("single", "ddp"):
         shard = 1
         params = grads = fp32 * n_all  # fp32 master weights; autocast computes in `compute`
-        optimizer = 2 * fp32 * n_all + fp32 * n_tensors  # exp_avg, exp_avg_sq (+ a step scalar each)
+        optimizer = _optimizer_state(shapes, muon, _numel)  # exp_avg, exp_avg_sq (+ a step scalar each)
         if strategy == "ddp":
             if ddp_bucket_view:  # what bigtrain's DDPStrategy uses
                 notes.append(
@@ -213,13 +236,19 @@ def plan_memory(cfg: RunConfig, world_size: int, strategy: str, *, device: str |
         shard = world_size // fcfg.replicate_degree
         local = sum(_dim0_shard(s, shard) for s in shapes.all)  # padded dim-0 shards
         params = grads = fp32 * local  # sharded fp32 params; grads reduce-scattered then kept in fp32
-        optimizer = 2 * fp32 * local + fp32 * n_tensors
+        optimizer = _optimizer_state(shapes, muon, lambda s: _dim0_shard(s, shard))
         param_dtype = compute if fcfg.param_dtype == "auto" else fcfg.param_dtype
         p = _DTYPE_BYTES[param_dtype]
         residual = p
         # Gathered (unsharded) params: the root unit (embedding, norm, output) stays gathered through
         # forward and backward; a block and the prefetched next one; one block's unsharded grads.
         buffers = p * n_root + 2 * p * n_block + _DTYPE_BYTES[fcfg.reduce_dtype] * n_block if shard > 1 else 0
+        if muon and shard > 1 and shapes.muon:
+            # Muon gathers one whole matrix at a time to orthogonalize it: the fp32 gather plus Newton-Schulz
+            # workspace (about two more copies) for the largest one.
+            buffers += 3 * fp32 * max(_numel(s) for s in shapes.muon)
+            notes.append("fsdp + muon: each block matrix is all-gathered whole for Newton-Schulz, one at a time "
+                         "(buffers count the largest, 3 fp32 copies)")
         if fcfg.cpu_offload:
             host, params, grads, optimizer = params + grads + optimizer, 0, 0, 0
             notes.append("fsdp: cpu_offload keeps sharded params, grads and optimizer state in host memory")
@@ -286,6 +315,9 @@ def format_plan(cfg: RunConfig, world_size: int, strategies: Sequence[str], *, d
                 gpu_memory_gib: float, source: str = "") -> str:
     """The ``bigtrain plan`` report: header, per-backend table, verdict."""
     strategies = [_normalize(s, cfg) for s in strategies]
+    muon = cfg.train.optimizer == "muon"
+    if muon and len(strategies) > 1:  # "all": ZeRO refuses Muon, so its rows are left out (and said so)
+        strategies = [s for s in strategies if not s.startswith("zero")]
     seqs, accum = cfg.batch_layout(world_size)
     rows = [plan_memory(cfg, 1 if s == "single" else world_size, s, device=device) for s in strategies]
     m, t = cfg.model, cfg.train
@@ -304,7 +336,9 @@ def format_plan(cfg: RunConfig, world_size: int, strategies: Sequence[str], *, d
          f"{t.micro_batch_size} x {world_size} ranks -> grad accum {accum}"),
         (f"  precision    train.precision={t.precision} -> {compute} compute on {device}"
          f"{' (assumed: --device cpu for fp32)' if t.precision == 'auto' and device == 'cuda' else ''}; "
-         f"fp32 master weights; AdamW: 2 fp32 moments per parameter"),
+         f"fp32 master weights; "
+         + ("Muon: 1 fp32 momentum per block-matrix element, AdamW (2 fp32 moments) for the rest; ZeRO rows "
+            "left out (no Muon)" if muon else "AdamW: 2 fp32 moments per parameter")),
         (f"  activations  estimate for one micro-batch ({t.micro_batch_size} x {cfg.data.seq_len} tokens), "
          f"activation_checkpointing={ckpt}"),
         "",

@@ -38,8 +38,9 @@ from dataclasses import dataclass
 from bigtrain.config import RunConfig
 from bigtrain.errors import UserError
 from bigtrain.model import ModelConfig, build_on_meta, flops_per_token
+from bigtrain.optim.muon import is_hidden_matrix
 from bigtrain.parallel.mesh import Layout
-from bigtrain.plan import GIB, resolve_compute_dtype
+from bigtrain.plan import GIB, qk_norm_bytes, resolve_compute_dtype
 from bigtrain.sections import ConfigError
 
 _BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -176,6 +177,10 @@ def plan_layout(cfg: RunConfig, layout: Layout, hw: Hardware, *, device: str = "
     local = sum(_fsdp_numel(s, fsdp) for s in shapes)
     params = grads = 4 * local  # fp32 sharded params and gradients
     optimizer = 8 * local + 4 * len(shapes)  # two fp32 moments + a step scalar per tensor
+    if t.optimizer == "muon":  # a block matrix keeps one fp32 momentum buffer instead
+        block, _ = _params(m)
+        hidden = [s for s, param in zip(one_block_shapes, block, strict=True) if is_hidden_matrix(param.name)]
+        optimizer -= blocks_here * sum(4 * _fsdp_numel(s, fsdp) + 4 for s in hidden)
     param_bytes = a if p.fsdp.param_dtype == "auto" else _BYTES[p.fsdp.param_dtype]
     one_block = sum(math.prod(s) for s in one_block_shapes)
     root_numel = sum(math.prod(s) for s in root_shapes)
@@ -186,7 +191,7 @@ def plan_layout(cfg: RunConfig, layout: Layout, hw: Hardware, *, device: str = "
     seqs_per_micro = accum * t.micro_batch_size // micro
     tokens = seqs_per_micro * lcfg.data.seq_len // layout.cp  # tokens of one microbatch on this rank
     h, f, tp, v = m.dim, m.ffn_dim, layout.tp, m.vocab_size
-    per_block = (2 * (8 + a) * h + 5 * a * h + 4 * a * f) / tp + (2 * a * h if tp > 1 else 0)
+    per_block = (2 * (8 + a) * h + 5 * a * h + 4 * a * f + qk_norm_bytes(m, a)) / tp + (2 * a * h if tp > 1 else 0)
     ckpt = {"full": blocks_here, "every_k": blocks_here // p.activation_checkpointing_every}.get(
         p.activation_checkpointing, 0)
     per_token = (blocks_here - ckpt) * per_block + ckpt * param_bytes * h / tp + (per_block if ckpt else 0)

@@ -73,6 +73,18 @@ def test_gpt2_124m_numbers_by_hand() -> None:
     assert full < every2 < single.activations
 
 
+def test_qk_norm_counts_its_weights_and_activations() -> None:
+    """model.qk_norm adds 2 x head_dim parameters per block (one more tensor each) and, per token and block,
+    (8 + a) bytes for each element of q and k."""
+    base = plan_memory(load_config("configs/gpt2-124m.yaml"), 1, "single", device="cpu")
+    cfg = load_config("configs/gpt2-124m.yaml", ["model.qk_norm=true"])
+    qk = plan_memory(cfg, 1, "single", device="cpu")
+    n = 12 * 2 * 64
+    assert count_parameters(cfg.model) - 123_587_328 == n
+    assert (qk.params - base.params, qk.optimizer - base.optimizer) == (4 * n, 8 * n + 4 * 2 * 12)
+    assert qk.activations - base.activations == 12 * (8 + 4) * (768 + 768) * 16 * 1024
+
+
 @pytest.mark.parametrize("config,world", [("configs/llama3-8b.yaml", 64), ("configs/gpt2-124m.yaml", 8)])
 def test_zero_stages_shrink_per_rank(config: str, world: int) -> None:
     cfg = load_config(config)

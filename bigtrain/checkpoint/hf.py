@@ -1,7 +1,9 @@
-"""The Hugging Face Llama format: weight names, ``config.json``, safetensors files, both directions.
+"""The Hugging Face Llama and Qwen3 formats: weight names, ``config.json``, safetensors files, both directions.
 
 bigtrain's decoder *is* the Llama architecture (pre-norm RMSNorm, rotate-half RoPE, SwiGLU, GQA), so
-conversion is a renaming: no permutation of the q/k projections is needed. ``bigtrain export``
+conversion is a renaming: no permutation of the q/k projections is needed. With ``model.qk_norm`` it
+is Qwen3's (Llama plus an RMSNorm over each head's queries and keys before rotary, ``q_norm`` /
+``k_norm``), written as ``Qwen3ForCausalLM``; the weight names are the same. ``bigtrain export``
 (:mod:`bigtrain.export`) writes this format; ``model.init_from`` reads it (:func:`init_from_hf`).
 Files are written with ``safetensors`` only; ``transformers`` is never imported here.
 """
@@ -24,7 +26,7 @@ DEFAULT_SHARD_BYTES = 5 * 1024**3  # transformers' default max_shard_size
 SAFETENSORS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
-# bigtrain name (per block: "{i}") -> Hugging Face Llama name.
+# bigtrain name (per block: "{i}") -> Hugging Face Llama / Qwen3 name (q_norm and k_norm: Qwen3 only).
 _BLOCK = {
     "attn.wq.weight": "self_attn.q_proj.weight",
     "attn.wk.weight": "self_attn.k_proj.weight",
@@ -35,7 +37,11 @@ _BLOCK = {
     "ffn.w2.weight": "mlp.down_proj.weight",
     "attn_norm.weight": "input_layernorm.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn.q_norm.weight": "self_attn.q_norm.weight",
+    "attn.k_norm.weight": "self_attn.k_norm.weight",
 }
+# Hugging Face model_type -> whether the architecture has QK-norm (model.qk_norm).
+_MODEL_TYPES = {"llama": False, "qwen3": True}
 _TOP = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
         "output.weight": "lm_head.weight"}
 
@@ -62,7 +68,7 @@ def from_hf_name(name: str) -> str:
 
 
 def to_hf_state(weights: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """bigtrain weights → HF Llama weights (a tied output projection is written once, as the embedding)."""
+    """bigtrain weights → HF Llama / Qwen3 weights (a tied output projection is written once, as the embedding)."""
     out = {}
     for name, tensor in weights.items():
         if name == "output.weight" and cfg.tie_embeddings:
@@ -72,9 +78,10 @@ def to_hf_state(weights: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str,
 
 
 def hf_config(cfg: ModelConfig, *, eos_token_id: int | None = None, dtype: str = "float32") -> dict[str, Any]:
-    """``config.json`` of a ``LlamaForCausalLM`` with this shape."""
+    """``config.json`` of a ``LlamaForCausalLM`` with this shape (``Qwen3ForCausalLM`` with ``model.qk_norm``)."""
+    arch, model_type = ("Qwen3ForCausalLM", "qwen3") if cfg.qk_norm else ("LlamaForCausalLM", "llama")
     out: dict[str, Any] = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "architectures": [arch], "model_type": model_type,
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim, "intermediate_size": cfg.ffn_dim,
         "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
         "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
@@ -84,6 +91,10 @@ def hf_config(cfg: ModelConfig, *, eos_token_id: int | None = None, dtype: str =
         "attention_dropout": 0.0, "initializer_range": cfg.init_std, "use_cache": True,
         "torch_dtype": dtype,
     }
+    if cfg.qk_norm:
+        # Qwen3 has no mlp_bias key; its sliding-window attention stays off (every layer full attention).
+        del out["mlp_bias"]
+        out.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.num_layers)
     if eos_token_id is not None:
         out["eos_token_id"] = eos_token_id
         out["bos_token_id"] = eos_token_id  # bigtrain marks document starts with EOS
@@ -91,10 +102,14 @@ def hf_config(cfg: ModelConfig, *, eos_token_id: int | None = None, dtype: str =
 
 
 def model_fields_from_hf(hf: dict[str, Any], where: str) -> dict[str, Any]:
-    """ModelConfig fields described by an HF Llama ``config.json`` (refusing what bigtrain cannot represent)."""
-    if hf.get("model_type") not in ("llama", None):
-        raise UserError(f"{where}: model_type {hf.get('model_type')!r} is not 'llama'; model.init_from takes "
-                        f"Llama-format weights.")
+    """ModelConfig fields of an HF Llama or Qwen3 ``config.json`` (refusing what bigtrain cannot represent)."""
+    model_type = hf.get("model_type") or "llama"
+    if model_type not in _MODEL_TYPES:
+        raise UserError(f"{where}: model_type {model_type!r} is neither 'llama' nor 'qwen3'; model.init_from takes "
+                        f"Llama-format weights (or Qwen3-format, with model.qk_norm=true).")
+    if hf.get("use_sliding_window"):
+        raise UserError(f"{where}: sliding-window attention (use_sliding_window) is not supported by bigtrain's "
+                        f"decoder (full causal attention only).")
     scaling = hf.get("rope_scaling") or {}
     params = hf.get("rope_parameters") or {}
     rope_type = (scaling or params).get("rope_type", (scaling or params).get("type", "default"))
@@ -112,13 +127,14 @@ def model_fields_from_hf(hf: dict[str, Any], where: str) -> dict[str, Any]:
         "ffn_dim": int(hf["intermediate_size"]),
         "rope_theta": float(params.get("rope_theta", hf.get("rope_theta", 10000.0))),
         "norm_eps": float(hf.get("rms_norm_eps", 1e-6)), "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
+        "qk_norm": _MODEL_TYPES[model_type],
     }
 
 
 def _ours(cfg: ModelConfig) -> dict[str, Any]:
     return {"vocab_size": cfg.vocab_size, "dim": cfg.dim, "num_layers": cfg.num_layers, "num_heads": cfg.num_heads,
             "kv_heads": cfg.kv_heads, "ffn_dim": cfg.ffn_dim, "rope_theta": cfg.rope_theta, "norm_eps": cfg.norm_eps,
-            "tie_embeddings": cfg.tie_embeddings}
+            "tie_embeddings": cfg.tie_embeddings, "qk_norm": cfg.qk_norm}
 
 
 _KEY_NAMES = {"kv_heads": "num_kv_heads", "ffn_dim": "ffn_hidden_dim"}
@@ -174,7 +190,7 @@ def read_safetensors_dir(path: Path) -> dict[str, torch.Tensor]:
 
 # ---------------------------------------------------------------------------- import (model.init_from)
 def load_hf_weights(path: str | Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """bigtrain-named fp32 weights from an HF Llama folder, after checking its shape equals ``cfg``."""
+    """bigtrain-named fp32 weights from an HF Llama or Qwen3 folder, after checking its shape equals ``cfg``."""
     folder = Path(path).expanduser()
     where = f"model.init_from={str(path)!r}"
     if not (folder / "config.json").is_file():
@@ -195,7 +211,7 @@ def load_hf_weights(path: str | Path, cfg: ModelConfig) -> dict[str, torch.Tenso
         try:
             weights[from_hf_name(name)] = tensor.float()
         except KeyError:
-            raise UserError(f"{where}: unexpected tensor {name!r} (not part of a Llama decoder).") from None
+            raise UserError(f"{where}: unexpected tensor {name!r} (not part of a Llama or Qwen3 decoder).") from None
     if cfg.tie_embeddings:
         weights.pop("output.weight", None)
     elif "output.weight" not in weights:
@@ -204,7 +220,7 @@ def load_hf_weights(path: str | Path, cfg: ModelConfig) -> dict[str, torch.Tenso
 
 
 def init_from_hf(path: str | Path, cfg: ModelConfig, strategy: Strategy, model: nn.Module) -> None:
-    """Overwrite a freshly initialized (possibly sharded) model with HF Llama weights, through the strategy."""
+    """Overwrite a freshly initialized (possibly sharded) model with HF Llama / Qwen3 weights, through the strategy."""
     weights = load_hf_weights(path, cfg)
     expected = {k for k in strategy.unwrap(model).state_dict() if not k.startswith("rope_")}
     expected = {k.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "") for k in expected}

@@ -35,7 +35,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -89,8 +89,9 @@ def _kill_point(point: str, step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-# (data-pipeline state, this rank's RNG state or None for a rank the saved run did not have)
-RankState = tuple[dict[str, Any], dict[str, Any] | None]
+# (data-pipeline state, this rank's RNG state or None for a rank the saved run did not have, the trainer's
+# global state: counters and policy windows, the same on every rank)
+RankState = tuple[dict[str, Any], dict[str, Any] | None, dict[str, Any]]
 
 
 class CheckpointSaveError(Exception):
@@ -106,6 +107,7 @@ class Resumed:
     step: int
     tokens_seen: int
     data_state: dict[str, Any]
+    trainer_state: dict[str, Any] = field(default_factory=dict)  # the saved ``trainer`` entry (policy windows)
 
 
 class CheckpointManager:
@@ -344,12 +346,14 @@ class CheckpointManager:
         return manifest, problems
 
     def load(self, path: Path, *, strategy: Strategy, model: nn.Module, optimizer: torch.optim.Optimizer,
-             current_config: dict[str, Any], seed: int, auto: bool) -> Resumed | None:
+             current_config: dict[str, Any], seed: int, auto: bool,
+             config_defaults: dict[str, Any] | None = None) -> Resumed | None:
         """Verify and load ``path``; with ``auto``, fall back to older checkpoints when one fails verification
         or loading (saying why). Returns the counters and data state (None: nothing usable, start fresh).
 
         A changed architecture or another checkpoint format is refused outright (every older checkpoint
-        of the run would be refused for the same reason)."""
+        of the run would be refused for the same reason). ``config_defaults`` (the default config) stands in
+        for keys an older checkpoint's config lacks."""
         self._group()
         chain = [path] + ([p for p in self.candidates() if (step_of(p) or 0) < (step_of(path) or 0)] if auto else [])
         for candidate in chain:
@@ -357,15 +361,15 @@ class CheckpointManager:
             what = "is corrupt or incomplete"
             if not problems and manifest is not None:
                 what = "could not be loaded"
-                self._check_compatible(candidate, manifest, strategy, current_config)
+                self._check_compatible(candidate, manifest, strategy, current_config, config_defaults)
                 problems, rank_state = self._load_one(candidate, manifest, strategy, model, optimizer)
                 if rank_state is not None:
-                    data_state, rng = rank_state
+                    data_state, rng, trainer_state = rank_state
                     if rng is not None:
                         restore_rng(rng)
                     else:
                         reseed_rng(seed, manifest.step, self.rank)
-                    return Resumed(candidate, manifest.step, manifest.tokens_seen, data_state)
+                    return Resumed(candidate, manifest.step, manifest.tokens_seen, data_state, trainer_state)
             message = f"checkpoint {candidate} {what}: " + "; ".join(problems)
             if not auto:
                 raise UserError(message + ". Pass another checkpoint to checkpoint.resume (see `bigtrain ckpt ls`).")
@@ -374,8 +378,8 @@ class CheckpointManager:
         return None
 
     def _check_compatible(self, candidate: Path, manifest: Manifest, strategy: Strategy,
-                          current_config: dict[str, Any]) -> None:
-        check_config(candidate, manifest.config, current_config)
+                          current_config: dict[str, Any], config_defaults: dict[str, Any] | None = None) -> None:
+        check_config(candidate, manifest.config, current_config, config_defaults)
         if manifest.backend != strategy.checkpoint_format:
             raise UserError(
                 f"cannot resume from {candidate}: it was saved by parallel.strategy={manifest.strategy} "
@@ -405,13 +409,15 @@ class CheckpointManager:
         return everyone, (rank_state if not everyone else None)
 
     def _rank_state(self, candidate: Path, manifest: Manifest) -> RankState:
-        """(data-pipeline state, this rank's RNG state or None for a rank the saved run did not have)."""
+        """(data-pipeline state, this rank's RNG state or None for a rank the saved run did not have, the
+        trainer's global state)."""
         own = candidate / rank_file(self.rank)
         same_world = manifest.world_size == self.world_size
-        # The data position is global (a function of the sample index): rank 0's serves any world size.
-        data_state = load_rank_state(own if same_world else candidate / rank_file(0))["data"]
+        # The data position is global (a function of the sample index): rank 0's serves any world size;
+        # so does the trainer's entry (counters, the loss-spike window: values every rank shares).
+        shared = load_rank_state(own if same_world else candidate / rank_file(0))
         rng = load_rank_state(own)["rng"] if self.rank < manifest.world_size else None
-        return data_state, rng
+        return shared["data"], rng, dict(shared.get("trainer", {}))
 
 
 def _verify(path: Path, *, checksums: bool) -> tuple[Manifest | None, builtins.list[str]]:
@@ -439,11 +445,18 @@ def _not_architecture() -> set[str]:
 
 # Sections whose changes are allowed on resume, with a warning.
 _WARN_SECTIONS = ("train.", "data.")
+_OPTIMIZER_KEY = "train.optimizer"  # ...except this one: the optimizer state would not fit
 
 
-def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> tuple[list[str], list[str]]:
-    """(architecture differences, optimizer/LR/data differences) as 'key: old -> new' lines."""
+def config_changes(saved: dict[str, Any], current: dict[str, Any],
+                   defaults: dict[str, Any] | None = None) -> tuple[list[str], list[str]]:
+    """(architecture differences, optimizer/LR/data differences) as 'key: old -> new' lines.
+
+    A key the saved config lacks was added to bigtrain after the checkpoint was written: that run
+    trained with the key's default (``defaults``, the full default config), so it compares as that."""
     a, b = _flatten(saved), _flatten(current)
+    for key, value in _flatten(defaults or {}).items():
+        a.setdefault(key, value)
     arch, soft = [], []
     ignored = _not_architecture()
     for key in sorted(set(a) | set(b)):
@@ -457,9 +470,16 @@ def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> tuple[list
     return arch, soft
 
 
-def check_config(path: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:
-    """Refuse a changed architecture (listing the keys); warn about changed optimizer/LR/data settings."""
-    arch, soft = config_changes(saved, current)
+def check_config(path: Path, saved: dict[str, Any], current: dict[str, Any],
+                 defaults: dict[str, Any] | None = None) -> None:
+    """Refuse a changed architecture (listing the keys) or optimizer; warn about changed LR/data settings."""
+    arch, soft = config_changes(saved, current, defaults)
+    switched = [line for line in soft if line.startswith(_OPTIMIZER_KEY + ":")]
+    if switched:
+        raise UserError(f"cannot resume from {path}: the optimizer changed ({switched[0]}); its saved state "
+                        "(moments, momentum buffers) belongs to the old one. Resume with the checkpoint's "
+                        "train.optimizer, or start a new run folder from its weights (`bigtrain export` + "
+                        "model.init_from).")
     if arch:
         raise UserError(f"cannot resume from {path}: the model architecture changed:\n  " + "\n  ".join(arch) +
                         "\nUse the checkpoint's model settings, or start a new run folder "

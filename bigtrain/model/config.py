@@ -56,11 +56,15 @@ class ModelConfig(Section):
     rope_theta: float = doc_field(10000.0, "Rotary embedding base frequency.")
     norm_eps: float = doc_field(1e-5, "RMSNorm epsilon.")
     tie_embeddings: bool = doc_field(True, "Share the input embedding and output projection weights.")
+    qk_norm: bool = doc_field(False, "RMSNorm over each head's queries and keys before rotary (as Qwen3 and "
+                                     "OLMo-2): one weight of size head_dim each for q and k per layer, shared by "
+                                     "the heads. Steadier training at high learning rates; such a model exports "
+                                     "to Hugging Face Qwen3ForCausalLM.")
     init_std: float = doc_field(0.02, "Std of the normal init; residual output projections are scaled by "
                                       "1/sqrt(2 * num_layers).")
     init_from: str = doc_field("", "Start from these weights instead of a random init: a Hugging Face Llama-format "
-                                   "folder (config.json + *.safetensors), e.g. from `bigtrain export`; its shape must "
-                                   "match this section. Ignored when resuming.")
+                                   "folder (Qwen3-format with qk_norm; config.json + *.safetensors), e.g. from "
+                                   "`bigtrain export`; its shape must match this section. Ignored when resuming.")
     z_loss: float = doc_field(0.0, "Weight of the z-loss (mean squared log-sum-exp of the logits) added to the "
                                    "training loss; 0 = off, 1e-4 is typical.")
     kernels: Literal["torch", "triton"] = doc_field("torch", "Norm, rotary, SwiGLU and loss ops: torch (plain PyTorch) "
@@ -141,7 +145,7 @@ def count_parameters(cfg: ModelConfig, *, include_embedding: bool = True) -> int
     d, hd = cfg.dim, cfg.head_dim
     attn = d * cfg.num_heads * hd + 2 * d * cfg.kv_heads * hd + cfg.num_heads * hd * d
     mlp = 3 * d * cfg.ffn_dim
-    norms = 2 * d
+    norms = 2 * d + (2 * hd if cfg.qk_norm else 0)  # block norms (+ the q and k norms, one head_dim each)
     per_block = attn + mlp + norms
     total = cfg.num_layers * per_block + d  # + final norm
     if include_embedding:

@@ -57,14 +57,22 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
         self.wv = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.dim, bias=False)
+        # QK-norm (Qwen3's q_norm/k_norm): one head_dim gain shared by all heads, so tensor parallelism
+        # replicates it whole however the heads are split.
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.kernels) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.kernels) if cfg.qk_norm else None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor | None = None,
                 doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         """cos/sin: the full rotary tables; positions [B, S] (None = 0..S-1); doc_ids [B, S] masks across documents."""
         bsz, seq, _ = x.shape
         # Head counts are inferred (-1): under tensor parallelism a rank holds only its share of the heads.
-        q = self.wq(x).view(bsz, seq, -1, self.head_dim).transpose(1, 2)
-        k = self.wk(x).view(bsz, seq, -1, self.head_dim).transpose(1, 2)
+        q = self.wq(x).view(bsz, seq, -1, self.head_dim)
+        k = self.wk(x).view(bsz, seq, -1, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            # Before rotary, on the contiguous [B, S, heads, head_dim] layout (rows of head_dim), as Qwen3 does.
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.wv(x).view(bsz, seq, -1, self.head_dim).transpose(1, 2)
         q, k = K.rotary(q, k, cos, sin, positions, self.kernels)
         out = self.attend(q, k, v, doc_ids)
@@ -168,6 +176,10 @@ class Decoder(nn.Module):
             plan.append((f"layers.{i}.ffn.w2.weight", block.ffn.w2.weight, residual_std))
             plan.append((f"layers.{i}.attn_norm.weight", block.attn_norm.weight, None))
             plan.append((f"layers.{i}.ffn_norm.weight", block.ffn_norm.weight, None))
+            for qk in ("q_norm", "k_norm"):  # ones, no random draw: the other weights stay as without QK-norm
+                norm = getattr(block.attn, qk)
+                if norm is not None:
+                    plan.append((f"layers.{i}.attn.{qk}.weight", norm.weight, None))
         if self.norm is not None:
             plan.append(("norm.weight", self.norm.weight, None))
         if self.output is not None:

@@ -5,6 +5,7 @@ The plan (Megatron's, as torchtitan applies it with ``parallelize_module``):
 * attention q/k/v and SwiGLU gate/up are split column-wise (each rank computes its heads / its
   slice of the hidden layer), the attention output and SwiGLU down projections row-wise, whose
   partial sums are reduce-scattered along the sequence;
+* QK-norm's per-head weights (``model.qk_norm``) are replicated; they normalize this rank's heads;
 * between blocks the residual stream is sequence-sharded (each tensor-parallel rank holds
   ``seq / tp`` positions), so norms and residual adds run on a slice and activation memory
   shrinks by ``tp``; each block all-gathers the sequence before its attention and its MLP;
@@ -165,8 +166,15 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: Any) -> None:
     # Block inputs: (x, cos, sin, positions, doc_ids); only x is a sequence-sharded activation.
     attn_in = (Shard(1), None, None, None, None)
     attn_want = (Replicate(), None, None, None, None)
+    # QK-norm sees this rank's heads, [B, S, heads / tp, head_dim]: a sequence-parallel style on the heads
+    # dim (2) replicates its head_dim weight and makes the weight's gradient a partial sum that DTensor
+    # all-reduces over the tensor-parallel ranks, as for the block norms.
+    qk_norm_plan: dict[str, Any] = ({"attn.q_norm": SequenceParallel(sequence_dim=2, use_local_output=True),
+                                     "attn.k_norm": SequenceParallel(sequence_dim=2, use_local_output=True)}
+                                    if model.cfg.qk_norm else {})
     for block in model.layers.values():
         parallelize_module(block, tp_mesh, {
+            **qk_norm_plan,
             "attn_norm": SequenceParallel(),
             "attn": PrepareModuleInput(input_layouts=attn_in, desired_input_layouts=attn_want),
             "attn.wq": ColwiseParallel(),

@@ -8,6 +8,18 @@ from bigtrain.sections import ConfigError, Section, doc_field
 
 
 @dataclass(frozen=True)
+class MuonConfig(Section):
+    """Muon options (train.optimizer=muon; see docs/optimizers.md)."""
+
+    momentum: float = doc_field(0.95, "Momentum of the Muon matrices.", ge=0, lt=1)
+    nesterov: bool = doc_field(True, "Nesterov momentum (orthogonalize grad + momentum * buffer).")
+    ns_steps: int = doc_field(5, "Newton-Schulz iterations of the orthogonalization.", ge=1, le=20)
+    adamw_lr: float = doc_field(0.0, "Peak learning rate of the AdamW group (embeddings, output projection, norms); "
+                                     "0 = train.lr. It follows train.lr's schedule, scaled by adamw_lr / train.lr.",
+                                ge=0)
+
+
+@dataclass(frozen=True)
 class TrainConfig(Section):
     """Optimization: batch, steps, AdamW, LR schedule, clipping and precision."""
 
@@ -25,6 +37,11 @@ class TrainConfig(Section):
     beta1: float = doc_field(0.9, "AdamW beta1.")
     beta2: float = doc_field(0.95, "AdamW beta2.")
     adam_eps: float = doc_field(1e-8, "AdamW epsilon.", gt=0)
+    optimizer: Literal["adamw", "muon"] = doc_field("adamw", "adamw, or muon: Muon (orthogonalized momentum) for the "
+                                                             "Transformer blocks' matrices and AdamW (beta1, beta2, "
+                                                             "adam_eps) for embeddings, output projection and norms. "
+                                                             "Not with parallel.strategy=zero. See docs/optimizers.md.")
+    muon: MuonConfig = doc_field(MuonConfig(), "Muon options (train.optimizer=muon).")
     grad_clip: float = doc_field(1.0, "Clip the global gradient norm to this value (0 = no clipping).")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = doc_field("auto", "auto = bf16 autocast on GPUs that support "
                                                                            "it, fp32 on CPU. fp16 only with "
@@ -38,8 +55,19 @@ class TrainConfig(Section):
                                                               "docs/multinode.md.")
     max_consecutive_skips: int = doc_field(5, "on_nonfinite=skip: stop (status 3) after this many non-finite steps in "
                                               "a row.")
+    on_spike: Literal["off", "skip"] = doc_field("off", "Loss spikes: skip = drop the update of a step whose loss or "
+                                                        "grad norm exceeds its mean over the last spike_window "
+                                                        "accepted steps by more than spike_sigma standard deviations "
+                                                        "(data and LR schedule move on; no host sync with fused AdamW "
+                                                        "on CUDA, one per step otherwise). See docs/multinode.md.")
+    spike_window: int = doc_field(50, "on_spike=skip: accepted steps in the rolling window (also the warm-up: no step "
+                                      "is judged before the window is full).")
+    spike_sigma: float = doc_field(6.0, "on_spike=skip: a step is a spike when its loss or grad norm is more than this "
+                                        "many standard deviations above the window's mean.")
     debug_poison_steps: list[int] = doc_field([], "Testing aid only: multiply the loss by NaN at these optimizer steps "
                                                   "(1-based) to exercise on_nonfinite.")
+    debug_spike_steps: list[int] = doc_field([], "Testing aid only: multiply the loss by 1000 at these optimizer steps "
+                                                 "(1-based) to exercise on_spike.")
 
     def validate(self, path: str) -> None:
         for name in ("max_steps", "global_batch_tokens", "micro_batch_size"):
@@ -61,6 +89,14 @@ class TrainConfig(Section):
             raise ConfigError(f"{path}.max_consecutive_skips: must be >= 1, got {self.max_consecutive_skips}.")
         if any(step < 1 for step in self.debug_poison_steps):
             raise ConfigError(f"{path}.debug_poison_steps: steps are 1-based, got {self.debug_poison_steps}.")
+        if any(step < 1 for step in self.debug_spike_steps):
+            raise ConfigError(f"{path}.debug_spike_steps: steps are 1-based, got {self.debug_spike_steps}.")
+        if self.spike_window < 2:
+            raise ConfigError(f"{path}.spike_window: must be >= 2 (a standard deviation needs two steps), got "
+                              f"{self.spike_window}; e.g. {path}.spike_window=50.")
+        if not self.spike_sigma > 0:
+            raise ConfigError(f"{path}.spike_sigma: must be > 0 (standard deviations above the mean), got "
+                              f"{self.spike_sigma}; e.g. {path}.spike_sigma=6.")
 
 
 @dataclass(frozen=True)

@@ -97,10 +97,30 @@ class RunConfig(Section):
             )
         self.parallel.check_model(self.model, seq)
         self.parallel.check_pipeline(self.model, self.data.document_ids)
+        self._check_optimizer()
         if self.train.on_nonfinite == "skip" and self.parallel.strategy == "zero":
             raise ConfigError("train.on_nonfinite: skip does not work with parallel.strategy=zero (DeepSpeed "
                               "computes the gradient norm inside its optimizer step, too late to skip it); use "
                               "train.on_nonfinite=stop.")
+        if self.train.on_spike == "skip" and self.parallel.strategy == "zero":
+            raise ConfigError("train.on_spike: skip does not work with parallel.strategy=zero (DeepSpeed computes the "
+                              "gradient norm inside its optimizer step, too late to skip it); use train.on_spike=off, "
+                              "or parallel.strategy=fsdp (sharded like ZeRO-3).")
+
+    def _check_optimizer(self) -> None:
+        """train.optimizer=muon runs under single, ddp and fsdp (docs/optimizers.md)."""
+        if self.train.optimizer != "muon":
+            return
+        if self.parallel.strategy == "zero":
+            # DeepSpeed 0.19.8 has a Muon of its own, but only as its JSON-configured optimizer (not a client
+            # optimizer like bigtrain's) and with a different update scale, so a run would not be this Muon.
+            raise ConfigError("train.optimizer: muon does not run with parallel.strategy=zero (DeepSpeed would need "
+                              "its own, differently scaled Muon); use parallel.strategy=fsdp (sharded like ZeRO-3) "
+                              "or ddp, or train.optimizer=adamw with zero.")
+        if self.parallel.strategy == "fsdp" and self.parallel.fsdp.cpu_offload:
+            raise ConfigError("train.optimizer: muon gathers each hidden matrix on the device to orthogonalize it, "
+                              "which parallel.fsdp.cpu_offload=true (host-resident shards) does not allow; set "
+                              "parallel.fsdp.cpu_offload=false, or use train.optimizer=adamw.")
 
     def check_launch(self, world_size: int) -> tuple[int, int]:
         """Everything that depends on the number of processes (``bigtrain config check --world-size``, the

@@ -27,13 +27,15 @@ from bigtrain.data.pipeline import DataPipeline
 from bigtrain.data.tokenizer import load_tokenizer
 from bigtrain.errors import UserError
 from bigtrain.model import build_on_meta, count_parameters, flops_per_token
+from bigtrain.optim.muon import build_muon
 from bigtrain.optim.optimizer import build_adamw
 from bigtrain.optim.schedule import LRSchedule
 from bigtrain.parallel import dist
-from bigtrain.parallel.strategy import MicroBatch, build_strategy
+from bigtrain.parallel.strategy import MicroBatch, OptimizerFactory, build_strategy
 from bigtrain.train import peers
+from bigtrain.train.config import TrainConfig
 from bigtrain.train.failures import NonFiniteGuard, Watchdog
-from bigtrain.train.fault_injection import install_loss_poison
+from bigtrain.train.fault_injection import install_loss_poison, install_loss_spike
 from bigtrain.train.loggers import (
     ConsoleLogger,
     JsonlLogger,
@@ -48,8 +50,19 @@ from bigtrain.train.profiler import ProfilerWindow
 from bigtrain.train.run_config import RunConfig
 from bigtrain.train.run_lock import RunLock
 from bigtrain.train.signals import StopRequest
+from bigtrain.train.spikes import SpikeGuard
 from bigtrain.train.status import write_status
 from bigtrain.train.timing import StepTimer
+
+
+def optimizer_factory(t: TrainConfig) -> OptimizerFactory:
+    """``train.optimizer``: AdamW, or Muon for the block matrices + AdamW for the rest (one optimizer object)."""
+    if t.optimizer == "muon":
+        mu = t.muon
+        return lambda m: build_muon(m, lr=t.lr, weight_decay=t.weight_decay, betas=(t.beta1, t.beta2),
+                                    eps=t.adam_eps, momentum=mu.momentum, nesterov=mu.nesterov,
+                                    ns_steps=mu.ns_steps, adamw_lr=mu.adamw_lr)
+    return lambda m: build_adamw(m, lr=t.lr, weight_decay=t.weight_decay, betas=(t.beta1, t.beta2), eps=t.adam_eps)
 
 
 def seed_everything(seed: int) -> None:
@@ -119,11 +132,8 @@ class Trainer:
         self.strategy = build_strategy(cfg.parallel, self.info, precision=t.precision, compile=t.compile,
                                        micro_batch_size=t.micro_batch_size, grad_clip=t.grad_clip,
                                        accum_steps=self.accum_steps)
-        self.model, self.optimizer = self.strategy.wrap(
-            build_on_meta(cfg.model),
-            lambda m: build_adamw(m, lr=t.lr, weight_decay=t.weight_decay, betas=(t.beta1, t.beta2), eps=t.adam_eps),
-            seed=cfg.run.seed,
-        )
+        self.model, self.optimizer = self.strategy.wrap(build_on_meta(cfg.model), optimizer_factory(t),
+                                                        seed=cfg.run.seed)
         self.schedule = LRSchedule(t.lr_schedule, t.lr, t.lr_warmup_steps, t.max_steps, t.min_lr_ratio,
                                    t.lr_decay_fraction)
         self.byte_lengths = torch.from_numpy(self.tokenizer.token_byte_lengths()).to(self.info.device)
@@ -234,11 +244,14 @@ class Trainer:
         ``checkpoint.resume=auto`` a corrupt checkpoint is reported and an older one used)."""
         resumed = self.checkpoints.load(path, strategy=self.strategy, model=self.model, optimizer=self.optimizer,
                                         current_config=self.cfg.to_dict(), seed=self.cfg.run.seed,
-                                        auto=self.cfg.checkpoint.resume == "auto")
+                                        auto=self.cfg.checkpoint.resume == "auto",
+                                        config_defaults=type(self.cfg)().to_dict())
         if resumed is None:
             return
         self.loader.load_state_dict(resumed.data_state)
         self.step, self.tokens_seen = resumed.step, resumed.tokens_seen
+        if "spikes" in resumed.trainer_state:  # older checkpoints have none: the window warms up again
+            self.spikes.load_state_dict(resumed.trainer_state["spikes"])
         self.resume_from = resumed.path
         messages.say(f"resumed from {resumed.path} at step {self.step} ({self.tokens_seen:,} tokens seen)")
 
@@ -247,7 +260,8 @@ class Trainer:
         return {
             "data": self.loader.state_dict(),
             "rng": capture_rng(),
-            "trainer": {"step": self.step, "tokens_seen": self.tokens_seen},
+            # The loss-spike window decides the next steps' updates, so it travels with the run.
+            "trainer": {"step": self.step, "tokens_seen": self.tokens_seen, "spikes": self.spikes.state_dict()},
         }
 
     def save_checkpoint(self, *, blocking: bool | None = None) -> Path:
@@ -288,7 +302,10 @@ class Trainer:
         cfg = self.cfg
         # (skip + ZeRO is rejected by RunConfig.validate: DeepSpeed's norm comes too late to skip the step.)
         self.nonfinite = NonFiniteGuard(cfg.train.on_nonfinite, cfg.train.max_consecutive_skips, self.info.device)
+        # (skip + ZeRO is rejected too: same reason.) Judged after the non-finite policy, from the same values.
+        self.spikes = SpikeGuard(cfg.train.on_spike, cfg.train.spike_window, cfg.train.spike_sigma, self.info.device)
         install_loss_poison(self.strategy.unwrap(self.model), cfg.train.debug_poison_steps, lambda: self.step + 1)
+        install_loss_spike(self.strategy.unwrap(self.model), cfg.train.debug_spike_steps, lambda: self.step + 1)
         backend = dist.resolve_backend(cfg.parallel.backend, self.info.device)
         self.stop_request = StopRequest(self.info.world_size, backend=backend)  # collective: every rank builds it
         # Steps only (armed after step 1); collectives fail on their own after parallel.timeout_s.
@@ -356,7 +373,9 @@ class Trainer:
             mean_loss = self.strategy.reduce_mean(rank_loss)  # the same on every rank
         with timer.phase("optimizer_s"):
             grad_norm = self.strategy.clip_grad_norm(self.model, self.cfg.train.grad_clip)
-            if self.nonfinite.allows_update(self.step + 1, mean_loss, grad_norm):
+            # Non-finite first (a NaN step never reaches the spike window), then loss spikes.
+            if (self.nonfinite.allows_update(self.step + 1, mean_loss, grad_norm)
+                    and self.spikes.allows_update(self.step + 1, mean_loss, grad_norm, self.optimizer)):
                 self.strategy.step(self.optimizer)
             else:
                 self.optimizer.zero_grad(set_to_none=True)  # drop the update; data and schedule move on
@@ -493,6 +512,7 @@ class Trainer:
             "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tokens_per_s,
             "mfu": mfu(per_device, self.flops_per_token, self.peak_flops),
             "step_time_s": elapsed_s / num_steps, "memory_gib": memory_gib(self.info.device),
+            **self.spikes.record(self.step),
             "epoch": self.loader.epoch, **self.loader.log_stats(), **self.timer.summary(),
             **memory_stats(self.info.device),
         }

@@ -163,6 +163,25 @@ def test_config_changes_split_architecture_from_settings() -> None:
     assert len(soft) == 1 and soft[0].startswith("train.lr:")
 
 
+def test_keys_added_after_a_checkpoint_compare_as_their_defaults() -> None:
+    """A checkpoint written before model.qk_norm / train.optimizer existed trained with their defaults."""
+    from bigtrain.checkpoint.manager import check_config
+    from bigtrain.train.run_config import RunConfig
+
+    defaults = RunConfig().to_dict()
+    saved = json.loads(json.dumps(CONFIG))
+    for section, key in (("model", "qk_norm"), ("train", "optimizer")):
+        saved[section].pop(key, None)
+    current = json.loads(json.dumps(saved))
+    current["model"]["qk_norm"], current["train"]["optimizer"] = False, "adamw"
+    assert config_changes(saved, current, defaults) == ([], [])
+    current["model"]["qk_norm"] = True  # not the default: the architecture did change
+    assert config_changes(saved, current, defaults)[0] == ["model.qk_norm: False -> True"]
+    current["model"]["qk_norm"], current["train"]["optimizer"] = False, "muon"
+    with pytest.raises(UserError, match=r"the optimizer changed \(train.optimizer: 'adamw' -> 'muon'\)"):
+        check_config(Path("ckpt"), saved, current, defaults)
+
+
 def test_changed_architecture_is_refused_with_a_diff(tmp_path: Path, trained) -> None:
     manager = CheckpointManager(tmp_path, CheckpointConfig())
     path = save(manager, 1, trained)

@@ -1,5 +1,5 @@
-"""Hugging Face Llama export/import: HF -> bigtrain (model.init_from) -> HF is lossless, logits match
-transformers, `--to torch` writes one state dict, bad input exits 2.
+"""Hugging Face Llama (and Qwen3, for model.qk_norm) export/import: HF -> bigtrain (model.init_from) -> HF is
+lossless, logits match transformers, `--to torch` writes one state dict, bad input exits 2.
 
 (Export parity from FSDP and ZeRO-3 checkpoints is in tests/checkpoint/test_reshard.py, which
 already has those checkpoints.) No hub access: the reference model is built from a local config.
@@ -28,17 +28,16 @@ RUN = ["data.seq_len=128", "train.global_batch_tokens=1024", "train.micro_batch_
        "train.precision=fp32", "checkpoint.at_end=false", "run.num_threads=2"]
 
 
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A randomly initialized transformers Llama saved as safetensors (the 'downloaded' model)."""
-    out = tmp_path_factory.mktemp("hf") / "llama"
-    config = transformers.LlamaConfig(
+def _save_random_hf(out: Path, arch: str) -> Path:
+    """A randomly initialized transformers ``{arch}ForCausalLM`` of SHAPE saved as safetensors."""
+    config = getattr(transformers, f"{arch}Config")(
         vocab_size=SHAPE["vocab_size"], hidden_size=SHAPE["dim"], intermediate_size=SHAPE["ffn_hidden_dim"],
         num_hidden_layers=SHAPE["num_layers"], num_attention_heads=SHAPE["num_heads"],
         num_key_value_heads=SHAPE["num_kv_heads"], max_position_embeddings=SHAPE["max_seq_len"],
+        head_dim=SHAPE["dim"] // SHAPE["num_heads"],
         rms_norm_eps=SHAPE["norm_eps"], tie_word_embeddings=False, rope_theta=SHAPE["rope_theta"])
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config)
+    model = getattr(transformers, f"{arch}ForCausalLM")(config)
     with torch.no_grad():  # non-trivial norm weights, so a swapped norm mapping cannot pass
         for name, p in model.named_parameters():
             if "norm" in name:
@@ -47,9 +46,15 @@ def hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def overrides(hf_dir: Path, out: Path) -> list[str]:
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A randomly initialized transformers Llama saved as safetensors (the 'downloaded' model)."""
+    return _save_random_hf(tmp_path_factory.mktemp("hf") / "llama", "Llama")
+
+
+def overrides(hf_dir: Path, out: Path, *extra: str) -> list[str]:
     model = [f"model.{k}={v}" for k, v in SHAPE.items()]
-    return [f"run.out_dir={out}", *model, f"model.init_from={hf_dir}", *RUN]
+    return [f"run.out_dir={out}", *model, *extra, f"model.init_from={hf_dir}", *RUN]
 
 
 def test_import_round_trip_and_logits(hf_dir: Path, tmp_path: Path, demo_data: Path) -> None:
@@ -69,6 +74,7 @@ def test_import_round_trip_and_logits(hf_dir: Path, tmp_path: Path, demo_data: P
         assert torch.equal(original[name], again[name]), name
     config = json.loads((out / "config.json").read_text())
     assert config["num_key_value_heads"] == 2 and config["tie_word_embeddings"] is False
+    assert config["architectures"] == ["LlamaForCausalLM"] and not any("q_norm" in k for k in again)
     assert {"tokenizer.json", "tokenizer_config.json"} <= {p.name for p in out.iterdir()}
     transformers.LlamaForCausalLM.from_pretrained(str(out))  # loadable as exported
 
@@ -79,6 +85,38 @@ def test_import_round_trip_and_logits(hf_dir: Path, tmp_path: Path, demo_data: P
     model.init_weights(0)
     missing, unexpected = model.load_state_dict(torch.load(target, weights_only=True), strict=False)
     assert not unexpected and all(k.startswith("rope_") for k in missing)
+
+
+def test_qk_norm_model_is_qwen3_both_ways(tmp_path: Path, demo_data: Path) -> None:
+    """model.qk_norm=true reads a Qwen3 folder bit-exactly (logits within 1e-4 of transformers' Qwen3) and
+    exports it back as an identical Qwen3ForCausalLM."""
+    qwen3_dir = _save_random_hf(tmp_path / "qwen3", "Qwen3")
+    trainer = build_trainer("configs/debug.yaml", overrides(qwen3_dir, tmp_path / "run", "model.qk_norm=true"))
+    original = read_safetensors_dir(qwen3_dir)
+    assert "model.layers.1.self_attn.k_norm.weight" in original
+    ours = trainer.model.state_dict()  # bit-exact import, the non-trivial q/k norm gains included
+    assert torch.equal(ours["layers.1.attn.k_norm.weight"], original["model.layers.1.self_attn.k_norm.weight"])
+    hf_model = transformers.Qwen3ForCausalLM.from_pretrained(str(qwen3_dir), dtype=torch.float32).eval()
+    tokens = torch.randint(0, SHAPE["vocab_size"], (2, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (trainer.model(tokens) - hf_model(tokens).logits).abs().max().item()
+    assert diff <= 1e-4, diff
+    out = export_checkpoint(trainer.save_checkpoint(blocking=True), "hf", tmp_path / "hf_again")
+    again = read_safetensors_dir(out)
+    assert original.keys() == again.keys()
+    for name in original:
+        assert torch.equal(original[name], again[name]), name
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["Qwen3ForCausalLM"] and config["model_type"] == "qwen3"
+    assert config["head_dim"] == SHAPE["dim"] // SHAPE["num_heads"] and config["use_sliding_window"] is False
+    exported = transformers.Qwen3ForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert (exported(tokens).logits - hf_model(tokens).logits).abs().max().item() == 0.0
+
+
+def test_init_from_qk_norm_mismatch_is_named(hf_dir: Path) -> None:
+    with pytest.raises(UserError, match=r"model\.qk_norm: config has True, the weights have False"):
+        load_hf_weights(hf_dir, ModelConfig(**{**SHAPE, "qk_norm": True}))
 
 
 def test_sharded_safetensors_with_index(tmp_path: Path) -> None:

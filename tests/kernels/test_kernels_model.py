@@ -13,7 +13,7 @@ from bigtrain.kernels.attention import attention, document_mask, positions_from_
 from bigtrain.model import ModelConfig, build_on_meta, materialize
 from bigtrain.optim.optimizer import build_adamw
 from bigtrain.sections import ConfigError, parse_section
-from tests.kernels.kernel_testing import rel_err  # sets TRITON_INTERPRET=1 first
+from tests.kernels.kernel_testing import TOLERANCE, rel_err  # sets TRITON_INTERPRET=1 first
 
 VOCAB = 97
 
@@ -64,6 +64,46 @@ def test_triton_kernels_track_torch_losses_in_training() -> None:
     assert torch_losses[-1] < torch_losses[0]
     for step, (a, b) in enumerate(zip(triton_losses, torch_losses)):
         assert abs(a - b) <= 2e-2 * abs(b), f"step {step}: triton {a} vs torch {b}"
+
+
+def _loss_and_grads(cfg: ModelConfig, dtype: torch.dtype) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One forward + backward (bf16: under CPU autocast, as a bf16 run computes) on a fixed batch."""
+    model = materialize(build_on_meta(cfg), "cpu", seed=0)
+    with torch.no_grad():  # non-trivial norm gains, so the kernels' weight paths matter
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(torch.linspace(0.5, 1.5, p.shape[0]).roll(len(name)))
+    batch = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        loss = model(batch[:, :-1], batch[:, 1:])
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_qk_norm_triton_matches_torch(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """model.qk_norm with kernels=triton runs the q/k norms through the fused RMSNorm (rows of head_dim) and
+    gives the torch reference's loss and gradients (fp32 1e-5, bf16 2e-2 norm-wise relative)."""
+    from bigtrain.kernels import rmsnorm
+
+    widths: list[int] = []
+    fused = rmsnorm.rms_norm
+
+    def spy(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        widths.append(x.shape[-1])
+        return fused(x, weight, eps)
+
+    monkeypatch.setattr(rmsnorm, "rms_norm", spy)
+    cfg = tiny(qk_norm=True, num_layers=1, kernels="torch")
+    want_loss, want = _loss_and_grads(cfg, dtype)
+    got_loss, got = _loss_and_grads(tiny(qk_norm=True, num_layers=1, kernels="triton"), dtype)
+    head_dim = cfg.head_dim
+    assert widths.count(head_dim) == 2 * cfg.num_layers and widths.count(cfg.dim) == 2 * cfg.num_layers + 1
+    tol = TOLERANCE[dtype]
+    assert rel_err(got_loss, want_loss) <= tol, (got_loss, want_loss)
+    assert got.keys() == want.keys() and "layers.0.attn.k_norm.weight" in got
+    for name in want:
+        assert rel_err(got[name], want[name]) <= tol, f"{name}: {rel_err(got[name], want[name]):.2e}"
 
 
 def test_triton_requested_on_cpu_falls_back_to_reference_and_logs_once(monkeypatch: pytest.MonkeyPatch) -> None:

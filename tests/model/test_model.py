@@ -37,9 +37,10 @@ def test_causality_future_tokens_never_change_earlier_logits(tie: bool) -> None:
     assert not torch.allclose(a[:, 12:], b[:, 12:])
 
 
-def test_meta_build_allocates_nothing_and_counts_match() -> None:
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_meta_build_allocates_nothing_and_counts_match(qk_norm: bool) -> None:
     for name in PRESETS:
-        cfg = parse_section(ModelConfig, {"preset": name}, "model")
+        cfg = parse_section(ModelConfig, {"preset": name, "qk_norm": qk_norm}, "model")
         model = build_on_meta(cfg)
         assert all(p.is_meta for p in model.parameters())
         assert sum(p.numel() for p in model.parameters()) == count_parameters(cfg), name
@@ -97,3 +98,48 @@ def test_sequence_longer_than_window_is_rejected() -> None:
 def test_debug_config_model_is_small() -> None:
     cfg = load_config("configs/debug.yaml")
     assert 1e6 <= count_parameters(cfg.model) <= 5e6
+
+
+# ---------------------------------------------------------------------------------------------- QK-norm
+def test_qk_norm_adds_only_ones_gains_and_keeps_the_other_weights() -> None:
+    """qk_norm=true adds a head_dim gain for q and k per block (ones) and draws every other weight exactly
+    as qk_norm=false does, with a per-name seed and with the global RNG (seed=None) alike."""
+    cfg = tiny()
+    assert cfg.qk_norm is False
+    assert count_parameters(tiny(qk_norm=True)) - count_parameters(cfg) == cfg.num_layers * 2 * cfg.head_dim
+    for seed in (3, None):
+        torch.manual_seed(0)
+        plain = materialize(build_on_meta(cfg), "cpu", seed=seed).state_dict()
+        torch.manual_seed(0)
+        qk = materialize(build_on_meta(tiny(qk_norm=True)), "cpu", seed=seed).state_dict()
+        extra = {k for k in qk if k not in plain}
+        assert extra == {f"layers.{i}.attn.{n}.weight" for i in range(cfg.num_layers) for n in ("q_norm", "k_norm")}
+        assert not any("q_norm" in k for k in plain)
+        assert all(torch.equal(plain[k], qk[k]) for k in plain)
+        assert all(torch.equal(qk[k], torch.ones(cfg.head_dim)) for k in extra)
+
+
+def test_qk_norm_makes_attention_blind_to_the_scale_of_q_and_k() -> None:
+    """The norm runs on each head's q and k before rotary: scaling wq and wk leaves the logits unchanged
+    (up to eps) with qk_norm, and changes them without."""
+    x = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(0))
+    for qk_norm in (True, False):
+        model = materialize(build_on_meta(tiny(qk_norm=qk_norm, norm_eps=1e-12)), "cpu", seed=1).double()
+        with torch.no_grad():
+            before = model(x)
+            for block in model.layers.values():
+                block.attn.wq.weight.mul_(7.0)
+                block.attn.wk.weight.mul_(0.3)
+            after = model(x)
+        assert torch.allclose(before, after, atol=1e-9) == qk_norm
+
+
+def test_qk_norm_model_is_causal_and_trains() -> None:
+    model = materialize(build_on_meta(tiny(qk_norm=True)), "cpu", seed=1).double()
+    x = torch.randint(0, 97, (2, 20), generator=torch.Generator().manual_seed(0))
+    y = x.clone()
+    y[:, 12:] = (y[:, 12:] + 1) % 97
+    assert torch.equal(model(x)[:, :12], model(y)[:, :12])
+    model(x[:, :-1], x[:, 1:]).backward()
+    grad = model.layers["0"].attn.q_norm.weight.grad
+    assert grad is not None and grad.abs().sum() > 0
