@@ -103,7 +103,7 @@ GPU = Sizes(rows=4096, hidden=2048, batch=2, seq=1024, heads=16, kv_heads=4, hea
             train_overrides=(), checkpoint_preset="llama-1b",
             throughput_presets=("gpt2-124m@1024", "llama-1b@2048"), optional_presets=("gpt2-1.5b@1024",),
             throughput_steps=30, throughput_warmup=5)
-SMOKE = Sizes(rows=37, hidden=96, batch=2, seq=64, heads=4, kv_heads=2, head_dim=16, ce_tokens=70, ce_vocab=300,
+SMOKE = Sizes(rows=9, hidden=48, batch=2, seq=16, heads=4, kv_heads=2, head_dim=8, ce_tokens=24, ce_vocab=100,
               steps_bf16=4, steps_fp8=4, steps_backend=3, steps_sync=9, log_every_sync=3,
               # bf16 (and emulated FP8) backward is slow on CPU: a smaller model than the debug preset
               train_overrides=("model.dim=64", "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2",

@@ -16,7 +16,8 @@ from bigtrain.plan import plan_memory
 from tests.helpers import run_distributed
 from tests.parallel.measure_memory import measure
 
-OVERRIDES = ["train.micro_batch_size=2", "log.console=false", "run.num_threads=1"]  # 2 ranks x 2 x accum 2
+OVERRIDES = ["train.micro_batch_size=2", "log.console=false", "run.num_threads=1",  # 2 ranks x 2 x accum 2
+             "data.seq_len=128", "train.global_batch_tokens=1024"]  # the debug model; shorter steps
 CASES = {  # plan name -> (processes, parallel overrides)
     "single": (1, ["parallel.strategy=single"]),
     "ddp": (2, ["parallel.strategy=ddp"]),
