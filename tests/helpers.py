@@ -146,6 +146,40 @@ def train(out_dir: Path, *overrides: str, config: str | Path = "configs/debug.ya
     return summary, lines
 
 
+SYNC_METHODS = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__")
+
+
+def record_host_syncs(trainer: Any, monkeypatch: Any) -> dict[int, int]:
+    """Count, per training step, bigtrain's own calls of the tensor methods that force a host-device
+    sync (``.item()``, ``float(t)``, ``bool(t)``, ...) while ``trainer`` runs; step 0 = set-up.
+
+    Only bigtrain's code counts: torch's foreach AdamW reads its step counter with .item(), but
+    that counter is a host tensor (no device sync), and the fused AdamW used on CUDA does not call
+    it. Undo with ``monkeypatch.undo()`` (pytest does at the end of the test)."""
+    import torch
+
+    current = {"step": 0}
+    syncs: dict[int, int] = {}
+    original_step = trainer.train_step
+
+    def train_step():  # type: ignore[no-untyped-def]
+        current["step"] = trainer.step + 1  # syncs until the next step belong to this one
+        return original_step()
+
+    monkeypatch.setattr(trainer, "train_step", train_step)
+    bigtrain_dir = str(REPO / "bigtrain")
+    for name in SYNC_METHODS:
+        original = getattr(torch.Tensor, name)
+
+        def recorder(self, *args, _original=original, **kwargs):  # type: ignore[no-untyped-def]
+            if bigtrain_dir in sys._getframe(1).f_code.co_filename:
+                syncs[current["step"]] = syncs.get(current["step"], 0) + 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, recorder)
+    return syncs
+
+
 # ---------------------------------------------------------------------------------------------- run_distributed
 class _Env:
     """Set environment variables for the duration of a block (spawned children inherit them)."""

@@ -6,8 +6,6 @@ which step called them while ``Trainer.fit`` runs the default debug config.
 """
 from __future__ import annotations
 
-import sys
-from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -15,10 +13,7 @@ import torch
 
 from bigtrain.config import load_config
 from bigtrain.optim.optimizer import adamw_kwargs
-from tests.helpers import REPO
-
-BIGTRAIN_DIR = str(REPO / "bigtrain")
-SYNC_METHODS = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__")
+from tests.helpers import REPO, record_host_syncs
 
 
 def test_trainer_syncs_only_on_log_steps(tmp_path: Path, demo_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -33,34 +28,14 @@ def test_trainer_syncs_only_on_log_steps(tmp_path: Path, demo_data: Path, monkey
     ])
     with messages.capture():
         trainer = Trainer(cfg)
-    current = {"step": 0}
-    syncs: Counter[int] = Counter()
-    original_step = trainer.train_step
-
-    def train_step():  # type: ignore[no-untyped-def]
-        current["step"] = trainer.step + 1  # syncs until the next step belong to this one
-        return original_step()
-
-    monkeypatch.setattr(trainer, "train_step", train_step)
-    for name in SYNC_METHODS:
-        original = getattr(torch.Tensor, name)
-
-        def recorder(self, *args, _original=original, **kwargs):  # type: ignore[no-untyped-def]
-            # Only calls made by bigtrain's own code count: torch's foreach AdamW reads its step
-            # counter with .item(), but that counter is a host tensor (no device sync), and the
-            # fused AdamW used on CUDA does not call it at all.
-            if BIGTRAIN_DIR in sys._getframe(1).f_code.co_filename:
-                syncs[current["step"]] += 1
-            return _original(self, *args, **kwargs)
-
-        monkeypatch.setattr(torch.Tensor, name, recorder)
+    syncs = record_host_syncs(trainer, monkeypatch)
     with messages.capture() as printed:
         trainer.fit()
     monkeypatch.undo()
 
     log_steps = {1, steps} | {s for s in range(1, steps + 1) if s % every == 0}
     assert set(syncs) - {0} <= log_steps, f"host syncs on non-log steps: {dict(syncs)} (log steps {sorted(log_steps)})"
-    assert all(syncs[s] > 0 for s in log_steps), f"the recorder missed the log steps' .item(): {dict(syncs)}"
+    assert all(syncs.get(s, 0) > 0 for s in log_steps), f"the recorder missed the log steps' .item(): {dict(syncs)}"
     # The run header reports the kernel and attention backends at startup.
     assert "kernels  torch (reference ops); attention SDPA" in printed[0]
 

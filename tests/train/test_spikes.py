@@ -7,8 +7,6 @@ one rank and on two, resume deciding exactly as the straight run, and bad keys.
 from __future__ import annotations
 
 import shutil
-import sys
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +15,7 @@ import torch
 
 from bigtrain import messages
 from bigtrain.train.spikes import SpikeGuard, SpikeWindow, skips_on_device
-from tests.helpers import REPO, build_trainer, cli, run_distributed, train_records
+from tests.helpers import REPO, build_trainer, cli, record_host_syncs, run_distributed, train_records
 
 CPU = torch.device("cpu")
 WINDOW = 4
@@ -193,25 +191,7 @@ def test_device_side_skip_needs_no_host_sync_on_non_log_steps(tmp_path: Path, de
         trainer = build_trainer("configs/debug.yaml", [f"run.out_dir={tmp_path / 'run'}", *TINY, *steps_to_log,
                                                        "log.console=false", "checkpoint.every_steps=0"])
     assert skips_on_device(trainer.optimizer)
-    current = {"step": 0}
-    syncs: Counter[int] = Counter()
-    original_step = trainer.train_step
-
-    def train_step():  # type: ignore[no-untyped-def]
-        current["step"] = trainer.step + 1
-        return original_step()
-
-    monkeypatch.setattr(trainer, "train_step", train_step)
-    bigtrain_dir = str(REPO / "bigtrain")
-    for name in ("item", "tolist", "__float__", "__int__", "__bool__", "__index__"):
-        original = getattr(torch.Tensor, name)
-
-        def recorder(self, *args, _original=original, **kwargs):  # type: ignore[no-untyped-def]
-            if bigtrain_dir in sys._getframe(1).f_code.co_filename:
-                syncs[current["step"]] += 1
-            return _original(self, *args, **kwargs)
-
-        monkeypatch.setattr(torch.Tensor, name, recorder)
+    syncs = record_host_syncs(trainer, monkeypatch)
     try:
         with messages.capture() as lines:
             trainer.fit()
