@@ -1,0 +1,279 @@
+"""Learning per second on CPU: validation bits-per-byte after the same training wall-clock budget.
+
+On the demo corpus (`bigtrain data demo`), each contender trains for ``--seconds`` of wall-clock time
+and is then scored on the whole validation split (the held-out plays) in bits per UTF-8 byte:
+
+  (a) plain: a minimal hand-written PyTorch loop with a GPT-2-style model (LayerNorm, GELU MLP, learned
+      positions, tied embeddings, AdamW, warm-up + cosine schedule), at the best learning rate of a
+      small sweep (``--plain-lrs``, every point reported);
+  (b) bigtrain, AdamW;   (c) bigtrain, Muon;   (d) bigtrain, Muon + QK-norm.
+
+Equal time, not equal steps: each contender first runs a few calibration steps to measure its own
+step time, then trains ``floor(seconds / step time)`` steps with its schedule ending there; the
+table reports the measured training time, the steps and tokens it got, and the score. Every run
+uses the same model width and depth, sequence length, batch, and evaluation windows (bigtrain's
+``eval_batches``), and ``--threads`` CPU threads.
+
+    python bench/learning.py --out bench/results/learning-cpu-2core.md     # ~12 min at the default 90 s
+    python bench/learning.py --seconds 20 --plain-lrs 3e-3                 # a quick look
+
+Targets (issue 17): bigtrain's best <= (a) - 0.05 bpb; Muon <= AdamW - 0.03 bpb at equal time.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benchinfo import cpu_name, git_commit, publish  # bench/ is on sys.path when run as a script
+
+REPO = Path(__file__).resolve().parents[1]
+CALIBRATION_STEPS = 12  # the first few are slower (allocator, caches): the later half is timed
+MIN_LR_RATIO = 0.05  # configs/debug.yaml's train.min_lr_ratio, used by every contender
+
+
+def shape_overrides(args: argparse.Namespace) -> list[str]:
+    return [f"model.dim={args.dim}", f"model.num_layers={args.layers}", f"model.num_heads={args.heads}",
+            f"model.num_kv_heads={args.heads}", f"data.seq_len={args.seq_len}",
+            f"train.global_batch_tokens={args.batch * args.seq_len}", f"train.micro_batch_size={args.batch}"]
+
+
+# ---------------------------------------------------------------------------------------------- bigtrain
+def bigtrain_run(args: argparse.Namespace, extra: list[str], steps: int, out: Path) -> dict[str, Any]:
+    """`bigtrain train` in a subprocess for ``steps`` steps; its train and final eval records."""
+    warmup = max(1, min(args.warmup, steps // 10))
+    cmd = [sys.executable, "-m", "bigtrain", "train", "configs/debug.yaml", f"run.out_dir={out}",
+           *shape_overrides(args), f"train.max_steps={steps}", f"train.lr_warmup_steps={warmup}",
+           f"run.num_threads={args.threads}", "run.device=cpu", "train.precision=fp32", "eval.every_steps=0",
+           "eval.at_end=true", "eval.final_max_batches=0", "checkpoint.at_end=false", "checkpoint.every_steps=0",
+           "log.sample_at_end=false", "log.console=false", f"log.every_steps={max(1, steps // 8)}", *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "WANDB_MODE": "disabled"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"bigtrain train failed ({proc.returncode}):\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    evals = [r for r in records if r["kind"] == "eval"]
+    return {"train": train, "eval": evals[-1] if evals else None}
+
+
+def bigtrain_contender(args: argparse.Namespace, name: str, extra: list[str], work: Path) -> dict[str, Any]:
+    calib = bigtrain_run(args, extra, CALIBRATION_STEPS, work / f"{name}-calibrate")
+    later = [r for r in calib["train"] if r["step"] > CALIBRATION_STEPS // 2] or calib["train"][-1:]
+    step_s = sum(r["step_time_s"] for r in later) / len(later)
+    steps = max(10, int(args.seconds / step_s))
+    t0 = time.perf_counter()
+    run = bigtrain_run(args, extra, steps, work / name)
+    wall = time.perf_counter() - t0
+    train_s = sum(r["step_time_s"] * n for r, n in _window_sizes(run["train"]))
+    return {"name": name, "steps": steps, "tokens": steps * args.batch * args.seq_len, "train_s": train_s,
+            "wall_s": wall, "val_bpb": run["eval"]["val_bpb"], "final_loss": run["train"][-1]["loss"],
+            "calibrated_step_s": step_s}
+
+
+def _window_sizes(train: list[dict[str, Any]]) -> list[tuple[dict[str, Any], int]]:
+    """Each log record with the number of steps its step_time_s averages over."""
+    out, prev = [], 0
+    for r in train:
+        out.append((r, r["step"] - prev))
+        prev = r["step"]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- plain loop
+def plain_model(vocab: int, args: argparse.Namespace) -> Any:
+    """GPT-2 style: learned positions, pre-LayerNorm blocks with GELU MLP (4x), tied embeddings."""
+    import torch
+    from torch import nn
+    from torch.nn import functional as F
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ln1, self.ln2 = nn.LayerNorm(args.dim), nn.LayerNorm(args.dim)
+            self.qkv, self.proj = nn.Linear(args.dim, 3 * args.dim), nn.Linear(args.dim, args.dim)
+            self.fc, self.out = nn.Linear(args.dim, 4 * args.dim), nn.Linear(4 * args.dim, args.dim)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            b, t, d = x.shape
+            q, k, v = self.qkv(self.ln1(x)).split(d, dim=2)
+            q, k, v = (z.view(b, t, args.heads, d // args.heads).transpose(1, 2) for z in (q, k, v))
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, d)
+            x = x + self.proj(y)
+            return x + self.out(F.gelu(self.fc(self.ln2(x))))
+
+    class GPT(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.tok, self.pos = nn.Embedding(vocab, args.dim), nn.Embedding(args.seq_len, args.dim)
+            self.blocks = nn.ModuleList(Block() for _ in range(args.layers))
+            self.ln = nn.LayerNorm(args.dim)
+            self.apply(self._init)
+
+        @staticmethod
+        def _init(m: nn.Module) -> None:
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=0.02)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+        def forward(self, idx: torch.Tensor) -> torch.Tensor:
+            x = self.tok(idx) + self.pos(torch.arange(idx.shape[1]))
+            for block in self.blocks:
+                x = block(x)
+            return F.linear(self.ln(x), self.tok.weight)
+
+    return GPT()
+
+
+def plain_contender(args: argparse.Namespace, lr: float) -> dict[str, Any]:
+    """The hand-written loop at one learning rate: calibrate, train for the budget, score."""
+    import numpy as np
+    import torch
+    from torch.nn import functional as F
+
+    from bigtrain.data.batches import TokenStream, eval_batches
+    from bigtrain.data.tokenizer import Tokenizer
+    from bigtrain.train.metrics import bits_per_byte
+
+    torch.set_num_threads(args.threads)
+    demo = REPO / "data" / "demo"
+    tok = Tokenizer.from_file(demo / "tokenizer.json")
+    vocab = tok.vocab_size
+    train = TokenStream.open(str(demo / "train"), vocab_size=vocab, tokenizer_fingerprint=None, what="train")
+    val = TokenStream.open(str(demo / "val"), vocab_size=vocab, tokenizer_fingerprint=None, what="val")
+    byte_lengths = torch.from_numpy(tok.token_byte_lengths())
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    model = plain_model(vocab, args)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    other = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": other, "weight_decay": 0.0}],
+                            lr=lr, betas=(0.9, 0.95), foreach=True)
+
+    def batch() -> tuple[torch.Tensor, torch.Tensor]:
+        starts = rng.integers(0, train.num_tokens - args.seq_len - 1, size=args.batch)
+        arr = torch.from_numpy(np.stack([train.read(int(s), args.seq_len + 1) for s in starts]))
+        return arr[:, :-1], arr[:, 1:]
+
+    def step(i: int, total: int) -> float:
+        # Linear warm-up, then cosine down to MIN_LR_RATIO x lr at the last step (configs/debug.yaml's schedule).
+        warm = max(1, min(args.warmup, total // 10))
+        if i < warm:
+            factor = (i + 1) / warm
+        else:
+            cosine = 0.5 * (1 + math.cos(math.pi * (i - warm) / max(1, total - warm)))
+            factor = MIN_LR_RATIO + (1 - MIN_LR_RATIO) * cosine
+        for g in opt.param_groups:
+            g["lr"] = lr * factor
+        x, y = batch()
+        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    t0 = time.perf_counter()
+    for i in range(CALIBRATION_STEPS):
+        if i == CALIBRATION_STEPS // 2:
+            t0 = time.perf_counter()
+        step(i, 10 ** 9)
+    step_s = (time.perf_counter() - t0) / (CALIBRATION_STEPS - CALIBRATION_STEPS // 2)
+    steps = max(10, int(args.seconds / step_s))
+    model.load_state_dict(state)  # calibration steps do not count: start again from the same init
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": other, "weight_decay": 0.0}],
+                            lr=lr, betas=(0.9, 0.95), foreach=True)
+    rng = np.random.default_rng(0)
+    t0 = time.perf_counter()
+    loss = math.nan
+    for i in range(steps):
+        loss = step(i, steps)
+    train_s = time.perf_counter() - t0
+    model.eval()
+    loss_sum, nbytes = 0.0, 0
+    with torch.no_grad():
+        for b in eval_batches(val, seq_len=args.seq_len, micro_batch_size=args.batch, max_batches=0):
+            losses = F.cross_entropy(model(b.inputs).flatten(0, 1), b.targets.flatten(), reduction="none")
+            loss_sum += losses.double().sum().item()
+            nbytes += int(byte_lengths[b.targets].sum())
+    return {"name": f"plain PyTorch (lr {lr:g})", "steps": steps, "tokens": steps * args.batch * args.seq_len,
+            "train_s": train_s, "wall_s": train_s, "val_bpb": bits_per_byte(loss_sum, nbytes), "final_loss": loss,
+            "calibrated_step_s": step_s, "lr": lr}
+
+
+# ---------------------------------------------------------------------------------------------- main
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=90.0, help="training wall-clock budget per contender")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--seq-len", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=12, help="sequences per step")
+    ap.add_argument("--warmup", type=int, default=100, help="LR warm-up steps (at most a tenth of the run)")
+    ap.add_argument("--lr", type=float, default=1e-3, help="bigtrain's train.lr for every bigtrain contender")
+    ap.add_argument("--plain-lrs", default="1e-3,2e-3,4e-3", help="the plain loop's learning-rate sweep")
+    ap.add_argument("--only", default="plain,adamw,muon,muon+qknorm")
+    ap.add_argument("--out", default=None, help="also write the markdown table here")
+    args = ap.parse_args()
+    if not (REPO / "data" / "demo" / "manifest.json").is_file():
+        sys.exit("the demo corpus is missing: run `make demo-data` (or `bigtrain data demo`) first")
+    only = args.only.split(",")
+    contenders = {"adamw": ["train.optimizer=adamw"], "muon": ["train.optimizer=muon"],
+                  "muon+qknorm": ["train.optimizer=muon", "model.qk_norm=true"]}
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="bigtrain-learning-") as tmp:
+        if "plain" in only:
+            for lr in (float(x) for x in args.plain_lrs.split(",")):
+                print(f"plain PyTorch, lr {lr:g} ...", flush=True)
+                rows.append(plain_contender(args, lr))
+                print(f"  {rows[-1]['val_bpb']:.4f} bpb after {rows[-1]['steps']} steps", flush=True)
+        for name, extra in contenders.items():
+            if name in only:
+                print(f"bigtrain {name} ...", flush=True)
+                rows.append(bigtrain_contender(args, f"bigtrain {name}", [f"train.lr={args.lr}", *extra], Path(tmp)))
+                print(f"  {rows[-1]['val_bpb']:.4f} bpb after {rows[-1]['steps']} steps", flush=True)
+    import torch
+
+    plain = [r for r in rows if r["name"].startswith("plain")]
+    best_plain = min(plain, key=lambda r: r["val_bpb"]) if plain else None
+    out = io.StringIO()
+    out.write(f"# Learning per second: validation bits-per-byte after {args.seconds:.0f} s of training (CPU)\n\n")
+    out.write(f"- date: {dt.date.today()}  commit: {git_commit()}  torch {torch.__version__}\n")
+    out.write(f"- device: CPU {cpu_name()} ({os.cpu_count()} cores), {args.threads} threads\n")
+    out.write(f"- every contender: dim {args.dim}, {args.layers} layers, {args.heads} heads, seq {args.seq_len}, "
+              f"{args.batch} sequences/step, fp32; bigtrain train.lr {args.lr:g}; score = whole validation split "
+              "(held-out plays), bigtrain's eval windows\n\n")
+    out.write("| contender | steps | tokens | train s | val bpb | vs best plain |\n|---|---:|---:|---:|---:|---:|\n")
+    for r in rows:
+        delta = f"{r['val_bpb'] - best_plain['val_bpb']:+.3f}" if best_plain else "-"
+        out.write(f"| {r['name']} | {r['steps']} | {r['tokens']:,} | {r['train_s']:.0f} | {r['val_bpb']:.4f} | {delta} |\n")
+    by = {r["name"]: r for r in rows}
+    lines = []
+    bigtrain_rows = [r for r in rows if r["name"].startswith("bigtrain")]
+    if best_plain and bigtrain_rows:
+        best = min(bigtrain_rows, key=lambda r: r["val_bpb"])
+        gap = best["val_bpb"] - best_plain["val_bpb"]
+        lines.append(f"bigtrain's best ({best['name']}) - best plain = {gap:+.3f} bpb "
+                     f"({'meets' if gap <= -0.05 else 'MISSES'} the <= -0.05 target)")
+    if "bigtrain adamw" in by and "bigtrain muon" in by:
+        gap = by["bigtrain muon"]["val_bpb"] - by["bigtrain adamw"]["val_bpb"]
+        lines.append(f"Muon - AdamW = {gap:+.3f} bpb ({'meets' if gap <= -0.03 else 'MISSES'} the <= -0.03 target)")
+    out.write("\n" + "  \n".join(lines) + "\n")
+    publish(out.getvalue(), args.out)
+
+
+if __name__ == "__main__":
+    main()
