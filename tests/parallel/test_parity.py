@@ -68,20 +68,18 @@ def train_each(rank: int, root: str, runs: list[tuple[str, list[str]]]) -> dict[
     return results
 
 
-def run_layouts(root: Path, names: list[str], *extra: str) -> dict[str, dict]:
-    """Train "single" and the named layouts (plus ``extra`` overrides); rank 0's results. One process runs
-    in this one (a one-rank process group, if the layout makes one, is destroyed after); 2 ranks in one launch."""
+def run_layouts(root: Path, jobs: list[tuple[str, int, list[str]]]) -> dict[str, dict]:
+    """Train each (result name, ranks, overrides); rank 0's results. One-process jobs run in this process
+    (a one-rank process group, if the layout makes one, is destroyed after); 2-rank jobs in one launch."""
     import torch.distributed as dist
 
-    one = [("single", ["parallel.strategy=single", *extra])]
-    one += [(n, [*LAYOUTS[n][1], *extra]) for n in names if LAYOUTS[n][0] == 1]
     assert not dist.is_initialized()
     try:
-        out = train_each(0, str(root), one)
+        out = train_each(0, str(root), [(name, overrides) for name, ranks, overrides in jobs if ranks == 1])
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    two = [(n, [*LAYOUTS[n][1], *extra]) for n in names if LAYOUTS[n][0] == 2]
+    two = [(name, overrides) for name, ranks, overrides in jobs if ranks == 2]
     if two:
         out.update(run_distributed(train_each, 2, str(root), two, timeout_s=TIMEOUT)[0])
     return out
@@ -98,10 +96,19 @@ def assert_close(got: list[dict], want: list[dict], what: str) -> None:
             assert g[key] == pytest.approx(w[key], rel=REL), f"{what}: step {g['step']} {key} {g[key]!r} vs {w[key]!r}"
 
 
+BF16 = "train.precision=bf16"
+BF16_LAYOUTS = ["ddp2", "fsdp2", "zero2"]  # compared with single in bf16 (test_bf16_backends_agree_...)
+
+
 @pytest.fixture(scope="module")
 def fp32_runs(tmp_path_factory: pytest.TempPathFactory, demo_data: Path) -> dict[str, dict]:
+    """Every fp32 layout, and the bf16 runs, in one 2-rank launch (each launch costs its start-up)."""
     names = [n for n in LAYOUTS if not n.startswith("zero") or HAS_DEEPSPEED]
-    results = run_layouts(tmp_path_factory.mktemp("parity"), names)
+    jobs = [("single", 1, ["parallel.strategy=single"])] + [(n, *LAYOUTS[n]) for n in names]
+    if HAS_DEEPSPEED:
+        jobs += [("single@bf16", 1, ["parallel.strategy=single", BF16])]
+        jobs += [(f"{n}@bf16", LAYOUTS[n][0], [*LAYOUTS[n][1], BF16]) for n in BF16_LAYOUTS]
+    results = run_layouts(tmp_path_factory.mktemp("parity"), jobs)
     single = records_of(results, "single")
     assert len(single) == STEPS and single[-1]["loss"] < single[0]["loss"]
     return results
@@ -132,16 +139,13 @@ def test_strategy_single_on_two_ranks_is_a_user_error(fp32_runs: dict[str, dict]
 BF16_LOSS_REL, BF16_GRAD_NORM_REL = 1e-2, 5e-2
 
 
-@pytest.mark.slow
-def test_bf16_backends_agree_within_documented_bound(tmp_path: Path, demo_data: Path) -> None:
+def test_bf16_backends_agree_within_documented_bound(fp32_runs: dict[str, dict]) -> None:
     if not HAS_DEEPSPEED:
         pytest.skip("deepspeed is not installed")
-    names = ["ddp2", "fsdp2", "zero2"]
-    results = run_layouts(tmp_path, names, "train.precision=bf16")
-    want = records_of(results, "single")
-    for name in names:
-        got = records_of(results, name)
-        assert any("compute bfloat16" in m for m in results[name]["messages"]), f"{name} did not compute in bf16"
+    want = records_of(fp32_runs, "single@bf16")
+    for name in BF16_LAYOUTS:
+        got = records_of(fp32_runs, f"{name}@bf16")
+        assert any("compute bfloat16" in m for m in fp32_runs[f"{name}@bf16"]["messages"]), f"{name}: not bf16"
         assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(1, STEPS + 1)), name
         for g, w in zip(got, want):
             assert g["loss"] == pytest.approx(w["loss"], rel=BF16_LOSS_REL), (name, g["step"], g["loss"], w["loss"])
