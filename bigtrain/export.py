@@ -1,6 +1,8 @@
 """``bigtrain export``: a checkpoint (or a run folder's latest) → a Hugging Face folder or one torch file.
 
-The folder is a ``LlamaForCausalLM``, or a ``Qwen3ForCausalLM`` for a ``model.qk_norm`` model.
+The folder is a ``LlamaForCausalLM``, or a ``Qwen3ForCausalLM`` for a ``model.qk_norm`` model; a
+Mixture-of-Experts model is a ``MixtralForCausalLM`` (``Qwen3MoeForCausalLM`` with ``model.qk_norm``), and
+one that neither can express (shared experts, a routing bias, ...) is refused before its weights are read.
 
 Reads any checkpoint (DCP from single/DDP/FSDP, or DeepSpeed ZeRO) in one CPU process, whatever world
 size wrote it; the HF format itself lives in :mod:`bigtrain.checkpoint.hf`.
@@ -17,8 +19,9 @@ from typing import Any
 import torch
 
 from bigtrain import messages
-from bigtrain.checkpoint.hf import DEFAULT_SHARD_BYTES, hf_config, to_hf_state, write_safetensors
+from bigtrain.checkpoint.hf import DEFAULT_SHARD_BYTES, hf_architecture, hf_config, to_hf_state, write_safetensors
 from bigtrain.checkpoint.manager import find_checkpoint, load_model_weights
+from bigtrain.checkpoint.manifest import ManifestError, read_manifest
 from bigtrain.data.tokenizer import Tokenizer
 from bigtrain.errors import UserError
 from bigtrain.model.config import ModelConfig
@@ -55,11 +58,14 @@ def export_checkpoint(source: str | Path, to: str, out: str | Path, *, overwrite
     replaced only with ``overwrite``.
     """
     if to not in ("hf", "torch"):
-        raise UserError(f"--to {to!r}: use hf (Hugging Face Llama / Qwen3 folder) or torch (one state-dict file).")
+        raise UserError(f"--to {to!r}: use hf (Hugging Face Llama / Qwen3 / Mixtral / Qwen3-MoE folder) or torch "
+                        f"(one state-dict file).")
     out = Path(out).expanduser()
     target = out / "model.pt" if to == "torch" and out.is_dir() else out
     _check_target(target, to, overwrite)
     ckpt = find_checkpoint(source, "bigtrain export")
+    if to == "hf":
+        _check_hf_architecture(ckpt)
     weights, manifest = load_model_weights(ckpt)
     model_cfg = parse_section(ModelConfig, manifest.config.get("model", {}), "model")
     tmp = target.with_name(f".{target.name}.partial-{os.getpid()}")
@@ -84,6 +90,15 @@ def export_checkpoint(source: str | Path, to: str, out: str | Path, *, overwrite
                         f"choose a writable place for the output.") from None
     messages.say(f"exported {ckpt} (step {manifest.step}) -> {target}: {summary}")
     return target
+
+
+def _check_hf_architecture(ckpt: Path) -> None:
+    """Refuse a model with no Hugging Face equivalent from its manifest, before reading its weights."""
+    try:
+        manifest = read_manifest(ckpt)
+    except ManifestError:
+        return  # load_model_weights reports it
+    hf_architecture(parse_section(ModelConfig, manifest.config.get("model", {}), "model"))
 
 
 def _check_target(target: Path, to: str, overwrite: bool) -> None:

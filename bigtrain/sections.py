@@ -125,9 +125,10 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         if value is None and type(None) in args:
             return None
         errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
+        alternatives = [arg for arg in args if arg is not type(None)]
+        if len(alternatives) == 1:  # ``X | None``: X's own error says more than "wrong type"
+            return _coerce(value, alternatives[0], path)
+        for arg in alternatives:
             try:
                 return _coerce(value, arg, path)
             except ConfigError as exc:

@@ -1,16 +1,29 @@
-"""The Hugging Face Llama and Qwen3 formats: weight names, ``config.json``, safetensors files, both directions.
+"""The Hugging Face Llama, Qwen3, Mixtral and Qwen3-MoE formats: weight names, ``config.json``, safetensors
+files, both directions.
 
 bigtrain's decoder *is* the Llama architecture (pre-norm RMSNorm, rotate-half RoPE, SwiGLU, GQA), so
 conversion is a renaming: no permutation of the q/k projections is needed. With ``model.qk_norm`` it
 is Qwen3's (Llama plus an RMSNorm over each head's queries and keys before rotary, ``q_norm`` /
-``k_norm``), written as ``Qwen3ForCausalLM``; the weight names are the same. ``bigtrain export``
-(:mod:`bigtrain.export`) writes this format; ``model.init_from`` reads it (:func:`init_from_hf`).
-Files are written with ``safetensors`` only; ``transformers`` is never imported here.
+``k_norm``), written as ``Qwen3ForCausalLM``; the weight names are the same.
+
+A Mixture-of-Experts model (``model.moe``, :mod:`bigtrain.model.moe`) is written as
+``MixtralForCausalLM`` (no QK-norm) or ``Qwen3MoeForCausalLM`` (``model.qk_norm``): both route with a
+softmax over the experts, pick the top k on those scores and weight each expert's SwiGLU output by its
+score (Mixtral always renormalizes the k weights, Qwen3-MoE when ``norm_topk_prob``); Qwen3-MoE keeps
+leading dense layers as ``mlp_only_layers``. bigtrain's stacked expert weights ``ffn.experts.w1/w3/w2``
+[E, out, in] are written per expert, in the hub layout (``block_sparse_moe.experts.{j}.w1.weight`` /
+``mlp.experts.{j}.gate_proj.weight``), which transformers 5 fuses on load; the fused layout
+(``mlp.experts.gate_up_proj`` / ``down_proj``) is read too. What neither architecture has (shared
+experts, a routing bias, a sigmoid router, ...) is refused by :func:`hf_architecture`.
+
+``bigtrain export`` (:mod:`bigtrain.export`) writes these formats; ``model.init_from`` reads them
+(:func:`init_from_hf`). Files are written with ``safetensors`` only; ``transformers`` is never imported here.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +33,7 @@ from torch import nn
 from bigtrain import messages
 from bigtrain.errors import UserError
 from bigtrain.model.config import ModelConfig
+from bigtrain.model.moe import hidden_dim, is_moe_layer
 from bigtrain.parallel.strategy import Strategy
 
 DEFAULT_SHARD_BYTES = 5 * 1024**3  # transformers' default max_shard_size
@@ -27,6 +41,7 @@ SAFETENSORS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
 # bigtrain name (per block: "{i}") -> Hugging Face Llama / Qwen3 name (q_norm and k_norm: Qwen3 only).
+# The ffn names are also Qwen3-MoE's dense layers (mlp_only_layers).
 _BLOCK = {
     "attn.wq.weight": "self_attn.q_proj.weight",
     "attn.wk.weight": "self_attn.k_proj.weight",
@@ -41,12 +56,31 @@ _BLOCK = {
     "attn.k_norm.weight": "self_attn.k_norm.weight",
 }
 # Hugging Face model_type -> whether the architecture has QK-norm (model.qk_norm).
-_MODEL_TYPES = {"llama": False, "qwen3": True}
+_MODEL_TYPES = {"llama": False, "qwen3": True, "mixtral": False, "qwen3_moe": True}
 _TOP = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
         "output.weight": "lm_head.weight"}
 
 
+class _MoELayout:
+    """How one Hugging Face MoE architecture names a sparse block's tensors (hub layout: one tensor per expert)."""
+
+    def __init__(self, arch: str, block: str, experts: tuple[str, str, str]) -> None:
+        self.arch = arch
+        self.block = block  # the attribute of the sparse feed-forward in the hub checkpoints
+        self.experts = experts  # per-expert names of bigtrain's w1 (gate), w3 (up), w2 (down)
+
+
+# Hugging Face MoE model_type -> its layout. (transformers 5 keeps the experts fused in memory,
+# mlp.experts.gate_up_proj [E, 2*hidden, dim] and mlp.experts.down_proj, and converts the hub layout on load.)
+_MOE_LAYOUTS = {
+    "mixtral": _MoELayout("MixtralForCausalLM", "block_sparse_moe", ("w1", "w3", "w2")),
+    "qwen3_moe": _MoELayout("Qwen3MoeForCausalLM", "mlp", ("gate_proj", "up_proj", "down_proj")),
+}
+_EXPERT_PARAMS = ("w1", "w3", "w2")  # bigtrain's ffn.experts.* in the layouts' order
+
+
 def to_hf_name(name: str) -> str:
+    """The Hugging Face name of a bigtrain tensor outside the MoE blocks (those: :func:`to_hf_state`)."""
     if name in _TOP:
         return _TOP[name]
     parts = name.split(".", 2)
@@ -67,18 +101,81 @@ def from_hf_name(name: str) -> str:
     raise KeyError(name)
 
 
+def moe_export_problems(cfg: ModelConfig) -> list[str]:
+    """What of ``cfg.moe`` its Hugging Face architecture (Mixtral, or Qwen3-MoE with ``model.qk_norm``)
+    cannot express; empty when it maps (or for a dense model)."""
+    moe = cfg.moe
+    if moe is None:
+        return []
+    out = []
+    if moe.num_shared_experts:
+        out.append(f"model.moe.num_shared_experts={moe.num_shared_experts}: shared experts (neither Mixtral nor "
+                   f"Qwen3-MoE has them)")
+    if moe.router != "softmax":
+        out.append(f"model.moe.router={moe.router}: Mixtral and Qwen3-MoE score the experts with a softmax")
+    if moe.load_balance == "bias":
+        out.append("model.moe.load_balance=bias: a per-expert routing bias in the top-k selection (Mixtral and "
+                   "Qwen3-MoE select on the plain router scores)")
+    if not cfg.qk_norm:
+        if not moe.normalize_topk:
+            out.append("model.moe.normalize_topk=false: Mixtral always renormalizes the top-k weights (Qwen3-MoE "
+                       "can skip it, but has QK-norm: model.qk_norm=true)")
+        if moe.first_dense_layers:
+            out.append(f"model.moe.first_dense_layers={moe.first_dense_layers}: Mixtral has no dense layers "
+                       f"(Qwen3-MoE has them, as mlp_only_layers, but has QK-norm: model.qk_norm=true)")
+    return out
+
+
+def hf_architecture(cfg: ModelConfig) -> tuple[str, str]:
+    """(architecture, model_type) ``cfg`` is exported as; a UserError naming what a MoE model's target
+    cannot express (:func:`moe_export_problems`)."""
+    if cfg.moe is None:
+        return ("Qwen3ForCausalLM", "qwen3") if cfg.qk_norm else ("LlamaForCausalLM", "llama")
+    model_type = "qwen3_moe" if cfg.qk_norm else "mixtral"
+    arch = _MOE_LAYOUTS[model_type].arch
+    problems = moe_export_problems(cfg)
+    if problems:
+        raise UserError(f"bigtrain export --to hf: this Mixture-of-Experts model has no Hugging Face equivalent: its "
+                        f"architecture would be {arch} (model.qk_norm={str(cfg.qk_norm).lower()}), which cannot "
+                        f"express:\n  " + "\n  ".join(problems) +
+                        "\nExport it with --to torch (one state dict, bigtrain's names) instead.")
+    return arch, model_type
+
+
 def to_hf_state(weights: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """bigtrain weights → HF Llama / Qwen3 weights (a tied output projection is written once, as the embedding)."""
+    """bigtrain weights → HF Llama / Qwen3 / Mixtral / Qwen3-MoE weights (a tied output projection is written
+    once, as the embedding; stacked experts one tensor per expert, as views of the stack that
+    :func:`write_safetensors` copies out a shard at a time)."""
+    _, model_type = hf_architecture(cfg)
+    layout = _MOE_LAYOUTS.get(model_type)
     out = {}
     for name, tensor in weights.items():
         if name == "output.weight" and cfg.tie_embeddings:
             continue
-        out[to_hf_name(name)] = tensor.detach().to("cpu").contiguous()
+        tensor = tensor.detach().to("cpu").contiguous()
+        parts = name.split(".", 2)
+        if layout is not None and len(parts) == 3 and parts[0] == "layers" and is_moe_layer(cfg, int(parts[1])):
+            prefix = f"model.layers.{parts[1]}.{layout.block}"
+            if parts[2] == "ffn.router.gate.weight":
+                out[f"{prefix}.gate.weight"] = tensor
+                continue
+            stacked = parts[2].removeprefix("ffn.experts.")
+            if stacked in _EXPERT_PARAMS:
+                theirs = layout.experts[_EXPERT_PARAMS.index(stacked)]
+                for j, expert in enumerate(tensor.unbind(0)):
+                    out[f"{prefix}.experts.{j}.{theirs}.weight"] = expert
+                continue
+            if parts[2].startswith("ffn."):
+                raise KeyError(f"no Hugging Face {layout.arch} name for bigtrain tensor {name!r}")
+        out[to_hf_name(name)] = tensor
     return out
 
 
 def hf_config(cfg: ModelConfig, *, eos_token_id: int | None = None, dtype: str = "float32") -> dict[str, Any]:
-    """``config.json`` of a ``LlamaForCausalLM`` with this shape (``Qwen3ForCausalLM`` with ``model.qk_norm``)."""
+    """``config.json`` of a ``LlamaForCausalLM`` with this shape (``Qwen3ForCausalLM`` with ``model.qk_norm``;
+    ``MixtralForCausalLM`` / ``Qwen3MoeForCausalLM`` for a MoE model)."""
+    if cfg.moe is not None:
+        return _moe_hf_config(cfg, eos_token_id=eos_token_id, dtype=dtype)
     arch, model_type = ("Qwen3ForCausalLM", "qwen3") if cfg.qk_norm else ("LlamaForCausalLM", "llama")
     out: dict[str, Any] = {
         "architectures": [arch], "model_type": model_type,
@@ -101,15 +198,51 @@ def hf_config(cfg: ModelConfig, *, eos_token_id: int | None = None, dtype: str =
     return out
 
 
+def _moe_hf_config(cfg: ModelConfig, *, eos_token_id: int | None, dtype: str) -> dict[str, Any]:
+    """``config.json`` of the Mixtral / Qwen3-MoE model ``cfg`` maps onto (the hub's keys)."""
+    arch, model_type = hf_architecture(cfg)
+    moe = cfg.moe
+    assert moe is not None
+    out: dict[str, Any] = {
+        "architectures": [arch], "model_type": model_type,
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim,
+        "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta, "rope_scaling": None,
+        "tie_word_embeddings": cfg.tie_embeddings, "attention_dropout": 0.0, "initializer_range": cfg.init_std,
+        "use_cache": True, "torch_dtype": dtype,
+        "num_experts_per_tok": moe.top_k, "output_router_logits": False,
+        # Training only (transformers adds it to the loss with output_router_logits): bigtrain's weight.
+        "router_aux_loss_coef": moe.aux_loss_weight if moe.load_balance == "aux_loss" else 0.0,
+    }
+    if model_type == "mixtral":
+        # Every layer sparse; the experts' hidden size is intermediate_size; full attention (no sliding window).
+        out.update(intermediate_size=hidden_dim(cfg), num_local_experts=moe.num_experts, sliding_window=None,
+                   router_jitter_noise=0.0)
+    else:
+        out.update(intermediate_size=cfg.ffn_dim, moe_intermediate_size=hidden_dim(cfg), num_experts=moe.num_experts,
+                   norm_topk_prob=moe.normalize_topk, decoder_sparse_step=1,
+                   mlp_only_layers=list(range(moe.first_dense_layers)), attention_bias=False,
+                   use_sliding_window=False, sliding_window=None, max_window_layers=cfg.num_layers)
+    if eos_token_id is not None:
+        out["eos_token_id"] = eos_token_id
+        out["bos_token_id"] = eos_token_id  # bigtrain marks document starts with EOS
+    return out
+
+
 def model_fields_from_hf(hf: dict[str, Any], where: str) -> dict[str, Any]:
-    """ModelConfig fields of an HF Llama or Qwen3 ``config.json`` (refusing what bigtrain cannot represent)."""
+    """ModelConfig fields of an HF Llama, Qwen3, Mixtral or Qwen3-MoE ``config.json`` (refusing what bigtrain
+    cannot represent). ``moe`` is None or the routing shape (:func:`_moe_fields`); ``ffn_dim`` is absent
+    when the model has no dense feed-forward."""
     model_type = hf.get("model_type") or "llama"
     if model_type not in _MODEL_TYPES:
-        raise UserError(f"{where}: model_type {model_type!r} is neither 'llama' nor 'qwen3'; model.init_from takes "
-                        f"Llama-format weights (or Qwen3-format, with model.qk_norm=true).")
-    if hf.get("use_sliding_window"):
-        raise UserError(f"{where}: sliding-window attention (use_sliding_window) is not supported by bigtrain's "
-                        f"decoder (full causal attention only).")
+        raise UserError(f"{where}: model_type {model_type!r} is not one of {', '.join(map(repr, _MODEL_TYPES))}; "
+                        f"model.init_from takes Llama-format weights (Qwen3-format with model.qk_norm=true; "
+                        f"Mixtral or Qwen3-MoE for a model.moe model).")
+    if hf.get("use_sliding_window") or (model_type == "mixtral" and hf.get("sliding_window") is not None):
+        raise UserError(f"{where}: sliding-window attention (use_sliding_window / sliding_window) is not supported "
+                        f"by bigtrain's decoder (full causal attention only).")
     scaling = hf.get("rope_scaling") or {}
     params = hf.get("rope_parameters") or {}
     rope_type = (scaling or params).get("rope_type", (scaling or params).get("type", "default"))
@@ -121,23 +254,79 @@ def model_fields_from_hf(hf: dict[str, Any], where: str) -> dict[str, Any]:
     heads = int(hf["num_attention_heads"])
     if int(hf.get("head_dim") or hf["hidden_size"] // heads) * heads != int(hf["hidden_size"]):
         raise UserError(f"{where}: head_dim * num_attention_heads != hidden_size is not supported.")
-    return {
+    fields: dict[str, Any] = {
         "vocab_size": int(hf["vocab_size"]), "dim": int(hf["hidden_size"]), "num_layers": int(hf["num_hidden_layers"]),
         "num_heads": heads, "kv_heads": int(hf.get("num_key_value_heads") or heads),
         "ffn_dim": int(hf["intermediate_size"]),
         "rope_theta": float(params.get("rope_theta", hf.get("rope_theta", 10000.0))),
         "norm_eps": float(hf.get("rms_norm_eps", 1e-6)), "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
-        "qk_norm": _MODEL_TYPES[model_type],
+        "qk_norm": _MODEL_TYPES[model_type], "moe": None,
     }
+    if model_type in _MOE_LAYOUTS:
+        fields["moe"] = _moe_fields(hf, model_type, fields["num_layers"], where)
+        if not fields["moe"]["first_dense_layers"]:
+            del fields["ffn_dim"]  # Mixtral's intermediate_size is the experts'; Qwen3-MoE's then unused
+    return fields
+
+
+def _moe_fields(hf: dict[str, Any], model_type: str, num_layers: int, where: str) -> dict[str, Any]:
+    """The routing shape of a Mixtral / Qwen3-MoE ``config.json``, as model.moe keys (compared by :func:`_moe_ours`)."""
+    if model_type == "mixtral":
+        experts = int(hf.get("num_local_experts", hf.get("num_experts", 8)))
+        return {"num_experts": experts, "top_k": int(hf.get("num_experts_per_tok", 2)),
+                "expert_hidden_dim": int(hf["intermediate_size"]), "first_dense_layers": 0, "normalize_topk": True,
+                "router": "softmax", "num_shared_experts": 0}
+    experts = int(hf.get("num_experts", hf.get("num_local_experts", 128)))
+    step = int(hf.get("decoder_sparse_step") or 1)
+    mlp_only = {int(i) for i in hf.get("mlp_only_layers") or []}
+    dense = [i for i in range(num_layers) if i in mlp_only or experts <= 0 or (i + 1) % step != 0]
+    if dense != list(range(len(dense))) or len(dense) == num_layers:
+        raise UserError(f"{where}: dense layers {dense} (mlp_only_layers / decoder_sparse_step) are not a leading "
+                        f"run followed by MoE layers; bigtrain's model.moe.first_dense_layers makes only the first "
+                        f"layers dense.")
+    return {"num_experts": experts, "top_k": int(hf.get("num_experts_per_tok", 8)),
+            "expert_hidden_dim": int(hf["moe_intermediate_size"]), "first_dense_layers": len(dense),
+            "normalize_topk": bool(hf.get("norm_topk_prob", False)), "router": "softmax", "num_shared_experts": 0}
+
+
+def _moe_ours(cfg: ModelConfig) -> dict[str, Any] | None:
+    moe = cfg.moe
+    if moe is None:
+        return None
+    return {"num_experts": moe.num_experts, "top_k": moe.top_k, "expert_hidden_dim": hidden_dim(cfg),
+            "first_dense_layers": moe.first_dense_layers, "normalize_topk": moe.normalize_topk, "router": moe.router,
+            "num_shared_experts": moe.num_shared_experts}
 
 
 def _ours(cfg: ModelConfig) -> dict[str, Any]:
-    return {"vocab_size": cfg.vocab_size, "dim": cfg.dim, "num_layers": cfg.num_layers, "num_heads": cfg.num_heads,
-            "kv_heads": cfg.kv_heads, "ffn_dim": cfg.ffn_dim, "rope_theta": cfg.rope_theta, "norm_eps": cfg.norm_eps,
-            "tie_embeddings": cfg.tie_embeddings, "qk_norm": cfg.qk_norm}
+    out = {"vocab_size": cfg.vocab_size, "dim": cfg.dim, "num_layers": cfg.num_layers, "num_heads": cfg.num_heads,
+           "kv_heads": cfg.kv_heads, "ffn_dim": cfg.ffn_dim, "rope_theta": cfg.rope_theta, "norm_eps": cfg.norm_eps,
+           "tie_embeddings": cfg.tie_embeddings, "qk_norm": cfg.qk_norm, "moe": _moe_ours(cfg)}
+    if cfg.moe is not None and not cfg.moe.first_dense_layers:
+        del out["ffn_dim"]  # no dense feed-forward
+    return out
 
 
 _KEY_NAMES = {"kv_heads": "num_kv_heads", "ffn_dim": "ffn_hidden_dim"}
+
+
+def _shape_diff(ours: dict[str, Any], theirs: dict[str, Any]) -> list[str]:
+    """One line per model.* key where the config and the weights disagree."""
+    diff = []
+    for key in ours:
+        if key == "moe" or key not in theirs or ours[key] == theirs[key]:
+            continue
+        diff.append(f"model.{_KEY_NAMES.get(key, key)}: config has {ours[key]!r}, the weights have {theirs[key]!r}")
+    mine, other = ours["moe"], theirs["moe"]
+    if (mine is None) != (other is None):
+        def show(moe: dict[str, Any] | None) -> str:
+            return ("no moe section (a dense model)" if moe is None else
+                    f"a Mixture-of-Experts ({moe['num_experts']} experts, top-{moe['top_k']})")
+        diff.append(f"model.moe: config has {show(mine)}, the weights have {show(other)}")
+    elif mine is not None and other is not None:
+        diff += [f"model.moe.{key}: config has {mine[key]!r}, the weights have {other[key]!r}"
+                 for key in mine if mine[key] != other[key]]
+    return diff
 
 
 # ---------------------------------------------------------------------------- safetensors I/O
@@ -158,18 +347,28 @@ def write_safetensors(tensors: dict[str, torch.Tensor], out_dir: Path, *, max_sh
         size += nbytes
     meta = {"format": "pt", **(metadata or {})}
     if len(shards) == 1:
-        save_file(shards[0], str(out_dir / SAFETENSORS_FILE), metadata=meta)
+        save_file(_owning(shards[0]), str(out_dir / SAFETENSORS_FILE), metadata=meta)
         return [SAFETENSORS_FILE]
     names, weight_map = [], {}
     for i, shard in enumerate(shards, 1):
         fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(out_dir / fname), metadata=meta)
+        save_file(_owning(shard), str(out_dir / fname), metadata=meta)
         names.append(fname)
         weight_map.update(dict.fromkeys(shard, fname))
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2))
     return [*names, INDEX_FILE]
+
+
+def _owning(shard: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The shard with every view of a larger tensor (one expert of a stack) copied out, one shard at a time:
+    safetensors refuses tensors that share memory (older versions even disjoint ones)."""
+    def whole(t: torch.Tensor) -> bool:
+        storage = t.untyped_storage()
+        return t.data_ptr() == storage.data_ptr() and t.numel() * t.element_size() == storage.nbytes()
+
+    return {name: t if whole(t) else t.clone() for name, t in shard.items()}
 
 
 def read_safetensors_dir(path: Path) -> dict[str, torch.Tensor]:
@@ -189,29 +388,51 @@ def read_safetensors_dir(path: Path) -> dict[str, torch.Tensor]:
 
 
 # ---------------------------------------------------------------------------- import (model.init_from)
+_LAYER = r"model\.layers\.(\d+)\."
+_MOE_ROUTER = re.compile(_LAYER + r"(block_sparse_moe|mlp)\.gate\.weight")
+_MOE_EXPERT = re.compile(_LAYER + r"(block_sparse_moe|mlp)\.experts\.(\d+)\.(\w+)\.weight")
+_MOE_FUSED = re.compile(_LAYER + r"mlp\.experts\.(gate_up_proj|down_proj)")
+
+
 def load_hf_weights(path: str | Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """bigtrain-named fp32 weights from an HF Llama or Qwen3 folder, after checking its shape equals ``cfg``."""
+    """bigtrain-named fp32 weights from an HF Llama, Qwen3, Mixtral or Qwen3-MoE folder, after checking its
+    shape equals ``cfg``."""
     folder = Path(path).expanduser()
     where = f"model.init_from={str(path)!r}"
     if not (folder / "config.json").is_file():
         raise UserError(f"{where}: no config.json there; give a Hugging Face Llama-format folder "
                         f"(e.g. written by `bigtrain export CKPT --to hf OUT`).")
-    theirs = model_fields_from_hf(json.loads((folder / "config.json").read_text()), where)
-    ours = _ours(cfg)
-    diff = [f"model.{_KEY_NAMES.get(k, k)}: config has {ours[k]!r}, the weights have {theirs[k]!r}"
-            for k in ours if ours[k] != theirs[k]]
+    hf_cfg = json.loads((folder / "config.json").read_text())
+    theirs = model_fields_from_hf(hf_cfg, where)
+    diff = _shape_diff(_ours(cfg), theirs)
     if diff:
         raise UserError(f"{where}: the weights do not fit this model:\n  " + "\n  ".join(diff) +
                         "\nSet those model.* keys to the weights' values.")
+    layout = _MOE_LAYOUTS.get(hf_cfg.get("model_type") or "llama")
     hf = read_safetensors_dir(folder)
     weights: dict[str, torch.Tensor] = {}
+    experts: dict[str, dict[int, torch.Tensor]] = {}  # stacked bigtrain name -> expert index -> weight
     for name, tensor in hf.items():
         if name.endswith("rotary_emb.inv_freq"):
             continue  # derived, not a weight
+        if layout is not None and _read_moe_tensor(name, tensor.float(), layout, weights, experts):
+            continue
         try:
             weights[from_hf_name(name)] = tensor.float()
         except KeyError:
-            raise UserError(f"{where}: unexpected tensor {name!r} (not part of a Llama or Qwen3 decoder).") from None
+            raise UserError(f"{where}: unexpected tensor {name!r} (not part of a Llama, Qwen3, Mixtral or Qwen3-MoE "
+                            f"decoder).") from None
+    for stacked, per_expert in experts.items():
+        assert cfg.moe is not None  # the shapes agreed: the folder is MoE, so is cfg
+        if sorted(per_expert) != list(range(cfg.moe.num_experts)):
+            missing = sorted(set(range(cfg.moe.num_experts)) - set(per_expert))
+            raise UserError(f"{where}: {stacked} (per-expert tensors): experts {missing[:5]} are missing, or an index "
+                            f"is beyond num_experts={cfg.moe.num_experts}.")
+        weights[stacked] = torch.stack([per_expert[j] for j in range(cfg.moe.num_experts)])
+    if cfg.moe is not None and cfg.moe.load_balance == "bias":
+        # The HF routers select on the plain scores: a zero bias is exactly that (and training moves it from there).
+        for i in range(cfg.moe.first_dense_layers, cfg.num_layers):
+            weights[f"layers.{i}.ffn.router.expert_bias"] = torch.zeros(cfg.moe.num_experts)
     if cfg.tie_embeddings:
         weights.pop("output.weight", None)
     elif "output.weight" not in weights:
@@ -219,8 +440,30 @@ def load_hf_weights(path: str | Path, cfg: ModelConfig) -> dict[str, torch.Tenso
     return weights
 
 
+def _read_moe_tensor(name: str, tensor: torch.Tensor, layout: _MoELayout, weights: dict[str, torch.Tensor],
+                     experts: dict[str, dict[int, torch.Tensor]]) -> bool:
+    """Take one sparse-block tensor of a Mixtral / Qwen3-MoE folder (hub layout, or transformers 5's fused
+    one, whose Mixtral block is ``mlp``); False when ``name`` is not one."""
+    if m := _MOE_ROUTER.fullmatch(name):
+        weights[f"layers.{m[1]}.ffn.router.gate.weight"] = tensor
+        return True
+    if (m := _MOE_EXPERT.fullmatch(name)) and m[2] == layout.block and m[4] in layout.experts:
+        ours = _EXPERT_PARAMS[layout.experts.index(m[4])]
+        experts.setdefault(f"layers.{m[1]}.ffn.experts.{ours}", {})[int(m[3])] = tensor
+        return True
+    if m := _MOE_FUSED.fullmatch(name):
+        prefix = f"layers.{m[1]}.ffn.experts"
+        if m[2] == "down_proj":
+            weights[f"{prefix}.w2"] = tensor
+        else:  # gate and up concatenated along the output rows, gate first
+            gate, up = tensor.chunk(2, dim=1)
+            weights[f"{prefix}.w1"], weights[f"{prefix}.w3"] = gate.contiguous(), up.contiguous()
+        return True
+    return False
+
+
 def init_from_hf(path: str | Path, cfg: ModelConfig, strategy: Strategy, model: nn.Module) -> None:
-    """Overwrite a freshly initialized (possibly sharded) model with HF Llama / Qwen3 weights, through the strategy."""
+    """Overwrite a freshly initialized (possibly sharded) model with HF weights, through the strategy."""
     weights = load_hf_weights(path, cfg)
     expected = {k for k in strategy.unwrap(model).state_dict() if not k.startswith("rope_")}
     expected = {k.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "") for k in expected}
@@ -228,5 +471,9 @@ def init_from_hf(path: str | Path, cfg: ModelConfig, strategy: Strategy, model: 
     if missing:
         raise UserError(f"model.init_from={str(path)!r}: missing tensors {', '.join(missing[:5])}"
                         f"{' ...' if len(missing) > 5 else ''}.")
+    unexpected = sorted(set(weights) - expected)
+    if unexpected:
+        raise UserError(f"model.init_from={str(path)!r}: tensors this model does not have: "
+                        f"{', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}.")
     strategy.load_model_weights(model, weights)
     messages.say(f"initialized weights from {os.fspath(path)} ({len(weights)} tensors)")

@@ -29,6 +29,23 @@ PRESETS: dict[str, dict[str, Any]] = {
                    "ffn_hidden_dim": 28672, "max_seq_len": 8192, "tie_embeddings": False, "rope_theta": 500000.0},
     "llama3-405b": {"vocab_size": 128256, "dim": 16384, "num_layers": 126, "num_heads": 128, "num_kv_heads": 8,
                     "ffn_hidden_dim": 53248, "max_seq_len": 8192, "tie_embeddings": False, "rope_theta": 500000.0},
+    # Mixture-of-Experts. moe-debug: the debug model with 8 experts, top-2, each half the dense SwiGLU
+    # (2 x 352 = the dense 704), so its active parameters equal debug's (+ the router); trains on CPU.
+    "moe-debug": {"vocab_size": 4096, "dim": 256, "num_layers": 4, "num_heads": 4, "num_kv_heads": 4,
+                  "ffn_hidden_dim": 0, "max_seq_len": 256, "tie_embeddings": True, "rope_theta": 10000.0,
+                  "moe": {"num_experts": 8, "top_k": 2, "expert_hidden_dim": 352}},
+    # OLMoE-1B-7B's shape: 64 experts, top-8, no renormalization, auxiliary + router z-loss, QK-norm.
+    "olmoe-1b-7b": {"vocab_size": 50304, "dim": 2048, "num_layers": 16, "num_heads": 16, "num_kv_heads": 16,
+                    "ffn_hidden_dim": 1024, "max_seq_len": 4096, "tie_embeddings": False, "rope_theta": 10000.0,
+                    "qk_norm": True,
+                    "moe": {"num_experts": 64, "top_k": 8, "expert_hidden_dim": 1024, "normalize_topk": False,
+                            "aux_loss_weight": 0.01, "router_z_loss": 0.001}},
+    # Qwen3-30B-A3B's shape (48 layers, 128 experts, top-8, 4 KV heads, head dim 128): bigtrain's head dim
+    # is dim / num_heads, so 16 query heads of 128 stand for Qwen3's 32 (attention is ~4% of its FLOPs).
+    "qwen3-30b-a3b": {"vocab_size": 151936, "dim": 2048, "num_layers": 48, "num_heads": 16, "num_kv_heads": 4,
+                      "ffn_hidden_dim": 6144, "max_seq_len": 4096, "tie_embeddings": False, "rope_theta": 1000000.0,
+                      "qk_norm": True,
+                      "moe": {"num_experts": 128, "top_k": 8, "expert_hidden_dim": 768, "aux_loss_weight": 0.001}},
 }
 
 
@@ -37,11 +54,47 @@ RUNTIME_FIELDS = frozenset({"preset", "kernels", "fp8", "z_loss"})
 
 
 @dataclass(frozen=True)
+class MoEConfig(Section):
+    """Mixture-of-Experts feed-forward blocks (absent section = dense model). See docs/moe.md."""
+
+    num_experts: int = doc_field(8, "Routed experts per MoE layer.", gt=0)
+    top_k: int = doc_field(2, "Experts each token is sent to (token-choice, dropless).", gt=0)
+    expert_hidden_dim: int = doc_field(0, "SwiGLU hidden size of one expert; 0 = the dense model's ffn hidden size.",
+                                       ge=0)
+    num_shared_experts: int = doc_field(0, "Always-on shared experts (DeepSeek style), one SwiGLU of "
+                                           "num_shared_experts * expert_hidden_dim; 0 = none.", ge=0)
+    first_dense_layers: int = doc_field(0, "Leading blocks that keep a dense SwiGLU feed-forward.", ge=0)
+    router: Literal["softmax", "sigmoid"] = doc_field("softmax", "Router scores: softmax over experts (Mixtral, "
+                                                                  "Qwen3-MoE) or per-expert sigmoid (DeepSeek-V3).")
+    normalize_topk: bool = doc_field(True, "Renormalize the chosen top-k weights to sum to 1.")
+    load_balance: Literal["aux_loss", "bias", "none"] = doc_field(
+        "aux_loss", "aux_loss: auxiliary balancing loss (aux_loss_weight); bias: DeepSeek-V3's auxiliary-loss-free "
+                    "per-expert selection bias (bias_update_rate); none.")
+    aux_loss_weight: float = doc_field(0.01, "Weight of the auxiliary balancing loss (load_balance: aux_loss).", ge=0)
+    bias_update_rate: float = doc_field(1e-3, "Per-step bias change toward balance (load_balance: bias).", ge=0)
+    router_z_loss: float = doc_field(0.0, "Weight of the router z-loss (mean squared log-sum-exp of the router "
+                                          "logits); 0 = off, 1e-3 is typical.", ge=0)
+    expert_matmul: Literal["auto", "grouped", "loop"] = doc_field(
+        "auto", "How experts multiply their tokens: grouped (torch._grouped_mm, one call, no host sync), loop (one "
+                "matmul per expert) or auto (grouped where the installed torch has it and sizes allow).")
+
+    def validate(self, path: str) -> None:
+        if self.top_k > self.num_experts:
+            raise ConfigError(f"{path}.top_k: {self.top_k} exceeds {path}.num_experts={self.num_experts}; "
+                              f"choose top_k <= num_experts.")
+        if self.router == "softmax" and self.top_k == 1 and self.normalize_topk:
+            raise ConfigError(f"{path}.normalize_topk: with router softmax and top_k 1 the renormalized weight is "
+                              f"always 1 and the router gets no gradient; set {path}.normalize_topk=false.")
+
+
+
+@dataclass(frozen=True)
 class ModelConfig(Section):
     """Decoder-only Transformer shape (pre-norm, RMSNorm, RoPE, SwiGLU, grouped-query attention)."""
 
     preset: str | None = doc_field(None, "Named size to start from (debug, gpt2-124m, gpt2-350m, gpt2-1.5b, llama-1b, "
-                                         "llama3-8b, llama3-70b, llama3-405b); other keys override it.")
+                                         "llama3-8b, llama3-70b, llama3-405b; MoE: moe-debug, olmoe-1b-7b, "
+                                         "qwen3-30b-a3b); other keys override it.")
     vocab_size: int = doc_field(4096, "Embedding rows; must be >= the tokenizer's vocabulary (round up to a multiple "
                                       "of 64 for speed).")
     dim: int = doc_field(256, "Hidden size of the residual stream.")
@@ -72,6 +125,8 @@ class ModelConfig(Section):
                                                              "back to torch, logged). See docs/performance.md.")
     fp8: bool = doc_field(False, "Train the Transformer blocks' linear layers in FP8 through torchao float8 "
                                  "(H100-class GPUs; emulated elsewhere, for tests only). Needs the fp8 extra.")
+    moe: MoEConfig | None = doc_field(None, "Mixture-of-Experts feed-forward blocks (see docs/moe.md); absent or "
+                                            "null = a dense model.")
 
     @classmethod
     def preprocess(cls, data: dict[str, Any], path: str) -> dict[str, Any]:
@@ -84,7 +139,11 @@ class ModelConfig(Section):
             raise ConfigError(
                 f"{path}.preset: unknown model preset {preset!r}.{hint} Known presets: {', '.join(PRESETS)}."
             )
-        return {**PRESETS[preset], **data}
+        merged = {**PRESETS[preset], **data}
+        base_moe, given_moe = PRESETS[preset].get("moe"), data.get("moe")
+        if isinstance(base_moe, dict) and isinstance(given_moe, dict):
+            merged["moe"] = {**base_moe, **given_moe}  # model.moe.top_k=4 changes one key of the preset's moe
+        return merged
 
     def validate(self, path: str) -> None:
         for name in ("vocab_size", "dim", "num_layers", "num_heads", "max_seq_len", "ffn_multiple_of"):
@@ -113,6 +172,9 @@ class ModelConfig(Section):
             raise ConfigError(f"{path}: norm_eps, init_std and rope_theta must be positive.")
         if self.z_loss < 0:
             raise ConfigError(f"{path}.z_loss: must be >= 0 (0 = off), got {self.z_loss}.")
+        if self.moe is not None and self.moe.first_dense_layers >= self.num_layers:
+            raise ConfigError(f"{path}.moe.first_dense_layers: {self.moe.first_dense_layers} leaves no MoE layer in "
+                              f"{self.num_layers} layers; use at most {self.num_layers - 1} or drop the moe section.")
         if self.fp8:
             # torch._scaled_mm needs both matmul dims divisible by 16.
             bad = [f"{name}={value}" for name, value in (("dim", self.dim), ("ffn_dim", self.ffn_dim),
@@ -140,14 +202,22 @@ class ModelConfig(Section):
         return m * ((hidden + m - 1) // m)
 
 
-def count_parameters(cfg: ModelConfig, *, include_embedding: bool = True) -> int:
-    """Number of trainable parameters, counting a tied embedding once."""
+def count_parameters(cfg: ModelConfig, *, include_embedding: bool = True, active: bool = False) -> int:
+    """Number of trainable parameters, counting a tied embedding once. ``active=True`` counts what one
+    token uses: in MoE layers the router, ``top_k`` routed experts and the shared experts."""
     d, hd = cfg.dim, cfg.head_dim
     attn = d * cfg.num_heads * hd + 2 * d * cfg.kv_heads * hd + cfg.num_heads * hd * d
-    mlp = 3 * d * cfg.ffn_dim
     norms = 2 * d + (2 * hd if cfg.qk_norm else 0)  # block norms (+ the q and k norms, one head_dim each)
-    per_block = attn + mlp + norms
-    total = cfg.num_layers * per_block + d  # + final norm
+    dense_block = attn + 3 * d * cfg.ffn_dim + norms
+    total = d  # the final norm
+    for layer in range(cfg.num_layers):
+        if cfg.moe is None or layer < cfg.moe.first_dense_layers:
+            total += dense_block
+            continue
+        moe = cfg.moe
+        expert = 3 * d * (moe.expert_hidden_dim or cfg.ffn_dim)
+        routed = moe.top_k if active else moe.num_experts
+        total += attn + norms + d * moe.num_experts + expert * (routed + moe.num_shared_experts)
     if include_embedding:
         total += cfg.vocab_size * d * (1 if cfg.tie_embeddings else 2)
     elif not cfg.tie_embeddings:
@@ -158,7 +228,8 @@ def count_parameters(cfg: ModelConfig, *, include_embedding: bool = True) -> int
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token: 6N (forward + backward matmuls) + 12·L·H·Q·T (attention scores).
 
-    N counts a tied embedding once (the PaLM / nanoGPT convention used for MFU).
+    N counts a tied embedding once (the PaLM / nanoGPT convention used for MFU); for a MoE model it
+    is the *active* parameters (router, top_k routed and the shared experts), what a token computes.
     """
-    n = count_parameters(cfg)
+    n = count_parameters(cfg, active=True)
     return 6.0 * n + 12.0 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len

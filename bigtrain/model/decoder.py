@@ -19,6 +19,7 @@ from bigtrain.kernels.attention import attention, positions_from_doc_ids
 from bigtrain.kernels.reference import apply_rotary  # noqa: F401  (re-exported: the reference rotary)
 from bigtrain.model.config import ModelConfig
 from bigtrain.model.init import Filler, seeded_filler
+from bigtrain.model.moe import MoE, MoEStats, is_moe_layer
 
 
 class RMSNorm(nn.Module):
@@ -105,14 +106,15 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm Transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm Transformer block: x + attn(norm(x)), then x + mlp(norm(x)); the mlp is a
+    Mixture-of-Experts layer in the blocks ``model.moe`` makes sparse."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, index: int = 0) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.kernels)
         self.attn = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.kernels)
-        self.ffn = FeedForward(cfg)
+        self.ffn: FeedForward | MoE = MoE(cfg) if is_moe_layer(cfg, index) else FeedForward(cfg)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor | None = None,
                 doc_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -133,13 +135,15 @@ class Decoder(nn.Module):
         self.cfg = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         # A ModuleDict keyed "0".."L-1" keeps parameter names stable when blocks are wrapped.
-        self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.num_layers)})
+        self.layers = nn.ModuleDict({str(i): Block(cfg, i) for i in range(cfg.num_layers)})
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.kernels)
         self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         cos, sin = rotary_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         # Not persistent: derived from the config, recomputed by init_weights after materialization.
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        # MoE routing statistics of training forwards, read on log steps (model/moe.py); None when dense.
+        self.moe_stats: MoEStats | None = MoEStats() if cfg.moe is not None else None
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None, fill: Filler | None = None) -> None:
@@ -170,10 +174,10 @@ class Decoder(nn.Module):
             plan.append(("tok_embeddings.weight", self.tok_embeddings.weight, std))
         for i, module in self.layers.items():
             block = cast(Block, module)  # a Block (wrappers swap its class in place)
-            for mod, lin in (("attn", "wq"), ("attn", "wk"), ("attn", "wv"), ("ffn", "w1"), ("ffn", "w3")):
-                plan.append((f"layers.{i}.{mod}.{lin}.weight", getattr(getattr(block, mod), lin).weight, std))
+            for lin in ("wq", "wk", "wv"):
+                plan.append((f"layers.{i}.attn.{lin}.weight", getattr(block.attn, lin).weight, std))
             plan.append((f"layers.{i}.attn.wo.weight", block.attn.wo.weight, residual_std))
-            plan.append((f"layers.{i}.ffn.w2.weight", block.ffn.w2.weight, residual_std))
+            plan.extend(self._ffn_init_plan(f"layers.{i}.ffn", block.ffn, std, residual_std))
             plan.append((f"layers.{i}.attn_norm.weight", block.attn_norm.weight, None))
             plan.append((f"layers.{i}.ffn_norm.weight", block.ffn_norm.weight, None))
             for qk in ("q_norm", "k_norm"):  # ones, no random draw: the other weights stay as without QK-norm
@@ -186,21 +190,42 @@ class Decoder(nn.Module):
             plan.append(("output.weight", self.output.weight, std))
         return plan
 
+    @staticmethod
+    def _ffn_init_plan(prefix: str, ffn: FeedForward | MoE, std: float,
+                       residual_std: float) -> list[tuple[str, torch.Tensor, float | None]]:
+        """Dense SwiGLU or MoE: inputs (w1, w3, router) at ``std``, outputs (w2) at ``residual_std``."""
+        if not isinstance(ffn, MoE):
+            return [(f"{prefix}.w1.weight", ffn.w1.weight, std), (f"{prefix}.w3.weight", ffn.w3.weight, std),
+                    (f"{prefix}.w2.weight", ffn.w2.weight, residual_std)]
+        plan: list[tuple[str, torch.Tensor, float | None]] = [
+            (f"{prefix}.router.gate.weight", ffn.router.gate.weight, std),
+            (f"{prefix}.experts.w1", ffn.experts.w1, std), (f"{prefix}.experts.w3", ffn.experts.w3, std),
+            (f"{prefix}.experts.w2", ffn.experts.w2, residual_std)]
+        if ffn.shared is not None:
+            plan += [(f"{prefix}.shared.w1.weight", ffn.shared.w1.weight, std),
+                     (f"{prefix}.shared.w3.weight", ffn.shared.w3.weight, std),
+                     (f"{prefix}.shared.w2.weight", ffn.shared.w2.weight, residual_std)]
+        return plan
+
     @torch.no_grad()
     def init_buffers(self) -> None:
-        """Recompute the rotary tables (not persistent: derived from the config)."""
+        """Recompute the rotary tables (not persistent: derived from the config); zero the MoE routing biases."""
         cos, sin = rotary_tables(
             self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta, device=self.rope_cos.device
         )
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
+        for module in self.modules():
+            if isinstance(module, MoE) and module.router.expert_bias is not None:
+                module.router.expert_bias.zero_()
 
     def output_weight(self) -> torch.Tensor:
         return self.tok_embeddings.weight if self.output is None else self.output.weight
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, *,
                 doc_ids: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits [batch, seq, vocab] when ``targets`` is None, else the mean next-token loss (fp32).
+        """Logits [batch, seq, vocab] when ``targets`` is None, else the mean next-token loss (fp32;
+        in training mode plus the MoE auxiliary terms, which are also recorded in ``moe_stats``).
 
         Targets equal to -100 are ignored. ``doc_ids`` [batch, seq] (packed documents) keeps attention
         inside each document and restarts rotary positions at each document start, unless
@@ -213,9 +238,17 @@ class Decoder(nn.Module):
             positions = positions_from_doc_ids(doc_ids)
         cos, sin = self.rope_cos, self.rope_sin
         h = self.tok_embeddings(tokens)
-        for block in self.layers.values():
+        aux: torch.Tensor | None = None
+        for name, block in self.layers.items():
             h = block(h, cos, sin, positions, doc_ids)
-        return self.output_head(self.norm(h), targets)
+            ffn = cast(Block, block).ffn
+            if isinstance(ffn, MoE) and targets is not None and self.training:
+                # Read right after the block ran (activation checkpointing recomputes it later, in backward).
+                assert ffn.aux_loss is not None and ffn.last_stats is not None and self.moe_stats is not None
+                aux = ffn.aux_loss if aux is None else aux + ffn.aux_loss
+                self.moe_stats.add(f"layers.{name}", ffn.last_stats)
+        loss = self.output_head(self.norm(h), targets)
+        return loss if aux is None else loss + aux
 
     def output_head(self, h: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor:
         """Final hidden states [B, S, dim] -> logits, or the mean loss against ``targets``

@@ -46,7 +46,9 @@ NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 RMS_MATCH = 0.2
 # The block linears Muon owns, by module name inside a Block. A new 2-D block weight must be added here
 # knowingly (the grouping test lists them), not slip into Muon by shape alone.
-HIDDEN_LINEARS = re.compile(r"^(attn\.(wq|wk|wv|wo)|ffn\.(w1|w2|w3))$")
+# In MoE blocks Muon owns the shared experts' linears too; the router and the routed experts (3-D
+# stacks, one matrix per expert) stay with AdamW (docs/optimizers.md).
+HIDDEN_LINEARS = re.compile(r"^(attn\.(wq|wk|wv|wo)|ffn\.(shared\.)?(w1|w2|w3))$")
 
 
 def is_hidden_matrix(name_in_block: str) -> bool:

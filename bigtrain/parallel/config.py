@@ -65,6 +65,13 @@ class ParallelConfig(Section):
     context_parallel: int = doc_field(1, "Context-parallel degree (strategy fsdp): each sequence is split over this "
                                          "many ranks; attention exchanges heads for sequence by all-to-all "
                                          "(Ulysses). For long contexts. 1 = off.", ge=1)
+    expert_parallel: int = doc_field(1, "Expert-parallel degree (strategy fsdp, MoE models): each MoE layer's routed "
+                                        "experts are split over this many ranks, drawn from the data-parallel "
+                                        "(and context-parallel) ranks, and tokens travel to their experts and "
+                                        "back by all-to-all; expert weights are FSDP-sharded over the remaining "
+                                        "data-parallel ranks. Must divide model.moe.num_experts and the "
+                                        "data-parallel x context-parallel ranks. 1 = off (experts FSDP-sharded "
+                                        "like every other weight). See docs/parallelism.md.", ge=1)
     pipeline_parallel: int = doc_field(1, "Pipeline-parallel degree (strategy fsdp): the blocks are cut into "
                                           "consecutive stages on this many ranks (across nodes, for the largest "
                                           "models). 1 = off.", ge=1)
@@ -117,8 +124,8 @@ class ParallelConfig(Section):
         return Layout.from_config(self, world_size).data_rank(rank)
 
     def check_model(self, model: ModelConfig, seq_len: int) -> None:
-        """Tensor/context-parallel degrees against the model's shape and the sequence length (exit 2 with the
-        numbers and the degrees that would work)."""
+        """Tensor/context/expert-parallel degrees against the model's shape and the sequence length (exit 2 with
+        the numbers and the degrees that would work)."""
         tp, cp = self.tensor_parallel, self.context_parallel
         if tp > 1:
             sizes = {"model.num_heads": model.num_heads, "model.num_kv_heads": model.kv_heads,
@@ -151,6 +158,24 @@ class ParallelConfig(Section):
                 f"(model.num_heads={model.num_heads} / tensor_parallel={tp} = {model.num_heads // tp}): attention "
                 f"exchanges heads for sequence over the context-parallel ranks; use a context_parallel that "
                 f"divides {model.num_heads // tp}.")
+        self.check_experts(model)
+
+    def check_experts(self, model: ModelConfig) -> None:
+        """``expert_parallel`` against the model: an MoE model whose routed experts split evenly (exit 2 with
+        the degrees that would work)."""
+        ep = self.expert_parallel
+        if ep == 1:
+            return
+        if model.moe is None:
+            raise ConfigError(f"parallel.expert_parallel={ep} needs a Mixture-of-Experts model (a model.moe section, "
+                              f"e.g. model.preset=moe-debug); this model is dense, so set "
+                              f"parallel.expert_parallel=1.")
+        experts = model.moe.num_experts
+        if experts % ep:
+            fits = ", ".join(str(d) for d in range(1, experts + 1) if experts % d == 0)
+            raise ConfigError(f"parallel.expert_parallel={ep} must divide model.moe.num_experts={experts} (each "
+                              f"expert-parallel rank holds an equal share of the routed experts); "
+                              f"expert_parallel values that fit this model: {fits}.")
 
     def check_pipeline(self, model: ModelConfig, document_ids: bool) -> None:
         """Pipeline degrees against the model (stages of equal length) and what stages cannot share yet."""
@@ -207,6 +232,11 @@ class ParallelConfig(Section):
             raise ConfigError(f"{path}.timeout_s: must be positive, got {self.timeout_s}.")
         if self.activation_checkpointing_every < 1:
             raise ConfigError(f"{path}.activation_checkpointing_every: must be >= 1.")
+        if self.expert_parallel > 1 and self.strategy != "fsdp":
+            raise ConfigError(
+                f"{path}.expert_parallel={self.expert_parallel} needs {path}.strategy=fsdp (experts are split over an "
+                f"expert-parallel group of the FSDP2 device mesh; {self.strategy} keeps every expert on every rank); "
+                f"set {path}.strategy=fsdp, or {path}.expert_parallel=1.")
         if self.model_parallel_degrees and self.strategy != "fsdp":
             keys = ", ".join(f"{path}.{k}={v}" for k, v in self.model_parallel_degrees.items())
             raise ConfigError(

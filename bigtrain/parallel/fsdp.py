@@ -56,8 +56,8 @@ class FSDPStrategy(Strategy):
                           "and CPU offload still apply); launch more processes with torchrun to shard.")
         dist.ensure_process_group(self.info, dist.resolve_backend(self.cfg.backend, self.device), self.cfg.timeout_s)
         self.mesh = ParallelMesh(Layout.from_config(self.cfg, self.info.world_size), self.device.type)
-        # The one ordered place: pipeline split -> tensor parallelism -> context parallelism ->
-        # (act-ckpt -> fp8 -> compile -> FSDP2).
+        # The one ordered place: pipeline split -> tensor parallelism -> context parallelism -> expert
+        # parallelism -> (act-ckpt -> fp8 -> compile -> FSDP2, expert weights first: parallel/ep.py).
         stages = None
         if self.cfg.pipeline_parallel > 1:
             stages = split_for_pipeline(model, self.mesh.pp, self.cfg.pipeline_virtual_stages)
@@ -69,6 +69,11 @@ class FSDPStrategy(Strategy):
             from bigtrain.parallel.cp import apply_context_parallel
 
             apply_context_parallel(model, self.mesh.cp)
+        expert_parallel = self.cfg.expert_parallel > 1
+        if expert_parallel:
+            from bigtrain.parallel.ep import apply_expert_parallel
+
+            apply_expert_parallel(model, self.mesh)
         mp = MixedPrecisionPolicy(param_dtype=None if self.param_dtype == torch.float32 else self.param_dtype,
                                   reduce_dtype=self.reduce_dtype)
         common: dict[str, Any] = {"mesh": self.mesh.fsdp, "mp_policy": mp}
@@ -79,6 +84,12 @@ class FSDPStrategy(Strategy):
         def shard(module: nn.Module, is_root: bool) -> None:
             # The last block is needed again at once by backward: resharding it would only add an all-gather.
             reshard = self.fcfg.reshard_after_forward and module is not last and not is_root
+            if expert_parallel and not is_root:
+                from bigtrain.parallel.ep import shard_experts
+
+                assert self.mesh is not None
+                shard_experts(module, self.mesh, reshard_after_forward=reshard,
+                              **{k: v for k, v in common.items() if k != "mesh"})
             fully_shard(module, reshard_after_forward=reshard, **common)
 
         if stages is None:

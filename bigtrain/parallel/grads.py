@@ -42,9 +42,15 @@ def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float, *,
     grads = [p.grad for p in params if p.grad is not None]
     with _quiet_redistribute():
         norms = [torch.linalg.vector_norm(g, 2.0, dtype=torch.float64) for g in grads]
-        total: torch.Tensor = torch.linalg.vector_norm(torch.stack(norms))
-        if isinstance(total, DTensor):
-            total = total.full_tensor()
+        # DTensor norms combine only on one mesh; expert parallelism puts the experts on a mesh of their own.
+        by_mesh: dict[Any, list[int]] = {}
+        for i, norm in enumerate(norms):
+            by_mesh.setdefault(norm.device_mesh if isinstance(norm, DTensor) else None, []).append(i)
+        parts = []
+        for indices in by_mesh.values():
+            part: torch.Tensor = torch.linalg.vector_norm(torch.stack([norms[i] for i in indices]))
+            parts.append(part.full_tensor() if isinstance(part, DTensor) else part)
+        total = parts[0] if len(parts) == 1 else torch.linalg.vector_norm(torch.stack(parts))
     if pipeline_group is not None:
         squared = total.double().pow(2)
         torch.distributed.all_reduce(squared, group=pipeline_group)
@@ -52,5 +58,6 @@ def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float, *,
     total = total.float()
     if max_norm > 0:
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-        torch._foreach_mul_(grads, coef)
+        for indices in by_mesh.values():
+            torch._foreach_mul_([grads[i] for i in indices], coef)
     return total

@@ -17,11 +17,18 @@ innermost dimension, ``tp``, spans neighbouring ranks: the GPUs of one node)::
 A derived (flattened) dimension: ``dp_shard_cp`` = dp_shard x cp, what FSDP2 shards over
 (context-parallel peers hold the same weights and their gradients are averaged like data-parallel
 ones). dp_replicate x dp_shard are the ranks that read different batches (:meth:`Layout.data_rank`).
+
+Expert parallelism (``parallel.expert_parallel``, MoE models) is drawn from ``dp_shard_cp``, as in
+torchtitan: that dimension is unflattened into ``dp_shard_mod_ep`` x ``ep`` (``ep`` innermost, so an
+expert-parallel group is the neighbouring ranks of dp_shard_cp: context-parallel peers first). Each
+``ep`` group splits the routed experts between its ranks; expert weights are FSDP-sharded over the
+rest, ``dp_shard_mod_ep`` (x ``dp_replicate`` for HSDP): :attr:`ParallelMesh.expert_fsdp`. Nothing
+else changes: the root mesh, the dense weights' sharding and the data ranks are those of ep = 1.
 """
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from bigtrain.sections import ConfigError
@@ -47,6 +54,11 @@ class Layout:
     dp_shard: int = 1
     cp: int = 1
     tp: int = 1
+    # Not a dimension of the root mesh: a split of dp_shard x cp (see the module doc string).
+    ep: int = 1
+
+    def __post_init__(self) -> None:
+        assert (self.dp_shard * self.cp) % self.ep == 0, f"ep {self.ep} must divide dp_shard x cp ({self})"
 
     @classmethod
     def from_config(cls, cfg: ParallelConfig, world_size: int) -> Layout:
@@ -58,7 +70,21 @@ class Layout:
             product *= degree
         if world_size % product:
             raise ConfigError(cls._does_not_factor(fixed, product, world_size))
-        return cls(dp_shard=world_size // product, **fixed)
+        layout = cls(dp_shard=world_size // product, **fixed)
+        ep = cfg.expert_parallel
+        if ep > 1 and (layout.dp_shard * layout.cp) % ep:
+            raise ConfigError(layout._ep_does_not_fit(ep, world_size))
+        return replace(layout, ep=ep)
+
+    def _ep_does_not_fit(self, ep: int, world_size: int) -> str:
+        span = self.dp_shard * self.cp
+        what = f"dp_shard {self.dp_shard} x cp {self.cp}" if self.cp > 1 else f"dp_shard {self.dp_shard}"
+        others = [_CONFIG_KEYS[d] for d in ("dp_replicate", "tp", "pp") if getattr(self, d) > 1]
+        outside = f"; {', '.join(others)} {'is' if len(others) == 1 else 'are'} not part of it" if others else ""
+        fits = ", ".join(str(d) for d in _divisors(span))
+        return (f"parallel.expert_parallel={ep} must divide the data-parallel x context-parallel ranks the experts "
+                f"are split over ({what} = {span} on {world_size} processes{outside}); expert_parallel values "
+                f"that fit this launch: {fits}; or launch a multiple of {ep * (world_size // span)} processes.")
 
     @staticmethod
     def _does_not_factor(fixed: dict[str, int], product: int, world_size: int) -> str:
@@ -106,10 +132,17 @@ class Layout:
         c = self.coordinates(rank)
         return c["dp_replicate"] * self.dp_shard + c["dp_shard"]
 
+    @property
+    def expert_fsdp_size(self) -> int:
+        """The ranks each expert's weights are FSDP-sharded over (dp_shard x cp / ep, times dp_replicate)."""
+        return self.dp_replicate * self.dp_shard * self.cp // self.ep
+
     def describe(self) -> str:
-        """e.g. ``dp_shard 2 x tp 2`` (dimensions of size 1 left out; ``1 rank`` when all are)."""
+        """e.g. ``dp_shard 2 x tp 2`` (dimensions of size 1 left out; ``1 rank`` when all are), then the
+        expert-parallel split of the data-parallel ranks, e.g. ``dp_shard 4 (ep 2)``."""
         parts = [f"{d} {getattr(self, d)}" for d in DIMS if getattr(self, d) > 1]
-        return " x ".join(parts) if parts else "1 rank"
+        text = " x ".join(parts) if parts else "1 rank"
+        return f"{text} (ep {self.ep})" if self.ep > 1 else text
 
 
 class ParallelMesh:
@@ -123,6 +156,13 @@ class ParallelMesh:
         # The flattened view is kept, not sliced again from the root (which torch deprecates).
         # ``_flatten`` is private in every torch that has it (2.4+); torchtitan relies on it too.
         self._dp_shard_cp = self.mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
+        # Expert parallelism: dp_shard_cp unflattened into (dp_shard_mod_ep, ep), ep innermost; built
+        # only when asked, so dense layouts create exactly the process groups they always did.
+        self._ep_split: Any = None
+        if layout.ep > 1:
+            span = layout.dp_shard * layout.cp
+            self._ep_split = self._dp_shard_cp._unflatten(0, (span // layout.ep, layout.ep),
+                                                          ("dp_shard_mod_ep", "ep"))
 
     @property
     def fsdp(self) -> Any:
@@ -134,6 +174,26 @@ class ParallelMesh:
         with warnings.catch_warnings():  # HSDP x CP needs a 2-D mesh with a flattened dimension
             warnings.filterwarnings("ignore", message="Slicing a flattened dim")
             return self.mesh["dp_replicate", "dp_shard_cp"]
+
+    @property
+    def ep(self) -> Any:
+        """The expert-parallel sub-mesh (1-D, ``layout.ep`` ranks that split the routed experts); None
+        when expert parallelism is off."""
+        return None if self._ep_split is None else self._ep_split["ep"]
+
+    @property
+    def expert_fsdp(self) -> Any:
+        """What FSDP2 shards the expert weights over: ``dp_shard_mod_ep`` (with ``dp_replicate`` in front for
+        HSDP); the same as :attr:`fsdp` when expert parallelism is off."""
+        if self._ep_split is None:
+            return self.fsdp
+        rest = self._ep_split["dp_shard_mod_ep"]
+        if self.layout.dp_replicate == 1:
+            return rest
+        from torch.distributed.device_mesh import DeviceMesh
+
+        # torch's own way to join orthogonal sub-meshes of one root (private, like _flatten; FSDP2 uses it).
+        return DeviceMesh._concatenate([self.mesh["dp_replicate"], rest])
 
     @property
     def tp(self) -> Any:

@@ -153,6 +153,8 @@ class ConsoleLogger:
             f" | {_fmt_rate(record['tokens_per_s'])} tok/s | mfu {'n/a' if mfu is None else f'{100 * mfu:.1f}%'}"
             f" | {1000 * record['step_time_s']:.0f} ms/step | mem {record['memory_gib']:.2f} GiB"
         )
+        if record.get("moe_imbalance_max") is not None:  # the worst MoE layer's max / mean tokens per expert
+            line += f" | moe imb {record['moe_imbalance_max']:.2f}"
         # Health hints: only when a stall eats a noticeable share of the step.
         step_time = record.get("step_time_s") or 0.0
         for key, label in (("data_wait_s", "data wait"), ("checkpoint_stall_s", "ckpt stall")):

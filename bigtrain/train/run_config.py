@@ -95,6 +95,7 @@ class RunConfig(Section):
                 f"parallel.strategy=zero (DeepSpeed's loss scaler); with parallel.strategy={self.parallel.strategy} "
                 f"use train.precision=bf16 (same speed on GPUs that have it, no loss scaling needed) or fp32."
             )
+        self._check_moe()  # first: what MoE cannot do yet is the message, not a follow-on requirement
         self.parallel.check_model(self.model, seq)
         self.parallel.check_pipeline(self.model, self.data.document_ids)
         self._check_optimizer()
@@ -121,6 +122,24 @@ class RunConfig(Section):
             raise ConfigError("train.optimizer: muon gathers each hidden matrix on the device to orthogonalize it, "
                               "which parallel.fsdp.cpu_offload=true (host-resident shards) does not allow; set "
                               "parallel.fsdp.cpu_offload=false, or use train.optimizer=adamw.")
+
+    def _check_moe(self) -> None:
+        """MoE runs under single, ddp and fsdp (with data, context and expert parallelism; docs/moe.md)."""
+        if self.model.moe is None:
+            return
+        p = self.parallel
+        if p.strategy == "zero":
+            raise ConfigError("model.moe: parallel.strategy=zero does not train MoE models in bigtrain (DeepSpeed's "
+                              "MoE layer has its own routing and parameter groups, not bigtrain's); use "
+                              "parallel.strategy=fsdp (sharded like ZeRO-3, with parallel.expert_parallel).")
+        if p.strategy == "fsdp" and p.tensor_parallel > 1:
+            raise ConfigError(f"model.moe: parallel.tensor_parallel={p.tensor_parallel} is not supported for MoE "
+                              f"models yet; use parallel.expert_parallel (and context_parallel) with "
+                              f"parallel.tensor_parallel=1.")
+        if p.strategy == "fsdp" and p.pipeline_parallel > 1:
+            raise ConfigError(f"model.moe: parallel.pipeline_parallel={p.pipeline_parallel} is not supported for MoE "
+                              f"models yet (the routing losses of earlier stages would not reach the last); use "
+                              f"parallel.expert_parallel with parallel.pipeline_parallel=1.")
 
     def check_launch(self, world_size: int) -> tuple[int, int]:
         """Everything that depends on the number of processes (``bigtrain config check --world-size``, the

@@ -27,6 +27,7 @@ from bigtrain.data.pipeline import DataPipeline
 from bigtrain.data.tokenizer import load_tokenizer
 from bigtrain.errors import UserError
 from bigtrain.model import build_on_meta, count_parameters, flops_per_token
+from bigtrain.model.moe import MoEStats, moe_layers, moe_metrics, update_router_biases
 from bigtrain.optim.muon import build_muon
 from bigtrain.optim.optimizer import build_adamw
 from bigtrain.optim.schedule import LRSchedule
@@ -138,6 +139,11 @@ class Trainer:
                                    t.lr_decay_fraction)
         self.byte_lengths = torch.from_numpy(self.tokenizer.token_byte_lengths()).to(self.info.device)
         self.num_params = count_parameters(cfg.model)
+        self.num_active_params = count_parameters(cfg.model, active=True)
+        # MoE: the routing statistics and the router-bias update after each optimizer step (model/moe.py).
+        decoder = self.strategy.unwrap(self.model)
+        self.moe_stats: MoEStats | None = getattr(decoder, "moe_stats", None)
+        self.moe_layers = moe_layers(self.model) if self.moe_stats is not None else []
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
         self.peak_flops = peak_flops(self.info.device)
         self.checkpoints = CheckpointManager(self.run_dir, cfg.checkpoint, info=self.info)
@@ -374,15 +380,22 @@ class Trainer:
         with timer.phase("optimizer_s"):
             grad_norm = self.strategy.clip_grad_norm(self.model, self.cfg.train.grad_clip)
             # Non-finite first (a NaN step never reaches the spike window), then loss spikes.
-            if (self.nonfinite.allows_update(self.step + 1, mean_loss, grad_norm)
-                    and self.spikes.allows_update(self.step + 1, mean_loss, grad_norm, self.optimizer)):
+            applied = (self.nonfinite.allows_update(self.step + 1, mean_loss, grad_norm)
+                       and self.spikes.allows_update(self.step + 1, mean_loss, grad_norm, self.optimizer))
+            if applied:
                 self.strategy.step(self.optimizer)
             else:
                 self.optimizer.zero_grad(set_to_none=True)  # drop the update; data and schedule move on
+            if self.moe_stats is not None:  # the router biases move with the weights (or not at all)
+                update_router_biases(self.moe_stats, self.moe_layers, self._moe_reduce, apply=applied)
         self.step += 1
         self.tokens_seen += self.cfg.train.global_batch_tokens
         timer.step_done()
         return mean_loss, grad_norm, lr
+
+    def _moe_reduce(self, value: torch.Tensor) -> torch.Tensor:
+        """Routing statistics averaged over all ranks: every rank then nudges its router biases alike."""
+        return self.strategy.reduce_mean(value)
 
     def _doc_kwargs(self, batch: Any) -> dict[str, torch.Tensor]:
         """Per-document masking inputs (data.document_ids: true) moved to the device; empty otherwise."""
@@ -513,6 +526,7 @@ class Trainer:
             "mfu": mfu(per_device, self.flops_per_token, self.peak_flops),
             "step_time_s": elapsed_s / num_steps, "memory_gib": memory_gib(self.info.device),
             **self.spikes.record(self.step),
+            **(moe_metrics(self.moe_stats, self.moe_layers, self._moe_reduce) if self.moe_stats is not None else {}),
             "epoch": self.loader.epoch, **self.loader.log_stats(), **self.timer.summary(),
             **memory_stats(self.info.device),
         }
@@ -543,6 +557,9 @@ class Trainer:
             f"bigtrain: run {c.run.name!r} -> {self.run_dir}\n"
             f"  model    {self.num_params / 1e6:.2f}M params ({c.model.num_layers} layers, dim {c.model.dim}, "
             f"{c.model.num_heads} heads / {c.model.kv_heads} kv), {self.flops_per_token / 1e6:.1f} MFLOP/token\n"
+            + (f"  moe      {c.model.moe.num_experts} experts, top {c.model.moe.top_k}, "
+               f"{self.num_active_params / 1e6:.2f}M active params/token (MFLOP/token and MFU count the active "
+               f"ones), balance {c.model.moe.load_balance}\n" if c.model.moe is not None else "") +
             f"  device   {self.info.device} x {self.info.world_size}, strategy {c.parallel.strategy}"
             f"{f' ({self.layout_summary})' if self.layout_summary else ''}, "
             f"compute {str(self.strategy.compute_dtype).replace('torch.', '')}, threads {torch.get_num_threads()}"

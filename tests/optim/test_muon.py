@@ -137,10 +137,18 @@ def test_muon_owns_exactly_the_block_linears(preset: str, tied: bool) -> None:
     cfg = load_config("configs/debug.yaml", [f"model.preset={preset}", f"model.tie_embeddings={str(tied).lower()}"])
     model = build_on_meta(cfg.model)
     muon, decay, no_decay = split_parameters(model)
-    leaves = {"attn.wq", "attn.wk", "attn.wv", "attn.wo", "ffn.w1", "ffn.w2", "ffn.w3"}
-    want = {f"layers.{i}.{leaf}.weight" for i in range(cfg.model.num_layers) for leaf in leaves}
+    attention = {"attn.wq", "attn.wk", "attn.wv", "attn.wo"}
+    dense = {"ffn.w1", "ffn.w2", "ffn.w3"}
+    moe = cfg.model.moe
+    sparse = range(moe.first_dense_layers if moe else cfg.model.num_layers, cfg.model.num_layers)
+    shared = {"ffn.shared.w1", "ffn.shared.w2", "ffn.shared.w3"} if moe and moe.num_shared_experts else set()
+    want = {f"layers.{i}.{leaf}.weight" for i in range(cfg.model.num_layers)
+            for leaf in attention | (shared if i in sparse and moe else dense)}
     assert {n for n, _ in muon} == want
-    assert {n for n, _ in decay} == {"tok_embeddings.weight"} | (set() if tied else {"output.weight"})
+    # MoE: the routers and the routed experts' 3-D stacks go to AdamW with weight decay.
+    routed = {f"layers.{i}.ffn.{leaf}" for i in sparse for leaf in ("router.gate.weight", "experts.w1",
+                                                                      "experts.w2", "experts.w3")} if moe else set()
+    assert {n for n, _ in decay} == {"tok_embeddings.weight"} | (set() if tied else {"output.weight"}) | routed
     assert all(p.ndim == 1 for _, p in no_decay) and "norm.weight" in {n for n, _ in no_decay}
     counted = len(muon) + len(decay) + len(no_decay)
     assert counted == len(list(model.parameters()))

@@ -84,3 +84,27 @@ def test_config_check_exits_2_with_the_suggestion() -> None:
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     assert "parallel.tensor_parallel in {1, 2, 3, 6}" in proc.stderr, proc.stderr
+
+
+def test_expert_parallel_splits_data_and_context_parallel_ranks() -> None:
+    moe = ["model.moe.num_experts=8", "parallel.expert_parallel=4"]
+    lay = layout(8, *moe, "parallel.context_parallel=2", "model.num_heads=8")
+    assert (lay.dp_shard, lay.cp, lay.ep) == (4, 2, 4)
+    assert lay.expert_fsdp_size == 2 and lay.data_parallel_size == 4  # ep leaves the data ranks alone
+    assert lay.describe() == "dp_shard 4 x cp 2 (ep 4)"
+    hsdp = layout(8, *moe, "parallel.fsdp.replicate_degree=2")
+    assert (hsdp.dp_replicate, hsdp.dp_shard, hsdp.ep, hsdp.expert_fsdp_size) == (2, 4, 4, 2)
+    # Dense layouts do not change: no ep.
+    assert layout(8) == Layout(dp_shard=8) and layout(8).describe() == "dp_shard 8"
+
+
+def test_expert_parallel_that_does_not_fit_the_launch() -> None:
+    cfg = load_config("configs/debug.yaml", [FSDP, "model.moe.num_experts=8", "parallel.expert_parallel=4",
+                                             "parallel.fsdp.replicate_degree=2", "train.micro_batch_size=1"])
+    with pytest.raises(ConfigError) as info:
+        cfg.check_launch(4)  # 2 replicas x dp_shard 2: the 4 expert-parallel ranks must come from dp_shard x cp = 2
+    message = str(info.value)
+    assert "parallel.expert_parallel=4 must divide the data-parallel x context-parallel ranks" in message, message
+    assert "(dp_shard 2 = 2 on 4 processes" in message and "values that fit this launch: 1, 2" in message, message
+    assert "launch a multiple of 8 processes" in message, message
+    assert cfg.check_launch(8) == (8, 1)

@@ -1,0 +1,158 @@
+"""Expert parallelism (``parallel.expert_parallel``): each MoE layer's routed experts split over an
+expert-parallel group, tokens moved to their experts' ranks and back by all-to-all.
+
+Applied from outside the model, in the one ordered place (:class:`bigtrain.parallel.fsdp.FSDPStrategy`:
+pipeline split → TP → CP → **EP** → act-ckpt → compile → FSDP2), on the meta-device model:
+
+* :func:`apply_expert_parallel` replaces each :class:`~bigtrain.model.moe.GroupedExperts`' stacked
+  weights ``w1``/``w3`` [E, hidden, dim] and ``w2`` [E, dim, hidden] by DTensors ``Shard(0)`` over the
+  ``ep`` sub-mesh (:attr:`bigtrain.parallel.mesh.ParallelMesh.ep`): a rank holds E / ep consecutive
+  experts. Names and global shapes do not change, so DCP checkpoints are layout-independent (a run
+  saved with ep 2 resumes with ep 1 and back) and the sharded initializer draws exactly the unsharded
+  weights. It installs :class:`AllToAllDispatch` as ``MoE.dispatch``.
+* :func:`shard_experts` (called by the FSDP2 strategy before it shards each block) gives every
+  ``experts`` module its own ``fully_shard`` over :attr:`~bigtrain.parallel.mesh.ParallelMesh.expert_fsdp`,
+  the data-parallel ranks left after ``ep``, and makes its gradients averages over *all* data-parallel
+  ranks, like every other weight's (see :func:`shard_experts`).
+
+The dispatch, per MoE layer and micro-batch (forward; backward runs the same exchanges reversed):
+
+1. the per-expert token counts go to the ranks that hold those experts (``all_to_all_single``, E
+   integers per rank);
+2. the split sizes are read on the host: **one host-device sync per MoE layer per micro-batch** (and
+   once more per layer in backward under activation checkpointing, which recomputes the forward).
+   Uneven all-to-all needs its sizes on the host; this is the price of dropless routing;
+3. the tokens themselves go by an all-to-all with autograd (``all_to_all_single_autograd``);
+4. the received tokens, grouped by source rank, are regrouped by local expert, run through the
+   local experts (grouped matmul), put back in arrival order, and returned by the reverse all-to-all.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from bigtrain.model.moe import GroupedExperts, moe_layers
+
+if TYPE_CHECKING:
+    from bigtrain.parallel.mesh import ParallelMesh
+
+EXPERT_WEIGHTS = ("w1", "w2", "w3")
+
+
+class AllToAllDispatch:
+    """``MoE.dispatch`` under expert parallelism: routed tokens (sorted by global expert id) go to the ranks
+    of the ``group`` that hold their experts, are transformed there and come back in the same order.
+
+    Rank ``j`` of the group holds the experts ``[j * E/ep, (j + 1) * E/ep)``.
+    """
+
+    def __init__(self, group: Any, num_experts: int) -> None:
+        self.group = group
+        self.ep = dist.get_world_size(group)
+        assert num_experts % self.ep == 0, (num_experts, self.ep)  # config validation refuses anything else
+        self.num_local = num_experts // self.ep
+
+    def __call__(self, tokens: torch.Tensor, counts: torch.Tensor, experts: GroupedExperts) -> torch.Tensor:
+        """tokens [N, dim] sorted by expert; counts [E] tokens per global expert -> outputs [N, dim], same order."""
+        from torch.distributed._functional_collectives import all_to_all_single_autograd
+
+        ep, num_local = self.ep, self.num_local
+        # Row j: this rank's tokens for rank j's experts. After the exchange, row s: rank s's tokens for mine.
+        send_counts = counts.view(ep, num_local)
+        recv_counts = torch.empty_like(send_counts)
+        dist.all_to_all_single(recv_counts, send_counts, group=self.group)
+        # The one host sync: uneven all-to-all takes its split sizes as Python ints.
+        sizes = torch.cat([send_counts.sum(1), recv_counts.sum(1)]).tolist()
+        send_splits, recv_splits = sizes[:ep], sizes[ep:]
+        received = all_to_all_single_autograd(tokens.contiguous(), recv_splits, send_splits, self.group)
+        # Received rows come by source rank, then local expert: regroup them by local expert (stable, so
+        # each expert sees its tokens in source-rank order), run the experts, undo the regrouping.
+        local_ids = torch.arange(num_local, device=counts.device).repeat(ep)
+        expert_of_row = local_ids.repeat_interleave(recv_counts.flatten(), output_size=sum(recv_splits))
+        order = expert_of_row.argsort(stable=True)
+        out = experts(received[order], recv_counts.sum(0))
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        back: torch.Tensor = all_to_all_single_autograd(out[inverse].contiguous(), send_splits, recv_splits,
+                                                        self.group)
+        return back
+
+
+def apply_expert_parallel(model: nn.Module, mesh: ParallelMesh) -> int:
+    """Keep only this rank's experts in every MoE layer (DTensors ``Shard(0)`` over ``mesh.ep``) and install
+    the all-to-all dispatch. Works on the meta-device model; returns the number of MoE layers changed."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    ep_mesh = mesh.ep
+    assert ep_mesh is not None, "apply_expert_parallel needs a mesh with expert parallelism"
+    group = ep_mesh.get_group()
+    layers = moe_layers(model)
+    for _, moe in layers:
+        experts = moe.experts
+        num_experts = moe.moe.num_experts
+        ep = ep_mesh.size()
+        for name in EXPERT_WEIGHTS:
+            full = getattr(experts, name)
+            assert not isinstance(full, DTensor), f"{name} is already distributed"
+            local = torch.empty((num_experts // ep, *full.shape[1:]), dtype=full.dtype, device=full.device)
+            shared = DTensor.from_local(local, ep_mesh, [Shard(0)], run_check=False, shape=full.shape,
+                                        stride=full.stride())
+            setattr(experts, name, nn.Parameter(shared, requires_grad=full.requires_grad))
+        moe.dispatch = AllToAllDispatch(group, num_experts)
+    return len(layers)
+
+
+def shard_experts(module: nn.Module, mesh: ParallelMesh, **fully_shard_kwargs: Any) -> int:
+    """``fully_shard`` every expert-parallel ``experts`` module under ``module`` over ``mesh.expert_fsdp``
+    (before ``module`` itself is sharded, so the experts form their own FSDP2 parameter group: their
+    weights are DTensors on the ep mesh, which the dense weights' mesh overlaps). Returns how many.
+
+    Sharding: dim 0 (the local experts) when they split evenly over ``expert_fsdp``; else dim 1 when it
+    does (FSDP2 shards other dims only evenly); else dim 0 unevenly.
+
+    Gradients: a rank's local expert gradient already sums the contributions of every token its ep group
+    routed there (the backward all-to-all brings them), so the reduction over ``expert_fsdp`` must *sum*
+    and divide by the whole data-parallel degree (dp_replicate x dp_shard x cp), as the dense weights'
+    average does: expert gradients are then the same mean over all tokens as with ep = 1.
+    """
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard
+
+    efsdp = mesh.expert_fsdp
+    shard_size = efsdp.size(efsdp.ndim - 1)  # HSDP: (dp_replicate, dp_shard_mod_ep); the last dim shards
+    layout = mesh.layout
+    divide = layout.dp_replicate * layout.dp_shard * layout.cp
+
+    def placement(param: nn.Parameter) -> Shard:
+        local_experts = param.shape[0] // layout.ep
+        if local_experts % shard_size and param.shape[1] % shard_size == 0:
+            return Shard(1)
+        return Shard(0)
+
+    count = 0
+    for _, moe in moe_layers(module):
+        if not isinstance(moe.dispatch, AllToAllDispatch):
+            continue
+        experts: Any = fully_shard(moe.experts, mesh=efsdp, shard_placement_fn=placement, **fully_shard_kwargs)
+        experts.set_gradient_divide_factor(float(divide))
+        # A custom factor is a pre-multiplied sum, which gloo lacks: sum, then divide the shard. (With one
+        # shard rank FSDP2 skips the reduce-scatter and divides by the factor itself.)
+        experts.set_force_sum_reduction_for_comms(shard_size > 1)
+        count += 1
+    return count
+
+
+def moe_reduce_group(mesh: ParallelMesh | None) -> Any:
+    """The process group over which MoE routing statistics (tokens per expert, balancing terms) are summed:
+    the ranks that see different tokens, dp_replicate x dp_shard x cp. ``None`` = the default (world)
+    group, which is the answer without a mesh (single, DDP) and whenever tensor and pipeline
+    parallelism are off (the only layouts MoE models run on today)."""
+    if mesh is None:
+        return None
+    layout = mesh.layout
+    if layout.tp == 1 and layout.pp == 1:
+        return None
+    return mesh.mesh["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp_moe").get_group()

@@ -1,0 +1,176 @@
+"""Expert parallelism on gloo: a MoE model trained with its experts split over 2 ranks (ep2), and over 2 of 4
+ranks with FSDP2 over the other 2 (fsdp2 x ep2), matches the one-process run step by step (fp32, 8 steps:
+losses and grad norms within 1e-5 relative, final weights too); a run resumes across an EP change (ep2 ->
+ep1) within 1e-5 of the straight run and bitwise on the same layout; bad EP configs exit 2.
+
+Every layout starts from the same weights (the sharded initializer draws each rank's experts from the
+full tensors), reads the same micro-batches (2 sequences each, so the auxiliary balancing loss of every
+micro-batch is the same too) and averages gradients over all data-parallel ranks, the experts' included.
+The constant learning rate lets a 4-step run end where the first half of the 8-step run does.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.helpers import cli, overriding, run_distributed, train, train_records
+
+STEPS = 8
+HALF = 4
+# 6 experts: ep2 holds 3 per rank, which FSDP2 over 2 more ranks shards by hidden unit (dim 1) instead.
+MOE = ["model.moe.num_experts=6", "model.moe.top_k=2", "model.moe.expert_hidden_dim=64"]
+COMMON = ["model.num_layers=2", "model.dim=64", "model.num_heads=4", "model.num_kv_heads=2", *MOE,
+          "data.seq_len=64", f"train.max_steps={STEPS}", "train.global_batch_tokens=512", "train.micro_batch_size=2",
+          "train.lr_warmup_steps=2", "train.lr_schedule=constant", "train.precision=fp32", "log.every_steps=1",
+          "eval.every_steps=0", "eval.at_end=false", "log.sample_at_end=false", "checkpoint.at_end=true",
+          "run.device=cpu", "run.num_threads=1"]
+FSDP = "parallel.strategy=fsdp"
+EP2 = [FSDP, "parallel.expert_parallel=2"]
+REL = 1e-5
+TIMEOUT = 300
+
+
+def train_runs(rank: int, root: str, runs: list[tuple[str, list[str]]]) -> dict[str, Any]:
+    """Train each (name, overrides) in turn in every rank; rank 0 returns each run's train records."""
+    out: dict[str, Any] = {}
+    for name, overrides in runs:
+        train(Path(root) / name, *overriding(COMMON, *overrides))
+        out[name] = train_records(Path(root) / name) if rank == 0 else None
+    return out
+
+
+# Layouts of 4 ranks whose expert-parallel sub-meshes are checked (Layout fields).
+MESHES: dict[str, dict[str, int]] = {
+    "dp_shard2xcp2-ep2": {"dp_shard": 2, "cp": 2, "ep": 2},
+    "dp_shard2xcp2-ep4": {"dp_shard": 2, "cp": 2, "ep": 4},
+    "hsdp2xcp2-ep2": {"dp_replicate": 2, "cp": 2, "ep": 2},
+    "dp_shard2xtp2-ep2": {"dp_shard": 2, "tp": 2, "ep": 2},
+}
+
+
+def train_runs_and_meshes(rank: int, root: str, runs: list[tuple[str, list[str]]]) -> dict[str, Any]:
+    """:func:`train_runs`, then this rank's ep and expert-FSDP groups for every layout of MESHES."""
+    import torch.distributed as dist
+
+    from bigtrain.parallel.ep import moe_reduce_group
+    from bigtrain.parallel.mesh import Layout, ParallelMesh
+
+    out = train_runs(rank, root, runs)
+    for name, dims in MESHES.items():
+        mesh = ParallelMesh(Layout(**dims), "cpu")
+        group = moe_reduce_group(mesh)
+        out[name] = (mesh.ep.mesh.tolist(), mesh.expert_fsdp.mesh.tolist(), mesh.fsdp.mesh.tolist(),
+                     None if group is None else dist.get_process_group_ranks(group))
+    return out
+
+
+def checkpoint(root: Path, name: str, step: int) -> Path:
+    return root / name / "checkpoints" / f"step_{step:06d}"
+
+
+@pytest.fixture(scope="module")
+def ep_runs(tmp_path_factory: pytest.TempPathFactory, demo_data: Path) -> tuple[Path, dict[str, Any]]:
+    import torch.distributed as dist
+
+    root = tmp_path_factory.mktemp("ep")
+    results = train_runs(0, str(root), [("single", ["parallel.strategy=single"])])
+    # ep2: 8 steps, a checkpoint after 4; ep2-resumed: the same layout from that checkpoint.
+    results.update(run_distributed(train_runs, 2, str(root), [
+        ("ep2", [*EP2, f"checkpoint.every_steps={HALF}"]),
+        ("ep2-resumed", [*EP2, f"checkpoint.resume={checkpoint(root, 'ep2', HALF)}"]),
+    ], timeout_s=TIMEOUT)[0])
+    # fsdp2 x ep2: each expert's weights FSDP-sharded over 2 ranks; hsdp2 x ep2: replicated over 2 instead, and
+    # every block recomputed in backward (its all-to-alls too).
+    per_rank = run_distributed(train_runs_and_meshes, 4, str(root), [
+        ("fsdp2xep2", EP2),
+        ("hsdp2xep2-actckpt", [*EP2, "parallel.fsdp.replicate_degree=2", "parallel.activation_checkpointing=full"]),
+    ], timeout_s=TIMEOUT)
+    results.update(per_rank[0])
+    results["meshes"] = [{name: r[name] for name in MESHES} for r in per_rank]
+    # ep2 -> ep1: the ep2 run's step-4 checkpoint resumed in one process.
+    results.update(train_runs(0, str(root), [
+        ("ep1-resumed", ["parallel.strategy=single", f"checkpoint.resume={checkpoint(root, 'ep2', HALF)}"])]))
+    assert not dist.is_initialized()
+    return root, results
+
+
+def _close(got: list[dict], want: list[dict], what: str) -> None:
+    assert [r["step"] for r in got] == [r["step"] for r in want], what
+    for g, w in zip(got, want, strict=True):
+        for key in ("loss", "grad_norm"):
+            assert g[key] == pytest.approx(w[key], rel=REL), f"{what}: step {g['step']} {key} {g[key]!r} vs {w[key]!r}"
+
+
+def _final_weights(root: Path, name: str) -> dict[str, Any]:
+    from bigtrain.checkpoint.dcp import read_full
+
+    return read_full(checkpoint(root, name, STEPS) / "dcp")
+
+
+@pytest.mark.parametrize("name", ["ep2", "fsdp2xep2", "hsdp2xep2-actckpt"])
+def test_expert_parallel_matches_single(ep_runs: tuple[Path, dict[str, Any]], name: str) -> None:
+    root, runs = ep_runs
+    want = runs["single"]
+    assert [r["step"] for r in want] == list(range(1, STEPS + 1))
+    assert want[-1]["loss"] < want[0]["loss"]  # it learns
+    _close(runs[name], want, name)
+    got_w, want_w = _final_weights(root, name), _final_weights(root, "single")
+    assert got_w.keys() == want_w.keys() and any(".experts.w1" in k for k in want_w)
+    for key, tensor in want_w.items():  # Adam amplifies rounding on near-zero gradients: compare norm-wise
+        assert (got_w[key] - tensor).norm() <= REL * tensor.norm(), key
+
+
+def test_resume_across_an_expert_parallel_change(ep_runs: tuple[Path, dict[str, Any]]) -> None:
+    _, runs = ep_runs
+    second_half = runs["single"][HALF:]
+    _close(runs["ep1-resumed"], second_half, "ep2 -> ep1")
+    # The same layout resumes bitwise.
+    assert [(r["step"], r["loss"], r["grad_norm"]) for r in runs["ep2-resumed"]] == \
+        [(r["step"], r["loss"], r["grad_norm"]) for r in runs["ep2"][HALF:]]
+
+
+# (world size, overrides, parts of the message); the model is the debug one, made MoE by MOE where listed.
+def test_expert_parallel_groups_come_from_the_mesh(ep_runs: tuple[Path, dict[str, Any]]) -> None:
+    """ep is the innermost part of dp_shard x cp (context-parallel peers first); the expert weights are
+    FSDP-sharded over the rest (with dp_replicate in front for HSDP); the dense weights' mesh is unchanged."""
+    meshes = ep_runs[1]["meshes"]
+    # name -> per rank: (ep group, expert-FSDP mesh, dense FSDP mesh, MoE statistics group: None = all ranks)
+    want = {
+        "dp_shard2xcp2-ep2": [([0, 1], [0, 2], [0, 1, 2, 3], None), ([0, 1], [1, 3], [0, 1, 2, 3], None),
+                              ([2, 3], [0, 2], [0, 1, 2, 3], None), ([2, 3], [1, 3], [0, 1, 2, 3], None)],
+        "dp_shard2xcp2-ep4": [([0, 1, 2, 3], [r], [0, 1, 2, 3], None) for r in range(4)],
+        "hsdp2xcp2-ep2": [([0, 1], [[0], [2]], [[0, 1], [2, 3]], None), ([0, 1], [[1], [3]], [[0, 1], [2, 3]], None),
+                          ([2, 3], [[0], [2]], [[0, 1], [2, 3]], None), ([2, 3], [[1], [3]], [[0, 1], [2, 3]], None)],
+        # Tensor-parallel peers see the same tokens: statistics are summed over the data-parallel ranks only.
+        "dp_shard2xtp2-ep2": [([0, 2], [0], [0, 2], [0, 2]), ([1, 3], [1], [1, 3], [1, 3]),
+                              ([0, 2], [2], [0, 2], [0, 2]), ([1, 3], [3], [1, 3], [1, 3])],
+    }
+    for name, per_rank in want.items():
+        got = [tuple(meshes[rank][name]) for rank in range(4)]
+        assert got == per_rank, name
+
+
+@pytest.mark.parametrize(("world", "overrides", "expected"), [
+    (4, [*overriding(MOE, "model.moe.num_experts=6"), FSDP, "parallel.expert_parallel=4"],
+     ["parallel.expert_parallel=4 must divide model.moe.num_experts=6", "values that fit this model: 1, 2, 3, 6"]),
+    (6, [*overriding(MOE, "model.moe.num_experts=8"), FSDP, "parallel.expert_parallel=4"],
+     ["parallel.expert_parallel=4 must divide the data-parallel x context-parallel ranks",
+      "dp_shard 6 = 6", "values that fit this launch: 1, 2, 3, 6"]),
+    (4, [*overriding(MOE, "model.moe.num_experts=8"), FSDP, "parallel.expert_parallel=4",
+         "parallel.fsdp.replicate_degree=2"],
+     ["parallel.expert_parallel=4 must divide", "dp_shard 2 = 2", "values that fit this launch: 1, 2"]),
+    (2, [FSDP, "parallel.expert_parallel=2"],
+     ["parallel.expert_parallel=2 needs a Mixture-of-Experts model", "set parallel.expert_parallel=1"]),
+    (2, [*MOE, "parallel.strategy=ddp", "parallel.expert_parallel=2"],
+     ["parallel.expert_parallel=2 needs parallel.strategy=fsdp", "ddp keeps every expert on every rank"]),
+    (2, [*MOE, "parallel.strategy=zero", "parallel.expert_parallel=2"], ["needs parallel.strategy=fsdp"]),
+])
+def test_bad_expert_parallel_configs_exit_2(world: int, overrides: list[str], expected: list[str]) -> None:
+    proc = cli("config", "check", "--world-size", str(world), "configs/debug.yaml", "train.micro_batch_size=1",
+               *overrides)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    for part in expected:
+        assert part in proc.stderr, proc.stderr
