@@ -16,10 +16,14 @@
    * `fsdp` and `ddp` at world size 1 (NCCL on CUDA) match `single` step by step;
    * no host-device sync on non-log steps (bigtrain's own calls, and CUDA's sync debug mode);
    * the step-time breakdown (CUDA events) sums to the measured step time within 5%;
-   * async checkpoint of llama-1b (model + AdamW state): the step-loop stall vs the background commit.
+   * async checkpoint of llama-1b (model + AdamW state): the step-loop stall vs the background commit;
+   * the MoE layer's grouped expert matmuls (torch._grouped_mm) equal the per-expert loop in bf16, forward
+     and every gradient (OLMoE's layer shape: dim 2048, 64 experts of SwiGLU 1024, top-8, 16k tokens).
 2. Throughput (bench/throughput.py's measurement, one subprocess per configuration, synthetic tokens):
    gpt2-124m at T=1024 and llama-1b at T=2048 as eager, compile, compile + triton, compile + fp8 and the
-   plain-PyTorch reference loop; gpt2-1.5b at T=1024 if the budget allows. What does not fit in
+   plain-PyTorch reference loop; gpt2-1.5b at T=1024 if the budget allows. Before them, the MoE layer's
+   forward + backward tokens/s (grouped matmuls, and the per-expert loop) against a dense SwiGLU of equal
+   active FLOPs (hidden top_k x expert hidden), in bf16, in this process. What does not fit in
    ``--budget-s`` (counted from the start, correctness included) is skipped and reported.
 3. Results: ``--out`` (default bench/results/) gets gpu-check-<device>-<date>-<commit>.md (the table)
    and .log (every detail); a real GPU run also replaces the marked section of docs/performance.md.
@@ -96,13 +100,22 @@ class Sizes:
     optional_presets: tuple[str, ...]
     throughput_steps: int
     throughput_warmup: int
+    moe_dim: int  # the MoE layer check: model dim, routed experts, top-k, expert hidden, tokens, timed and warm-up steps
+    moe_experts: int
+    moe_top_k: int
+    moe_hidden: int
+    moe_tokens: int
+    moe_iters: int
+    moe_warmup: int
 
 
 GPU = Sizes(rows=4096, hidden=2048, batch=2, seq=1024, heads=16, kv_heads=4, head_dim=128, ce_tokens=4096,
             ce_vocab=32000, steps_bf16=30, steps_fp8=20, steps_backend=10, steps_sync=30, log_every_sync=10,
             train_overrides=(), checkpoint_preset="llama-1b",
             throughput_presets=("gpt2-124m@1024", "llama-1b@2048"), optional_presets=("gpt2-1.5b@1024",),
-            throughput_steps=30, throughput_warmup=5)
+            throughput_steps=30, throughput_warmup=5,
+            moe_dim=2048, moe_experts=64, moe_top_k=8, moe_hidden=1024, moe_tokens=16384, moe_iters=10,
+            moe_warmup=2)
 SMOKE = Sizes(rows=9, hidden=48, batch=2, seq=16, heads=4, kv_heads=2, head_dim=8, ce_tokens=24, ce_vocab=100,
               steps_bf16=4, steps_fp8=4, steps_backend=3, steps_sync=9, log_every_sync=3,
               # bf16 (and emulated FP8) backward is slow on CPU: a smaller model than the debug preset
@@ -110,7 +123,9 @@ SMOKE = Sizes(rows=9, hidden=48, batch=2, seq=16, heads=4, kv_heads=2, head_dim=
                                "data.seq_len=64", "train.global_batch_tokens=512", "train.micro_batch_size=8",
                                "run.num_threads=2"),
               checkpoint_preset="debug", throughput_presets=("smoke@64",), optional_presets=(),
-              throughput_steps=3, throughput_warmup=1)
+              throughput_steps=3, throughput_warmup=1,
+              moe_dim=32, moe_experts=8, moe_top_k=2, moe_hidden=16, moe_tokens=64, moe_iters=1,
+              moe_warmup=1)
 
 
 @dataclass
@@ -545,6 +560,117 @@ def check_async_checkpoint(device: torch.device, sizes: Sizes, work: Path) -> li
                 "<= 0.2x commit", data={"stalls": stalls, "commits": commits, "bytes": nbytes})]
 
 
+# ---------------------------------------------------------------------------------------------- MoE layer
+def check_moe(device: torch.device, sizes: Sizes) -> list[Row]:
+    """The MoE layer in bf16: grouped expert matmuls equal the per-expert loop (forward and every gradient,
+    same weights and inputs, so the same routing); then forward + backward tokens/s of the grouped layer,
+    the loop and a dense SwiGLU of equal active FLOPs (hidden top_k x expert hidden)."""
+    import statistics
+
+    from torch import nn
+
+    from bigtrain.model.config import ModelConfig
+    from bigtrain.model.decoder import FeedForward
+    from bigtrain.model.moe import MoE, grouped_mm_available
+    from bigtrain.sections import parse_section
+
+    dim, experts, k, hidden = sizes.moe_dim, sizes.moe_experts, sizes.moe_top_k, sizes.moe_hidden
+    tokens = sizes.moe_tokens
+    dtype = torch.bfloat16
+    where = f"dim {dim}, {tokens} tokens, bf16"
+    if not grouped_mm_available():
+        return [Row("correctness", f"moe grouped vs loop ({where})", "FAIL" if device.type == "cuda" else "skip",
+                    "torch._grouped_mm is missing from this torch")]
+    gen = torch.Generator(device=device).manual_seed(int(time.time()) + 2)  # fresh inputs every run
+    shape = {"dim": dim, "num_layers": 1, "num_heads": 1, "vocab_size": 128, "max_seq_len": 16}  # attention unused
+
+    def build(**model: Any) -> nn.Module:
+        cfg = parse_section(ModelConfig, {**shape, **model}, "model")
+        with torch.device(device):
+            layer = MoE(cfg) if cfg.moe is not None else FeedForward(cfg)
+        with torch.no_grad():
+            for p in layer.parameters():  # std 1/sqrt(fan-in): activations of order one, a fair bf16 comparison
+                nn.init.normal_(p, std=p.shape[-1] ** -0.5, generator=gen)
+        return layer.to(dtype)
+
+    def moe(matmul: str) -> nn.Module:
+        return build(moe={"num_experts": experts, "top_k": k, "expert_hidden_dim": hidden, "expert_matmul": matmul})
+
+    x = torch.randn(tokens, dim, generator=gen, device=device).to(dtype)
+    dy = torch.randn(tokens, dim, generator=gen, device=device).to(dtype)
+
+    def step(layer: nn.Module, xi: torch.Tensor) -> torch.Tensor:
+        layer.zero_grad(set_to_none=True)
+        xi.grad = None
+        y = layer(xi)
+        outs, grads = [y], [dy]
+        aux = getattr(layer, "aux_loss", None)
+        if aux is not None and aux.requires_grad:  # the balancing loss reaches the router as in training
+            outs.append(aux)
+            grads.append(torch.ones_like(aux))
+        torch.autograd.backward(outs, grads)
+        return y
+
+    grouped, loop = moe("grouped"), moe("loop")
+    loop.load_state_dict(grouped.state_dict())
+    results = {}
+    for name, layer in (("grouped", grouped), ("loop", loop)):
+        xi = x.clone().requires_grad_()
+        y = step(layer, xi)
+        grads = {n.removeprefix("experts.").removesuffix(".weight"): p.grad for n, p in layer.named_parameters()}
+        results[name] = {"out": y.detach(), "dx": xi.grad, **grads}
+    errors = {n: rel_err(results["grouped"][n], results["loop"][n]) for n in results["loop"]}
+    which, err = worst(errors)
+    limit = TOLERANCE[dtype]
+    rows = [Row("correctness", f"moe grouped vs loop ({experts} experts x {hidden}, top-{k}, {where})",
+                "pass" if err <= limit else "FAIL", f"max rel diff {err:.2e} ({which}), forward + backward",
+                f"<= {limit:.0e}", data={"errors": errors,
+                                          "detail": ", ".join(f"{n} {v:.1e}" for n, v in errors.items())})]
+    del results
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def measure(layer: nn.Module) -> dict[str, float]:
+        xi = x.clone().requires_grad_()
+        for _ in range(sizes.moe_warmup):  # allocator, kernels, autotuning
+            step(layer, xi)
+        sync()
+        base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        times = []
+        for _ in range(sizes.moe_iters):
+            t0 = time.perf_counter()
+            step(layer, xi)
+            sync()
+            times.append(time.perf_counter() - t0)
+        peak = (torch.cuda.max_memory_allocated(device) - base) / 2**30 if device.type == "cuda" else math.nan
+        return {"step_s": statistics.median(times), "peak_gib": peak}
+
+    flops = 6 * 3 * dim * k * hidden  # expert (or dense SwiGLU) matmul FLOPs per token, forward + backward
+    dense = build(ffn_hidden_dim=k * hidden)
+    layers = [(f"dense SwiGLU {k * hidden}", dense, "equal active FLOPs (baseline)"),
+              (f"grouped {experts}x{hidden} top-{k}", grouped, "vs the dense SwiGLU"),
+              (f"loop {experts}x{hidden} top-{k}", loop, "vs the dense SwiGLU")]
+    dense_tps = None
+    for label, layer, limit_text in layers:
+        t0 = time.monotonic()
+        res = measure(layer)
+        tps = tokens / res["step_s"]
+        dense_tps = dense_tps or tps
+        peak = f", peak +{res['peak_gib']:.2f} GiB over weights + grads" if math.isfinite(res["peak_gib"]) else ""
+        measured = (f"{tps:,.0f} tok/s, {tps * flops / 1e12:.3g} TFLOP/s, {res['step_s'] * 1e3:.2f} ms fwd+bwd{peak}"
+                    + (f", {tps / dense_tps:.2f}x dense" if layer is not dense else ""))
+        rows.append(Row("throughput", f"moe layer: {label} ({where})", "info", measured, limit_text,
+                        time.monotonic() - t0, data={**res, "tokens_per_s": tps, "ratio": tps / dense_tps}))
+    del grouped, loop, dense
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
 # ---------------------------------------------------------------------------------------------- throughput
 THROUGHPUT_VARIANTS = ("eager", "compile", "compile+triton", "fp8")  # fp8 = compile + fp8 (throughput.VARIANTS)
 
@@ -663,7 +789,8 @@ def update_docs(docs: Path, table: str) -> bool:
 CHECKS: dict[str, str] = {  # --only prefixes -> what they select
     "kernels": "the four Triton kernels", "flex": "FlexAttention document masking", "adamw": "fused AdamW",
     "precision": "bf16 vs fp32 and fsdp/ddp at world size 1", "fp8": "FP8 training",
-    "sync": "host syncs and the step-time breakdown", "checkpoint": "async checkpoint stall", "throughput": "throughput",
+    "sync": "host syncs and the step-time breakdown", "checkpoint": "async checkpoint stall",
+    "moe": "the MoE layer: grouped vs loop matmuls, tokens/s vs a dense SwiGLU", "throughput": "throughput",
 }
 
 
@@ -749,6 +876,7 @@ def main(argv: list[str] | None = None) -> int:
         run("fp8", "fp8 training", lambda: check_fp8(runs))
         run("sync", "host syncs and step-time breakdown", lambda: check_sync_and_breakdown(runs))
         run("checkpoint", "async checkpoint", lambda: check_async_checkpoint(device, sizes, work))
+        run("moe", "MoE layer: grouped vs loop, throughput vs dense", lambda: check_moe(device, sizes))
         run("throughput", "throughput", lambda: throughput_rows(args, sizes, device, log))
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -24,10 +24,8 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import io
-import json
 import math
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,9 +33,9 @@ from pathlib import Path
 from typing import Any
 
 from benchinfo import cpu_name, git_commit, publish  # bench/ is on sys.path when run as a script
+from equal_time import CALIBRATION_STEPS, MIN_STEPS, equal_time_run
 
 REPO = Path(__file__).resolve().parents[1]
-CALIBRATION_STEPS = 12  # the first few are slower (allocator, caches): the later half is timed
 MIN_LR_RATIO = 0.05  # configs/debug.yaml's train.min_lr_ratio, used by every contender
 
 
@@ -48,45 +46,13 @@ def shape_overrides(args: argparse.Namespace) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------- bigtrain
-def bigtrain_run(args: argparse.Namespace, extra: list[str], steps: int, out: Path) -> dict[str, Any]:
-    """`bigtrain train` in a subprocess for ``steps`` steps; its train and final eval records."""
-    warmup = max(1, min(args.warmup, steps // 10))
-    cmd = [sys.executable, "-m", "bigtrain", "train", "configs/debug.yaml", f"run.out_dir={out}",
-           *shape_overrides(args), f"train.max_steps={steps}", f"train.lr_warmup_steps={warmup}",
-           f"run.num_threads={args.threads}", "run.device=cpu", "train.precision=fp32", "eval.every_steps=0",
-           "eval.at_end=true", "eval.final_max_batches=0", "checkpoint.at_end=false", "checkpoint.every_steps=0",
-           "log.sample_at_end=false", "log.console=false", f"log.every_steps={max(1, steps // 8)}", *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "WANDB_MODE": "disabled"}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"bigtrain train failed ({proc.returncode}):\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    train = [r for r in records if r["kind"] == "train"]
-    evals = [r for r in records if r["kind"] == "eval"]
-    return {"train": train, "eval": evals[-1] if evals else None}
-
-
 def bigtrain_contender(args: argparse.Namespace, name: str, extra: list[str], work: Path) -> dict[str, Any]:
-    calib = bigtrain_run(args, extra, CALIBRATION_STEPS, work / f"{name}-calibrate")
-    later = [r for r in calib["train"] if r["step"] > CALIBRATION_STEPS // 2] or calib["train"][-1:]
-    step_s = sum(r["step_time_s"] for r in later) / len(later)
-    steps = max(10, int(args.seconds / step_s))
-    t0 = time.perf_counter()
-    run = bigtrain_run(args, extra, steps, work / name)
-    wall = time.perf_counter() - t0
-    train_s = sum(r["step_time_s"] * n for r, n in _window_sizes(run["train"]))
-    return {"name": name, "steps": steps, "tokens": steps * args.batch * args.seq_len, "train_s": train_s,
-            "wall_s": wall, "val_bpb": run["eval"]["val_bpb"], "final_loss": run["train"][-1]["loss"],
-            "calibrated_step_s": step_s}
+    """configs/debug.yaml at the shared shape with ``extra`` overrides: calibrated, trained for the budget, scored."""
+    def overrides(steps: int) -> list[str]:
+        warmup = max(1, min(args.warmup, steps // 10))
+        return [*shape_overrides(args), f"train.lr_warmup_steps={warmup}", *extra]
 
-
-def _window_sizes(train: list[dict[str, Any]]) -> list[tuple[dict[str, Any], int]]:
-    """Each log record with the number of steps its step_time_s averages over."""
-    out, prev = [], 0
-    for r in train:
-        out.append((r, r["step"] - prev))
-        prev = r["step"]
-    return out
+    return equal_time_run(name, "configs/debug.yaml", overrides, args.seconds, work, threads=args.threads)
 
 
 # ---------------------------------------------------------------------------------------------- plain loop
@@ -190,7 +156,7 @@ def plain_contender(args: argparse.Namespace, lr: float) -> dict[str, Any]:
             t0 = time.perf_counter()
         step(i, 10 ** 9)
     step_s = (time.perf_counter() - t0) / (CALIBRATION_STEPS - CALIBRATION_STEPS // 2)
-    steps = max(10, int(args.seconds / step_s))
+    steps = max(MIN_STEPS, int(args.seconds / step_s))
     model.load_state_dict(state)  # calibration steps do not count: start again from the same init
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": other, "weight_decay": 0.0}],
                             lr=lr, betas=(0.9, 0.95), foreach=True)

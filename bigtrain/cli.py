@@ -296,8 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.set_defaults(func=_cmd_generate)
 
-    p = verbs.add_parser("export", help="write a checkpoint as a Hugging Face Llama (Qwen3 with "
-                                          "model.qk_norm) folder or one torch state dict")
+    p = verbs.add_parser("export", help="write a checkpoint as a Hugging Face Llama / Qwen3 (model.qk_norm) / "
+                                          "Mixtral / Qwen3-MoE (model.moe) folder or one torch state dict")
     p.add_argument("checkpoint", help="checkpoint folder (…/checkpoints/step_N) or run folder (its latest checkpoint)")
     p.add_argument("--to", choices=["hf", "torch"], default="hf",
                    help="hf: config.json + model.safetensors (+ tokenizer); torch: one .pt state dict (default hf)")

@@ -8,6 +8,12 @@ read, so the numbers follow the code (tied weights, FSDP2's dim-0 padding), not 
 of the config. Parameters, gradients and optimizer state are what
 :func:`bigtrain.parallel.memory.held_state_bytes` measures on a real run (the tests hold the
 two within 10% on CPU); communication buffers and activations are estimates.
+
+Mixture-of-Experts models (``model.moe``): state counts *every* parameter (all experts), sharded as
+the code shards it: with ``parallel.expert_parallel`` = ep the routed experts are split over ep ranks
+(``Shard(0)``) and FSDP2-sharded over the remaining ``dp_shard x cp / ep`` (``parallel/ep.py``), the
+rest over ``dp_shard x cp`` as usual, so a rank's share is total / (dp_shard x cp) either way (up to
+padding). Activations count what a token routes (see :func:`ffn_activation_bytes`).
 """
 from __future__ import annotations
 
@@ -19,7 +25,9 @@ from dataclasses import dataclass, field
 from bigtrain.config import RunConfig
 from bigtrain.errors import UserError
 from bigtrain.model import ModelConfig, build_on_meta, count_parameters, flops_per_token
+from bigtrain.model.moe import GroupedExperts, hidden_dim, is_moe_layer
 from bigtrain.optim.muon import muon_parameter_ids
+from bigtrain.parallel.mesh import Layout
 
 # Row order of the table: replicated → most sharded.
 STRATEGIES: tuple[str, ...] = ("single", "ddp", "zero1", "zero2", "zero3", "fsdp")
@@ -75,7 +83,9 @@ class _Shapes:
     """Parameter shapes of the meta-built model, grouped as FSDP wraps them."""
 
     all: tuple[tuple[int, ...], ...]  # every distinct parameter (tied counted once)
-    block: tuple[tuple[int, ...], ...]  # one Transformer block's parameters
+    expert: tuple[bool, ...]  # for each of ``all``: a routed-expert stack (MoE, [experts, out, in])
+    block: tuple[tuple[int, ...], ...]  # the largest Transformer block's parameters (MoE: a MoE block)
+    block_experts: int  # elements of that block's routed-expert stacks (0 when dense)
     root: tuple[tuple[int, ...], ...]  # the rest: embedding, final norm, output projection
     muon: tuple[tuple[int, ...], ...]  # the block matrices train.optimizer=muon updates (a subset of ``all``)
 
@@ -85,24 +95,27 @@ def _shapes(mcfg: ModelConfig) -> _Shapes:
     model = build_on_meta(mcfg)
     assert all(p.is_meta for p in model.parameters()), "planning must not allocate parameters"
     in_blocks: set[int] = set()
-    block: list[tuple[int, ...]] = []
-    for i, blk in enumerate(model.layers.values()):
-        for p in blk.parameters():
-            in_blocks.add(id(p))
-            if i == 0:
-                block.append(tuple(p.shape))
+    blocks = [list(blk.parameters()) for blk in model.layers.values()]
+    for params in blocks:
+        in_blocks.update(id(p) for p in params)
+    largest = max(blocks, key=lambda params: sum(p.numel() for p in params))  # the first of equals: block 0
+    experts = {id(p) for mod in model.modules() if isinstance(mod, GroupedExperts) for p in mod.parameters()}
     every = tuple(tuple(p.shape) for p in model.parameters())
+    expert = tuple(id(p) in experts for p in model.parameters())
     root = tuple(tuple(p.shape) for p in model.parameters() if id(p) not in in_blocks)
     hidden = muon_parameter_ids(model)
     muon = tuple(tuple(p.shape) for p in model.parameters() if id(p) in hidden)
-    return _Shapes(every, tuple(block), root, muon)
+    return _Shapes(every, expert, tuple(tuple(p.shape) for p in largest),
+                   sum(p.numel() for p in largest if id(p) in experts), root, muon)
 
 
-def _optimizer_state(shapes: _Shapes, muon: bool, numel: Callable[[tuple[int, ...]], int]) -> int:
-    """Optimizer state bytes of the parameters held as ``numel(shape)`` elements each: AdamW keeps two fp32
-    moments and a step scalar per tensor; with Muon, a block matrix keeps one fp32 momentum buffer only."""
+def _optimizer_state(shapes: _Shapes, muon: bool, local: Sequence[int],
+                     numel: Callable[[tuple[int, ...]], int]) -> int:
+    """Optimizer state bytes of the parameters held as ``local`` elements each (in the order of ``shapes.all``):
+    AdamW keeps two fp32 moments and a step scalar per tensor; with Muon, a block matrix (2-D, never a routed
+    expert; held as ``numel(shape)`` elements) keeps one fp32 momentum buffer only."""
     fp32 = 4
-    adamw = fp32 * (2 * sum(numel(s) for s in shapes.all) + len(shapes.all))
+    adamw = fp32 * (2 * sum(local) + len(local))
     if not muon:
         return adamw
     return adamw - fp32 * sum(numel(s) + 1 for s in shapes.muon)
@@ -119,39 +132,104 @@ def _dim0_shard(shape: tuple[int, ...], n: int) -> int:
     return math.ceil(shape[0] / n) * _numel(shape[1:])
 
 
+def expert_shard_numel(shape: tuple[int, ...], ep: int, fsdp: int) -> int:
+    """Elements one rank holds of a routed-expert stack ``[experts, out, in]`` on ``fsdp`` = dp_shard x cp ranks.
+
+    ep = 1: FSDP2 shards it with its block, on dim 0 (padded: with fewer experts than ranks, one expert's
+    worth on every rank). ep > 1 (``parallel/ep.py``): ``experts / ep`` of them on each expert-parallel rank,
+    then FSDP2 over the ``fsdp / ep`` others: dim 0 when the local experts split evenly, else dim 1 when it
+    does, else dim 0 padded (:func:`bigtrain.parallel.ep.shard_experts`)."""
+    if ep == 1:
+        return _dim0_shard(shape, fsdp)
+    local, rest = shape[0] // ep, shape[1:]
+    shard = fsdp // ep
+    if local % shard and rest[0] % shard == 0:
+        return local * (rest[0] // shard) * _numel(rest[1:])
+    return math.ceil(local / shard) * _numel(rest)
+
+
 # --------------------------------------------------------------------------- activations
 
 
-def activation_bytes(cfg: RunConfig, compute_bytes: int, residual_bytes: int = 4) -> int:
+def activation_bytes(cfg: RunConfig, compute_bytes: int, residual_bytes: int = 4, ep: int = 1) -> int:
     """Estimated activation memory of one micro-batch (forward saved tensors at the start of backward).
 
     Per token and block, for this code's Llama block with SDPA (flash / memory-efficient, so no
     seq x seq score matrix is kept), ``a`` = compute bytes, ``h`` = dim, ``f`` = SwiGLU hidden:
       2 RMSNorms: fp32 input + fp32 normalized + output in compute dtype = 2 (8 + a) h
       attention: q, k, v after GQA repeat (saved by SDPA) + SDPA output + wo input = 5 a h
-      SwiGLU: w1 out, w3 out, silu(w1 out), their product = 4 a f
+      SwiGLU: w1 out, w3 out, silu(w1 out), their product = 4 a f (a MoE block: :func:`ffn_activation_bytes`)
       QK-norm (``model.qk_norm``): like the block norms, over q (h) and k (kv_heads x head_dim)
     plus the final norm and the loss: fp32 log-softmax of the logits + the logits = (4 + a) V per token.
     Activation checkpointing keeps only each checkpointed block's input (``residual_bytes`` h) and
-    recomputes one block at a time in backward. Not counted: allocator fragmentation, temporary
-    gradient buffers of backward, the CUDA context (~0.5-1 GiB), compile workspaces.
+    recomputes one block at a time in backward. With expert parallelism (``ep`` > 1) the MoE layer in
+    flight also holds its all-to-all buffers (:func:`moe_dispatch_bytes`). Not counted: allocator
+    fragmentation, temporary gradient buffers of backward, the CUDA context (~0.5-1 GiB), compile workspaces.
     """
-    m = cfg.model
-    a, h, f = compute_bytes, m.dim, m.ffn_dim
-    per_block = 2 * (8 + a) * h + 5 * a * h + 4 * a * f + qk_norm_bytes(m, a)
-    blocks = m.num_layers
-    mode = cfg.parallel.activation_checkpointing
-    if mode == "full":
-        ckpt = blocks
-    elif mode == "every_k":
-        ckpt = blocks // cfg.parallel.activation_checkpointing_every  # blocks k, 2k, ... (see parallel.apply)
-    else:
-        ckpt = 0
-    per_token = (blocks - ckpt) * per_block + ckpt * residual_bytes * h
-    if ckpt:
-        per_token += per_block  # the block being recomputed during backward
-    per_token += (8 + a) * h + (4 + a) * m.vocab_size
-    return per_token * cfg.train.micro_batch_size * cfg.data.seq_len
+    m, p = cfg.model, cfg.parallel
+    a = compute_bytes
+    per_block = [block_activation_bytes(m, a, i, ep=ep) for i in range(m.num_layers)]
+    checkpointed = checkpointed_blocks(p.activation_checkpointing, p.activation_checkpointing_every, m.num_layers)
+    per_token = stack_activation_bytes(per_block, checkpointed, residual_bytes * m.dim)
+    per_token += moe_dispatch_bytes(m, a, ep) + (8 + a) * m.dim + (4 + a) * m.vocab_size
+    return int(per_token) * cfg.train.micro_batch_size * cfg.data.seq_len
+
+
+def checkpointed_blocks(mode: str, every: int, blocks: int) -> list[bool]:
+    """Which of ``blocks`` consecutive blocks activation checkpointing wraps: none, full, or every_k (blocks k,
+    2k, ..., counted from 1: :func:`bigtrain.parallel.apply.apply_activation_checkpointing`)."""
+    step = {"full": 1, "every_k": every}.get(mode)
+    return [step is not None and (i + 1) % step == 0 for i in range(blocks)]
+
+
+def stack_activation_bytes(per_block: Sequence[float], checkpointed: Sequence[bool], residual: float) -> float:
+    """Bytes per token a stack of blocks keeps for backward: each block's saved tensors, or only its input
+    (``residual``) when checkpointed, plus the largest checkpointed block, recomputed during backward."""
+    kept = sum(b for b, c in zip(per_block, checkpointed, strict=True) if not c)
+    recomputed = [b for b, c in zip(per_block, checkpointed, strict=True) if c]
+    return kept + residual * len(recomputed) + (max(recomputed) if recomputed else 0)
+
+
+def block_activation_bytes(m: ModelConfig, compute_bytes: int, index: int, *, tp: int = 1, ep: int = 1) -> float:
+    """Saved bytes per token of block ``index`` (:func:`activation_bytes`): norms and attention, then its
+    feed-forward; the tensor-parallel parts divided by ``tp`` (plus the sequence-parallel all-gathered input
+    of attention and MLP kept whole)."""
+    a, h = compute_bytes, m.dim
+    dense = 2 * (8 + a) * h + 5 * a * h + qk_norm_bytes(m, a)
+    if not is_moe_layer(m, index):
+        dense += 4 * a * m.ffn_dim
+        return dense / tp + (2 * a * h if tp > 1 else 0)
+    return dense / tp + (2 * a * h if tp > 1 else 0) + ffn_activation_bytes(m, a, ep=ep)
+
+
+def ffn_activation_bytes(m: ModelConfig, compute_bytes: int, *, ep: int = 1) -> int:
+    """Saved bytes per token of one MoE feed-forward (``model/moe.py``), ``a`` = compute bytes, ``h`` = dim,
+    ``k`` = top_k, ``E`` = num_experts, ``g`` = one expert's hidden size:
+      router: fp32 logits and scores (softmax / sigmoid output; the statistics keep both) = 8 E
+      routing: top-k weights (fp32) and their normalizing sums + the weight of each routed copy (compute dtype)
+        + 3 int64 index vectors (expert ids, sort order, token of each copy) = (28 + a) k + 12; with expert
+        parallelism 2 more (the regrouping order and its inverse) = 16 k
+      routed copies: the experts' input, their output and the weighted output, k copies of the token = 3 a k h
+      expert SwiGLU: w1 out, w3 out, silu, product for each of the k copies = 4 a k g
+      shared experts (``num_shared_experts``): a SwiGLU of num_shared x g = 4 a num_shared g
+    (checked against the tensors autograd keeps, tests/test_plan.py). Tokens per expert vary with the routing;
+    balanced routing (what ``load_balance`` aims at) is assumed, so under expert parallelism a rank receives,
+    in expectation, as many routed copies as it sends (k per token)."""
+    moe = m.moe
+    assert moe is not None
+    a, h, k, experts, g = compute_bytes, m.dim, moe.top_k, moe.num_experts, hidden_dim(m)
+    routing = (28 + a) * k + 12 + (16 * k if ep > 1 else 0)
+    return 8 * experts + routing + 3 * a * k * h + 4 * a * k * g + 4 * a * moe.num_shared_experts * g
+
+
+def moe_dispatch_bytes(m: ModelConfig, compute_bytes: int, ep: int) -> int:
+    """Transient bytes per token of the one MoE layer in flight under expert parallelism (0 when ep = 1 or
+    dense): the routed copies sent, the copies received by the all-to-all, the experts' outputs before and
+    after they are put back in arrival order for the return all-to-all = 4 a k h (in expectation: balanced
+    routing, a rank receives k copies per token of its own)."""
+    if m.moe is None or ep == 1:
+        return 0
+    return 4 * compute_bytes * m.moe.top_k * m.dim
 
 
 # --------------------------------------------------------------------------- the plan
@@ -200,6 +278,9 @@ def plan_memory(cfg: RunConfig, world_size: int, strategy: str, *, device: str |
     muon = cfg.train.optimizer == "muon"
     if muon and strategy.startswith("zero"):
         raise UserError(f"{LABELS[strategy]} does not run train.optimizer=muon; plan fsdp or ddp instead.")
+    if cfg.model.moe is not None and strategy.startswith("zero"):
+        raise UserError(f"{LABELS[strategy]} does not train Mixture-of-Experts models (model.moe); plan fsdp "
+                        f"(with parallel.expert_parallel) or ddp instead.")
     if strategy == "single" and world_size != 1:
         raise UserError(f"strategy single runs one process; it cannot plan for {world_size} ranks.")
     cfg.batch_layout(world_size)  # raises ConfigError when the batch does not split
@@ -216,10 +297,11 @@ def plan_memory(cfg: RunConfig, world_size: int, strategy: str, *, device: str |
     buffers = 0
     residual = fp32
 
+    ep = 1  # expert-parallel degree: fsdp only (single and ddp keep every expert on every rank)
     if strategy in ("single", "ddp"):
         shard = 1
         params = grads = fp32 * n_all  # fp32 master weights; autocast computes in `compute`
-        optimizer = _optimizer_state(shapes, muon, _numel)  # exp_avg, exp_avg_sq (+ a step scalar each)
+        optimizer = _optimizer_state(shapes, muon, [_numel(s) for s in shapes.all], _numel)  # 2 moments + step
         if strategy == "ddp":
             if ddp_bucket_view:  # what bigtrain's DDPStrategy uses
                 notes.append(
@@ -234,15 +316,26 @@ def plan_memory(cfg: RunConfig, world_size: int, strategy: str, *, device: str |
             raise UserError(f"parallel.fsdp.replicate_degree={fcfg.replicate_degree} does not divide the world "
                             f"size {world_size}; HSDP needs world_size = replicate_degree x shard group size.")
         shard = world_size // fcfg.replicate_degree
-        local = sum(_dim0_shard(s, shard) for s in shapes.all)  # padded dim-0 shards
-        params = grads = fp32 * local  # sharded fp32 params; grads reduce-scattered then kept in fp32
-        optimizer = _optimizer_state(shapes, muon, lambda s: _dim0_shard(s, shard))
+        if cfg.model.moe is not None:
+            ep = Layout.from_config(cfg.parallel, world_size).ep  # ConfigError when ep does not divide dp_shard
+            if ep > 1:
+                experts = cfg.model.moe.num_experts
+                notes.append(f"fsdp: expert_parallel={ep}: a rank holds {experts // ep} of the {experts} experts of "
+                             f"each MoE layer, FSDP-sharded over {shard // ep} ranks; activations add one layer's "
+                             f"all-to-all buffers (balanced routing assumed)")
+        # Padded dim-0 shards; routed experts split over ep first, then sharded over the rest.
+        local = [expert_shard_numel(s, ep, shard) if is_expert else _dim0_shard(s, shard)
+                 for s, is_expert in zip(shapes.all, shapes.expert, strict=True)]
+        params = grads = fp32 * sum(local)  # sharded fp32 params; grads reduce-scattered then kept in fp32
+        optimizer = _optimizer_state(shapes, muon, local, lambda s: _dim0_shard(s, shard))
         param_dtype = compute if fcfg.param_dtype == "auto" else fcfg.param_dtype
         p = _DTYPE_BYTES[param_dtype]
         residual = p
         # Gathered (unsharded) params: the root unit (embedding, norm, output) stays gathered through
-        # forward and backward; a block and the prefetched next one; one block's unsharded grads.
-        buffers = p * n_root + 2 * p * n_block + _DTYPE_BYTES[fcfg.reduce_dtype] * n_block if shard > 1 else 0
+        # forward and backward; a block and the prefetched next one; one block's unsharded grads. With
+        # expert parallelism a block's experts unit gathers only this rank's experts / ep.
+        gathered = n_block - shapes.block_experts + shapes.block_experts // ep
+        buffers = p * n_root + 2 * p * gathered + _DTYPE_BYTES[fcfg.reduce_dtype] * gathered if shard > 1 else 0
         if muon and shard > 1 and shapes.muon:
             # Muon gathers one whole matrix at a time to orthogonalize it: the fp32 gather plus Newton-Schulz
             # workspace (about two more copies) for the largest one.
@@ -297,7 +390,8 @@ def plan_memory(cfg: RunConfig, world_size: int, strategy: str, *, device: str |
             notes.append("zero: offload_params keeps parameter partitions in host memory")
     return MemoryPlan(strategy=strategy, world_size=world_size, shard_size=shard, compute_dtype=compute,
                       params=params, grads=grads, optimizer=optimizer, buffers=buffers,
-                      activations=activation_bytes(cfg, a, residual), host=host, setup=setup, notes=tuple(notes))
+                      activations=activation_bytes(cfg, a, residual, ep), host=host, setup=setup,
+                      notes=tuple(notes))
 
 
 # --------------------------------------------------------------------------- report
@@ -316,12 +410,27 @@ def format_plan(cfg: RunConfig, world_size: int, strategies: Sequence[str], *, d
     """The ``bigtrain plan`` report: header, per-backend table, verdict."""
     strategies = [_normalize(s, cfg) for s in strategies]
     muon = cfg.train.optimizer == "muon"
-    if muon and len(strategies) > 1:  # "all": ZeRO refuses Muon, so its rows are left out (and said so)
+    moe = cfg.model.moe
+    if (muon or moe is not None) and len(strategies) > 1:  # "all": ZeRO refuses Muon and MoE: rows left out, said so
         strategies = [s for s in strategies if not s.startswith("zero")]
     seqs, accum = cfg.batch_layout(world_size)
     rows = [plan_memory(cfg, 1 if s == "single" else world_size, s, device=device) for s in strategies]
     m, t = cfg.model, cfg.train
     n = count_parameters(m)
+    shape = (f"{m.num_layers} layers, dim {m.dim}, {m.num_heads} heads / {m.kv_heads} kv, ffn {m.ffn_dim}, "
+             f"vocab {m.vocab_size}{', tied' if m.tie_embeddings else ''}")
+    model_lines = [f"  model        {_count(n)} params ({shape})"]
+    if moe is not None:
+        ep = cfg.parallel.expert_parallel
+        model_lines = [
+            (f"  model        {_count(n)} params total, {_count(count_parameters(m, active=True))} active per token "
+             f"({shape})"),
+            (f"  experts      {moe.num_experts} routed"
+             + (f" + {moe.num_shared_experts} shared" if moe.num_shared_experts else "")
+             + f" per MoE layer ({m.num_layers - moe.first_dense_layers} of {m.num_layers} layers), top-{moe.top_k}, "
+               f"expert hidden {hidden_dim(m)}"
+             + (f"; expert_parallel {ep} ({moe.num_experts // ep} experts per rank, fsdp)" if ep > 1 else "")),
+        ]
     compute = rows[0].compute_dtype
     ckpt: str = cfg.parallel.activation_checkpointing
     if ckpt == "every_k":
@@ -329,18 +438,21 @@ def format_plan(cfg: RunConfig, world_size: int, strategies: Sequence[str], *, d
     lines = [
         (f"bigtrain plan: {source or cfg.run.name} on {world_size} rank{'s' if world_size > 1 else ''}"
          f" ({gpu_memory_gib:g} GiB per {'GPU' if device == 'cuda' else 'process'})"),
-        (f"  model        {_count(n)} params ({m.num_layers} layers, dim {m.dim}, {m.num_heads} heads / "
-         f"{m.kv_heads} kv, ffn {m.ffn_dim}, vocab {m.vocab_size}{', tied' if m.tie_embeddings else ''})"),
-        f"  compute      {flops_per_token(m, cfg.data.seq_len) / 1e9:.2f} GFLOP/token at seq_len {cfg.data.seq_len}",
+        *model_lines,
+        (f"  compute      {flops_per_token(m, cfg.data.seq_len) / 1e9:.2f} GFLOP/token at seq_len {cfg.data.seq_len}"
+         + (" (active parameters)" if moe is not None else "")),
         (f"  batch        {t.global_batch_tokens:,} tokens/step = {seqs} x {cfg.data.seq_len}; micro_batch_size "
          f"{t.micro_batch_size} x {world_size} ranks -> grad accum {accum}"),
         (f"  precision    train.precision={t.precision} -> {compute} compute on {device}"
          f"{' (assumed: --device cpu for fp32)' if t.precision == 'auto' and device == 'cuda' else ''}; "
          f"fp32 master weights; "
          + ("Muon: 1 fp32 momentum per block-matrix element, AdamW (2 fp32 moments) for the rest; ZeRO rows "
-            "left out (no Muon)" if muon else "AdamW: 2 fp32 moments per parameter")),
+            "left out (no Muon)" if muon else "AdamW: 2 fp32 moments per parameter")
+         + ("; state counts all parameters (every expert)" if moe is not None else "")
+         + ("; ZeRO rows left out (no MoE)" if moe is not None and not muon and len(strategies) > 1 else "")),
         (f"  activations  estimate for one micro-batch ({t.micro_batch_size} x {cfg.data.seq_len} tokens), "
-         f"activation_checkpointing={ckpt}"),
+         f"activation_checkpointing={ckpt}"
+         + (f"; MoE: top-{moe.top_k} routed copies, expert hidden and router scores per token" if moe else "")),
         "",
     ]
     header = ["backend", "shards", "params", "grads", "optim", "buffers", "activ.", "total GiB", "fits"]

@@ -9,7 +9,10 @@ by vocabulary, norms whole), cut into pipeline stages as ``parallel/pp.py`` cuts
 on dim 0 over the FSDP group (``dp_shard x cp``). The worst rank is reported (the pipeline's last
 stage holds the output projection). Params, grads and optimizer state are what
 :func:`bigtrain.parallel.memory.held_state_bytes` measures (the tests hold them within 10%);
-activations and buffers are estimates.
+activations and buffers are estimates. Mixture-of-Experts models: every expert is counted; with
+expert parallelism (``Layout.ep``, drawn from ``dp_shard x cp``) the routed experts are split over
+ep ranks and FSDP-sharded over the other ``dp_shard x cp / ep`` (``parallel/ep.py``); activations
+count the routed copies, expert hidden units and router scores (:func:`bigtrain.plan.ffn_activation_bytes`).
 
 The step time is a roofline model, stated so it can be argued with:
 
@@ -22,11 +25,20 @@ The step time is a roofline model, stated so it can be argued with:
 * pipeline parallelism: the activation of each microbatch sent forward and its gradient back
   at every stage boundary, and the bubble: the step takes (1 + (pp - 1) / (microbatches x
   virtual stages)) times as long;
+* expert parallelism (MoE): per MoE layer and microbatch, 2 all-to-alls in forward (tokens to their
+  experts, results back), 2 in backward (and 2 more in an activation-checkpointing recompute), each
+  moving top_k x dim x tokens x (ep - 1) / ep of this rank's routed copies (balanced routing: a rank
+  receives as many as it sends); the per-expert token counts exchanged first are negligible;
 * FSDP2: all-gather of the parameters in forward and backward and reduce-scatter of the
   gradients once per step, overlapped with compute (only the excess counts); HSDP adds an
-  all-reduce of the gradient shards across replicas.
+  all-reduce of the gradient shards across replicas. Under expert parallelism the routed experts are
+  gathered over their own ``dp_shard x cp / ep`` ranks, this rank's ``experts / ep`` of them only.
 
-The links are inter-node whenever a group spans more than ``gpus_per_node`` consecutive ranks.
+Compute counts a MoE model's *active* parameters (``flops_per_token``); load imbalance between
+experts and the grouped matmuls' lower efficiency are not modelled.
+
+The links are inter-node whenever a group spans more than ``gpus_per_node`` consecutive ranks (an
+expert-parallel group spans ``ep x tp`` of them: ep is the innermost part of ``dp_shard x cp``).
 """
 from __future__ import annotations
 
@@ -38,9 +50,18 @@ from dataclasses import dataclass
 from bigtrain.config import RunConfig
 from bigtrain.errors import UserError
 from bigtrain.model import ModelConfig, build_on_meta, flops_per_token
+from bigtrain.model.moe import is_moe_layer
 from bigtrain.optim.muon import is_hidden_matrix
 from bigtrain.parallel.mesh import Layout
-from bigtrain.plan import GIB, qk_norm_bytes, resolve_compute_dtype
+from bigtrain.plan import (
+    GIB,
+    block_activation_bytes,
+    checkpointed_blocks,
+    expert_shard_numel,
+    moe_dispatch_bytes,
+    resolve_compute_dtype,
+    stack_activation_bytes,
+)
 from bigtrain.sections import ConfigError
 
 _BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -77,6 +98,7 @@ class LayoutPlan:
     pp_s: float
     fsdp_exposed_s: float
     bubble: float  # fraction of the step the pipeline idles
+    ep_s: float = 0.0  # expert-parallel all-to-alls (MoE)
 
     @property
     def state(self) -> int:
@@ -88,7 +110,8 @@ class LayoutPlan:
 
     @property
     def step_s(self) -> float:
-        return (self.compute_s + self.tp_s + self.cp_s + self.pp_s) * (1 + self.bubble) + self.fsdp_exposed_s
+        return ((self.compute_s + self.tp_s + self.cp_s + self.ep_s + self.pp_s) * (1 + self.bubble)
+                + self.fsdp_exposed_s)
 
     def mfu(self, hw: Hardware) -> float:
         """Estimated model FLOPs utilization: the assumed matmul efficiency times the share of the step computing."""
@@ -100,19 +123,25 @@ class _Param:
     name: str
     shape: tuple[int, ...]
 
+    @property
+    def expert(self) -> bool:
+        """A routed-expert stack (MoE: ``ffn.experts.w1`` [experts, hidden, dim]), split over ep ranks."""
+        return self.name.rpartition(".")[0].endswith("experts") and len(self.shape) == 3
+
 
 @functools.lru_cache(maxsize=8)
-def _params(mcfg: ModelConfig) -> tuple[tuple[_Param, ...], tuple[_Param, ...]]:
-    """(one block's parameters, the others) of the meta-built model, with their names (relative to the block)."""
+def _params(mcfg: ModelConfig) -> tuple[tuple[tuple[_Param, ...], ...], tuple[_Param, ...]]:
+    """(each block's parameters, the others) of the meta-built model, with their names (relative to the block)."""
     model = build_on_meta(mcfg)
-    block = tuple(_Param(n, tuple(p.shape)) for n, p in model.layers["0"].named_parameters())
+    blocks = tuple(tuple(_Param(n, tuple(p.shape)) for n, p in block.named_parameters())
+                   for block in model.layers.values())
     root = tuple(_Param(n, tuple(p.shape)) for n, p in model.named_parameters() if not n.startswith("layers."))
-    return block, root
+    return blocks, root
 
 
 def _tp_shape(param: _Param, tp: int) -> tuple[int, ...]:
     """The shape one tensor-parallel rank holds."""
-    if tp == 1 or len(param.shape) < 2:
+    if tp == 1 or len(param.shape) != 2:
         return param.shape
     leaf = param.name.split(".")[-2]
     rows, cols = param.shape
@@ -130,16 +159,34 @@ def _fsdp_numel(shape: tuple[int, ...], n: int) -> int:
     return math.ceil(shape[0] / n) * math.prod(shape[1:])
 
 
-def _stage_params(cfg: RunConfig, layout: Layout) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]]:
-    """Tensor-parallel shapes of one block's parameters and of the worst rank's other parameters (all of them
-    without pipeline stages; else the larger of the first stage's embedding and the last stage's norm + output)."""
-    block, root = _params(cfg.model)
-    root_here = list(root)
-    if layout.pp > 1:
-        first = [p for p in root if p.name == "tok_embeddings.weight"]
-        last = [p for p in root if p.name != "tok_embeddings.weight"]
-        root_here = max(first, last, key=lambda ps: sum(math.prod(p.shape) for p in ps))
-    return [_tp_shape(p, layout.tp) for p in block], [_tp_shape(p, layout.tp) for p in root_here]
+@dataclass(frozen=True)
+class _Stage:
+    """The worst rank's parameters, with this rank's tensor-parallel shapes."""
+
+    first: int  # index of its first block
+    blocks: tuple[tuple[_Param, ...], ...]
+    root: tuple[_Param, ...]  # embedding / final norm / output projection held here
+
+    def numel(self) -> int:
+        return sum(math.prod(p.shape) for ps in (*self.blocks, self.root) for p in ps)
+
+
+def _stage_params(cfg: RunConfig, layout: Layout) -> _Stage:
+    """The worst rank's blocks and other parameters: all of them without pipeline stages; else the larger of
+    the first stage (its blocks and the embedding) and the last (its blocks, the norm and the output)."""
+    blocks, root = _params(cfg.model)
+
+    def tp(params: tuple[_Param, ...]) -> tuple[_Param, ...]:
+        return tuple(_Param(p.name, _tp_shape(p, layout.tp)) for p in params)
+
+    if layout.pp == 1:
+        return _Stage(0, tuple(tp(b) for b in blocks), tp(root))
+    n = len(blocks) // layout.pp
+    first = _Stage(0, tuple(tp(b) for b in blocks[:n]),
+                   tp(tuple(p for p in root if p.name == "tok_embeddings.weight")))
+    last = _Stage(len(blocks) - n, tuple(tp(b) for b in blocks[-n:]),
+                  tp(tuple(p for p in root if p.name != "tok_embeddings.weight")))
+    return max(first, last, key=_Stage.numel)
 
 
 def _link(hw: Hardware, span: int) -> float:
@@ -150,7 +197,8 @@ def _link(hw: Hardware, span: int) -> float:
 def _layout_config(cfg: RunConfig, layout: Layout) -> RunConfig:
     parallel = dataclasses.replace(
         cfg.parallel, strategy="fsdp", tensor_parallel=layout.tp, context_parallel=layout.cp,
-        pipeline_parallel=layout.pp, fsdp=dataclasses.replace(cfg.parallel.fsdp, replicate_degree=layout.dp_replicate))
+        pipeline_parallel=layout.pp, expert_parallel=layout.ep,
+        fsdp=dataclasses.replace(cfg.parallel.fsdp, replicate_degree=layout.dp_replicate))
     return dataclasses.replace(cfg, parallel=parallel)
 
 
@@ -158,6 +206,7 @@ def check_layout(cfg: RunConfig, layout: Layout) -> tuple[RunConfig, int, int]:
     """The config with ``layout``, its accumulation steps and pipeline microbatches; ConfigError if it cannot run."""
     lcfg = _layout_config(cfg, layout)
     p = lcfg.parallel
+    lcfg.check_moe()  # MoE models refuse tensor and pipeline parallelism, as a launch does
     p.check_model(lcfg.model, lcfg.data.seq_len)
     p.check_pipeline(lcfg.model, lcfg.data.document_ids)
     Layout.from_config(p, layout.world_size)
@@ -170,33 +219,34 @@ def plan_layout(cfg: RunConfig, layout: Layout, hw: Hardware, *, device: str = "
     lcfg, accum, micro = check_layout(cfg, layout)
     m, t, p = lcfg.model, lcfg.train, lcfg.parallel
     a = _BYTES[resolve_compute_dtype(t.precision, device)]
-    fsdp = layout.dp_shard * layout.cp
-    one_block_shapes, root_shapes = _stage_params(lcfg, layout)
-    blocks_here = m.num_layers // layout.pp
-    shapes = one_block_shapes * blocks_here + root_shapes
-    local = sum(_fsdp_numel(s, fsdp) for s in shapes)
+    fsdp, ep = layout.dp_shard * layout.cp, layout.ep
+    stage = _stage_params(lcfg, layout)
+    here = [param for block in stage.blocks for param in block] + list(stage.root)
+    # Routed experts (MoE): split over ep ranks, then FSDP-sharded over the rest; all else over dp_shard x cp.
+    local = sum(expert_shard_numel(q.shape, ep, fsdp) if q.expert else _fsdp_numel(q.shape, fsdp) for q in here)
     params = grads = 4 * local  # fp32 sharded params and gradients
-    optimizer = 8 * local + 4 * len(shapes)  # two fp32 moments + a step scalar per tensor
+    optimizer = 8 * local + 4 * len(here)  # two fp32 moments + a step scalar per tensor
     if t.optimizer == "muon":  # a block matrix keeps one fp32 momentum buffer instead
-        block, _ = _params(m)
-        hidden = [s for s, param in zip(one_block_shapes, block, strict=True) if is_hidden_matrix(param.name)]
-        optimizer -= blocks_here * sum(4 * _fsdp_numel(s, fsdp) + 4 for s in hidden)
+        optimizer -= sum(4 * _fsdp_numel(q.shape, fsdp) + 4 for block in stage.blocks for q in block
+                         if is_hidden_matrix(q.name))
     param_bytes = a if p.fsdp.param_dtype == "auto" else _BYTES[p.fsdp.param_dtype]
-    one_block = sum(math.prod(s) for s in one_block_shapes)
-    root_numel = sum(math.prod(s) for s in root_shapes)
+    # The largest block as gathered: an expert-parallel rank gathers only its experts / ep.
+    one_block = max(sum(math.prod(q.shape) // (ep if q.expert else 1) for q in block) for block in stage.blocks)
+    root_numel = sum(math.prod(q.shape) for q in stage.root)
     buffers = (param_bytes * (root_numel + 2 * one_block) + _BYTES[p.fsdp.reduce_dtype] * one_block
                if fsdp > 1 else 0)
 
     # Activations of one microbatch, per token of this rank's slice, then times what is in flight.
     seqs_per_micro = accum * t.micro_batch_size // micro
     tokens = seqs_per_micro * lcfg.data.seq_len // layout.cp  # tokens of one microbatch on this rank
-    h, f, tp, v = m.dim, m.ffn_dim, layout.tp, m.vocab_size
-    per_block = (2 * (8 + a) * h + 5 * a * h + 4 * a * f + qk_norm_bytes(m, a)) / tp + (2 * a * h if tp > 1 else 0)
-    ckpt = {"full": blocks_here, "every_k": blocks_here // p.activation_checkpointing_every}.get(
-        p.activation_checkpointing, 0)
-    per_token = (blocks_here - ckpt) * per_block + ckpt * param_bytes * h / tp + (per_block if ckpt else 0)
+    h, tp, v = m.dim, layout.tp, m.vocab_size
+    indices = range(stage.first, stage.first + len(stage.blocks))
+    per_block = [block_activation_bytes(m, a, i, tp=tp, ep=ep) for i in indices]
+    checkpointed = checkpointed_blocks(p.activation_checkpointing, p.activation_checkpointing_every, len(per_block))
+    per_token = stack_activation_bytes(per_block, checkpointed, param_bytes * h / tp)
     in_flight = 1 if layout.pp == 1 else (micro if p.pipeline_schedule == "gpipe" else min(micro, layout.pp))
     head = ((8 + a) * h / tp + a * h + (4 + a) * v / tp)  # final norm, gathered hidden, vocabulary-sharded logits
+    head += moe_dispatch_bytes(m, a, ep)  # the all-to-all buffers of the one MoE layer in flight
     activations = int(tokens * (per_token * in_flight + head))
     virtual = p.pipeline_virtual_stages
     if layout.pp > 1:
@@ -209,18 +259,19 @@ def plan_layout(cfg: RunConfig, layout: Layout, hw: Hardware, *, device: str = "
     traffic = traffic_bytes(lcfg, layout, device=device)
     tp_s = traffic["tp"] / _link(hw, layout.tp)
     cp_s = traffic["cp"] / _link(hw, layout.cp * layout.tp)
+    ep_s = traffic["ep"] / _link(hw, layout.ep * layout.tp)  # ep: the innermost ranks of dp_shard x cp
     pp_s = traffic["pp"] / _link(hw, world)
     fsdp_s = traffic["fsdp"] / _link(hw, fsdp * layout.tp) + traffic["hsdp"] / (hw.inter_node_gbps * 1e9)
     bubble = (layout.pp - 1) / (micro * virtual) if layout.pp > 1 else 0.0
     return LayoutPlan(layout=layout, microbatches=micro, params=params, grads=grads, optimizer=optimizer,
                       buffers=buffers, activations=activations, compute_s=compute_s, tp_s=tp_s, cp_s=cp_s,
-                      pp_s=pp_s, fsdp_exposed_s=max(0.0, fsdp_s - compute_s), bubble=bubble)
+                      pp_s=pp_s, fsdp_exposed_s=max(0.0, fsdp_s - compute_s), bubble=bubble, ep_s=ep_s)
 
 
 def traffic_bytes(cfg: RunConfig, layout: Layout, *, device: str = "cuda") -> dict[str, float]:
-    """Bytes one rank sends per optimizer step, by dimension (``tp``, ``cp``, ``pp``, ``fsdp``, ``hsdp``): ring
-    collectives move (n - 1) / n of the tensor per rank (all-reduce twice that); the model in the module docstring.
-    bench/comm_volume.py holds this against bytes counted at the collectives."""
+    """Bytes one rank sends per optimizer step, by dimension (``tp``, ``cp``, ``ep``, ``pp``, ``fsdp``, ``hsdp``):
+    ring collectives and all-to-alls move (n - 1) / n of the tensor per rank (all-reduce twice that); the model in
+    the module docstring. bench/comm_volume.py holds this against bytes counted at the collectives."""
     lcfg, accum, micro = check_layout(cfg, layout)
     m, t, p = lcfg.model, lcfg.train, lcfg.parallel
     a = _BYTES[resolve_compute_dtype(t.precision, device)]
@@ -240,33 +291,58 @@ def traffic_bytes(cfg: RunConfig, layout: Layout, *, device: str = "cuda") -> di
     cp_bytes = 2 * passes * blocks_here * microbatches * attn * (cp - 1) / cp if cp > 1 else 0.0
     # Every stage boundary carries an activation forward and its gradient back, per microbatch.
     pp_bytes = 2 * (pp * virtual - 1) / pp * microbatches * act / tp if pp > 1 else 0.0
-    one_block, root = _stage_params(lcfg, layout)
-    stage_numel = sum(math.prod(s) for s in one_block) * blocks_here + sum(math.prod(s) for s in root)
-    # All-gather in forward and backward, reduce-scatter of the gradients (fp32 by default).
+    stage = _stage_params(lcfg, layout)
+    ep = layout.ep
+    ep_bytes = 0.0
+    if ep > 1 and m.moe is not None:
+        # Per MoE layer and microbatch: tokens out to their experts and results back, in forward, backward and
+        # (checkpointed blocks) the recompute; each moves this rank's k routed copies of its tokens.
+        checkpointed = checkpointed_blocks(p.activation_checkpointing, p.activation_checkpointing_every,
+                                           len(stage.blocks))
+        exchanges = sum(4 + (2 if c else 0) for i, c in enumerate(checkpointed) if is_moe_layer(m, stage.first + i))
+        ep_bytes = exchanges * microbatches * tokens * m.moe.top_k * m.dim * a * (ep - 1) / ep
+    expert_numel = sum(math.prod(q.shape) for block in stage.blocks for q in block if q.expert)
+    stage_numel = stage.numel()
+    # All-gather in forward and backward, reduce-scatter of the gradients (fp32 by default). Expert-parallel
+    # experts are gathered over their own fsdp / ep ranks, this rank's experts / ep only.
     per_param = 2 * param_bytes + _BYTES[p.fsdp.reduce_dtype]
-    fsdp_bytes = per_param * stage_numel * (fsdp - 1) / fsdp if fsdp > 1 else 0.0
+    if ep == 1:
+        fsdp_bytes = per_param * stage_numel * (fsdp - 1) / fsdp if fsdp > 1 else 0.0
+    else:
+        shard = fsdp // ep
+        fsdp_bytes = per_param * ((stage_numel - expert_numel) * (fsdp - 1) / fsdp
+                                  + expert_numel / ep * (shard - 1) / shard)
     rep = layout.dp_replicate
     hsdp_bytes = 2 * _BYTES[p.fsdp.reduce_dtype] * stage_numel / fsdp * (rep - 1) / rep if rep > 1 else 0.0
-    return {"tp": tp_bytes, "cp": cp_bytes, "pp": pp_bytes, "fsdp": fsdp_bytes, "hsdp": hsdp_bytes}
+    return {"tp": tp_bytes, "cp": cp_bytes, "ep": ep_bytes, "pp": pp_bytes, "fsdp": fsdp_bytes, "hsdp": hsdp_bytes}
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
 
 
 def candidate_layouts(cfg: RunConfig, world_size: int, hw: Hardware) -> list[Layout]:
     """Every layout of ``world_size`` ranks the config can run: tp within a node, cp and pp powers of two or
-    divisors, HSDP replicas as in the config."""
+    divisors, HSDP replicas as in the config; for a MoE model every expert-parallel degree that divides both
+    dp_shard x cp and the experts (tensor and pipeline parallelism are refused for MoE models)."""
     rep = cfg.parallel.fsdp.replicate_degree
+    moe = cfg.model.moe
     found = []
-    for tp in (d for d in range(1, hw.gpus_per_node + 1) if hw.gpus_per_node % d == 0):
+    for tp in _divisors(hw.gpus_per_node):
         for cp in (1, 2, 4, 8, 16):
-            for pp in (d for d in range(1, cfg.model.num_layers + 1) if cfg.model.num_layers % d == 0):
+            for pp in _divisors(cfg.model.num_layers):
                 inner = rep * tp * cp * pp
                 if world_size % inner:
                     continue
-                layout = Layout(pp=pp, dp_replicate=rep, dp_shard=world_size // inner, cp=cp, tp=tp)
-                try:
-                    check_layout(cfg, layout)
-                except ConfigError:
-                    continue
-                found.append(layout)
+                dp_shard = world_size // inner
+                eps = [1] if moe is None else [d for d in _divisors(dp_shard * cp) if moe.num_experts % d == 0]
+                for ep in eps:
+                    layout = Layout(pp=pp, dp_replicate=rep, dp_shard=dp_shard, cp=cp, tp=tp, ep=ep)
+                    try:
+                        check_layout(cfg, layout)
+                    except ConfigError:
+                        continue
+                    found.append(layout)
     return found
 
 
@@ -276,11 +352,12 @@ def rank_layouts(cfg: RunConfig, world_size: int, hw: Hardware, *, device: str =
     return sorted(plans, key=lambda pl: (pl.peak > hw.gpu_memory_gib * GIB, pl.step_s))
 
 
-def _row(plan: LayoutPlan, hw: Hardware) -> list[str]:
+def _row(plan: LayoutPlan, hw: Hardware, moe: bool) -> list[str]:
     lay = plan.layout
-    return [lay.describe(), str(lay.tp), str(lay.cp), str(lay.pp), str(lay.dp_replicate * lay.dp_shard),
-            f"{plan.state / GIB:.1f}", f"{plan.activations / GIB:.1f}", f"{plan.peak / GIB:.1f}",
-            f"{plan.step_s:.2f}", f"{100 * plan.bubble:.0f}%", f"{100 * plan.mfu(hw):.0f}%",
+    return [lay.describe(), str(lay.tp), str(lay.cp), str(lay.pp), *([str(lay.ep)] if moe else []),
+            str(lay.dp_replicate * lay.dp_shard), f"{plan.state / GIB:.1f}", f"{plan.activations / GIB:.1f}",
+            f"{plan.peak / GIB:.1f}", f"{plan.step_s:.2f}", *([f"{plan.ep_s:.2f}"] if moe else []),
+            f"{100 * plan.bubble:.0f}%", f"{100 * plan.mfu(hw):.0f}%",
             "yes" if plan.peak <= hw.gpu_memory_gib * GIB else "NO"]
 
 
@@ -289,18 +366,20 @@ def format_layouts(cfg: RunConfig, world_size: int, hw: Hardware, *, device: str
     lines = [(f"N-D layouts on {world_size} ranks ({hw.gpus_per_node} per node; estimate: compute at "
               f"{hw.efficiency:.0%} of {hw.peak_tflops:g} TFLOP/s, {hw.intra_node_gbps:g} GB/s in a node, "
               f"{hw.inter_node_gbps:g} GB/s between nodes; see bigtrain/plan_layout.py)")]
-    header = ["layout", "tp", "cp", "pp", "dp", "state", "activ.", "peak GiB", "step s", "bubble", "MFU", "fits"]
+    moe = cfg.model.moe is not None
+    header = ["layout", "tp", "cp", "pp", *(["ep"] if moe else []), "dp", "state", "activ.", "peak GiB", "step s",
+              *(["a2a s"] if moe else []), "bubble", "MFU", "fits"]
     table = [header]
     p = cfg.parallel
-    if p.model_parallel_degrees:
-        own = Layout.from_config(p, world_size)
+    if p.model_parallel_degrees or p.expert_parallel > 1:
         try:
-            table.append(_row(plan_layout(cfg, own, hw, device=device), hw))
+            own = Layout.from_config(p, world_size)
+            table.append(_row(plan_layout(cfg, own, hw, device=device), hw, moe))
             table[-1][0] += " (config)"
         except ConfigError as exc:
             raise UserError(str(exc)) from None
     ranked = rank_layouts(cfg, world_size, hw, device=device)
-    table += [_row(plan, hw) for plan in ranked[:top]]
+    table += [_row(plan, hw, moe) for plan in ranked[:top]]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for j, row in enumerate(table):
         lines.append("  " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in
@@ -313,8 +392,13 @@ def format_layouts(cfg: RunConfig, world_size: int, hw: Hardware, *, device: str
         lay = best.layout
         lines.append(f"suggested: parallel.strategy=fsdp parallel.tensor_parallel={lay.tp} "
                      f"parallel.context_parallel={lay.cp} parallel.pipeline_parallel={lay.pp} "
-                     f"({best.peak / GIB:.1f} GiB/rank, ~{best.step_s:.2f} s/step, {len(ranked)} layouts considered)")
+                     + (f"parallel.expert_parallel={lay.ep} " if moe else "")
+                     + f"({best.peak / GIB:.1f} GiB/rank, ~{best.step_s:.2f} s/step, {len(ranked)} layouts considered)")
     else:
         lines.append(f"no layout fits {hw.gpu_memory_gib:g} GiB on {world_size} ranks ({len(ranked)} considered): "
                      f"add ranks, set parallel.activation_checkpointing=full or lower train.micro_batch_size.")
+    if moe:
+        lines.append("  MoE: state counts every expert (ep splits the routed experts, FSDP2 the rest); compute counts "
+                     "active parameters; a2a s = the expert-parallel all-to-alls (4 per MoE layer and microbatch, 6 "
+                     "when recomputed), included in step s; balanced routing assumed.")
     return "\n".join(lines) + "\n"

@@ -9,7 +9,7 @@ import bigtrain.plan as plan_mod
 from bigtrain.config import ConfigError, load_config
 from bigtrain.errors import UserError
 from bigtrain.model import count_parameters
-from bigtrain.plan import GIB, activation_bytes, format_plan, plan_memory
+from bigtrain.plan import GIB, activation_bytes, expert_shard_numel, ffn_activation_bytes, format_plan, plan_memory
 
 
 def _rss_bytes() -> int:
@@ -165,3 +165,127 @@ def test_zero_setup_transient_counts_for_fits() -> None:
     z3 = plan_memory(cfg, 64, "zero3")
     assert z3.setup < z3.total < 80 * GIB and z3.fits(80)
     assert z3.setup < 0.05 * 4 * count_parameters(cfg.model)
+
+
+# --------------------------------------------------------------------------- Mixture-of-Experts
+
+
+@pytest.mark.parametrize("config,world,ep", [("configs/olmoe-1b-7b.yaml", 64, 8),
+                                              ("configs/qwen3-30b-a3b.yaml", 128, 8)])
+def test_moe_presets_plan_every_expert_sharded_and_fit(config: str, world: int, ep: int) -> None:
+    """State counts all parameters (every expert); with ep drawn from dp_shard the per-rank share is total / world
+    either way, and expert parallelism gathers only a rank's experts (smaller FSDP buffers)."""
+    cfg = load_config(config)
+    assert cfg.parallel.expert_parallel == ep
+    n = count_parameters(cfg.model)
+    plan = plan_memory(cfg, world, "fsdp")
+    assert plan.params == plan.grads == pytest.approx(4 * n / world, rel=1e-3)
+    assert plan.optimizer == pytest.approx(8 * n / world, rel=1e-3)
+    assert plan.fits(80) and plan.total < 40 * GIB
+    no_ep = plan_memory(load_config(config, ["parallel.expert_parallel=1"]), world, "fsdp")
+    assert no_ep.state == pytest.approx(plan.state, rel=1e-3) and no_ep.buffers > 2 * plan.buffers
+    # Expert parallelism adds one layer's all-to-all buffers (4 a k h per token of the micro-batch, bf16) and,
+    # in the one block recomputed under full checkpointing, the regrouping orders (2 int64 per routed copy).
+    moe, tokens = cfg.model.moe, cfg.train.micro_batch_size * cfg.data.seq_len
+    assert moe is not None and cfg.parallel.activation_checkpointing == "full"
+    assert plan.activations - no_ep.activations == (4 * 2 * moe.top_k * cfg.model.dim + 16 * moe.top_k) * tokens
+    single = plan_memory(cfg, 1, "single", device="cpu")
+    assert single.params == 4 * n  # every expert on the one rank
+
+
+def test_moe_plan_text_says_total_and_active_and_leaves_zero_out() -> None:
+    cfg = load_config("configs/olmoe-1b-7b.yaml")
+    text = format_plan(cfg, 64, ["single", "ddp", "zero1", "zero2", "zero3", "fsdp"], device="cuda", gpu_memory_gib=80)
+    assert "6.92B params total, 1.28B active per token" in text, text
+    assert "64 routed per MoE layer (16 of 16 layers), top-8, expert hidden 1024; expert_parallel 8" in text
+    assert "(active parameters)" in text and "ZeRO rows left out (no MoE)" in text
+    assert "zero-" not in text.split("backend")[1] and "verdict: fits in 80 GiB on 64 ranks with fsdp" in text
+    with pytest.raises(UserError, match="does not train Mixture-of-Experts"):
+        plan_memory(cfg, 64, "zero3")
+
+
+def test_moe_invalid_expert_parallel_refused() -> None:
+    cfg = load_config("configs/olmoe-1b-7b.yaml")  # expert_parallel 8
+    with pytest.raises(ConfigError, match="expert_parallel=8 must divide the data-parallel"):
+        plan_memory(cfg, 4, "fsdp")
+    assert plan_memory(cfg, 4, "ddp").params == 4 * count_parameters(cfg.model)  # ddp keeps every expert
+
+
+def test_expert_shard_numel_follows_shard_experts() -> None:
+    """ep = 1: dim 0 with its block (padded); ep > 1: experts / ep, then dim 0 over the rest when the local experts
+    split evenly, else dim 1 when it does (parallel/ep.py shard_experts), else dim 0 padded."""
+    assert expert_shard_numel((6, 64, 32), 1, 4) == 2 * 64 * 32  # ceil(6 / 4) experts
+    assert expert_shard_numel((8, 64, 32), 1, 16) == 1 * 64 * 32  # fewer experts than ranks: one on each (padding)
+    assert expert_shard_numel((8, 64, 32), 2, 4) == 2 * 64 * 32  # 4 local experts over 2
+    assert expert_shard_numel((6, 64, 32), 2, 4) == 3 * 32 * 32  # 3 local experts: by hidden unit
+    assert expert_shard_numel((6, 63, 32), 2, 4) == 2 * 63 * 32  # neither splits: dim 0, padded
+    assert expert_shard_numel((8, 64, 32), 8, 8) == 64 * 32  # ep over all: one expert each, whole
+
+
+def test_moe_activations_by_hand_and_first_dense_layers() -> None:
+    """moe-debug (8 experts of 352, top-2) in fp32 without checkpointing: the dense part of each block as for
+    debug, the feed-forward as ffn_activation_bytes; leading dense blocks keep the dense SwiGLU."""
+    over = ["data.seq_len=256", "train.micro_batch_size=8"]
+    cfg = load_config("configs/moe-debug.yaml", over)
+    dense = load_config("configs/debug.yaml", over)
+    a, h, k, e, g, f = 4, 256, 2, 8, 352, dense.model.ffn_dim
+    ffn = 8 * e + (28 + a) * k + 12 + 3 * a * k * h + 4 * a * k * g
+    assert ffn_activation_bytes(cfg.model, a) == ffn
+    tokens = 8 * 256
+    delta = activation_bytes(cfg, a) - activation_bytes(dense, a)
+    assert delta == 4 * (ffn - 4 * a * f) * tokens
+    first = load_config("configs/moe-debug.yaml", [*over, "model.moe.first_dense_layers=1"])
+    assert activation_bytes(first, a) - activation_bytes(dense, a) == 3 * (ffn - 4 * a * f) * tokens
+    single = plan_memory(first, 1, "single", device="cpu")
+    assert single.params == 4 * count_parameters(first.model)
+    # Full checkpointing recomputes the largest block (a MoE one).
+    ckpt = load_config("configs/moe-debug.yaml", [*over, "model.moe.first_dense_layers=1",
+                                                  "parallel.activation_checkpointing=full"])
+    per_block = 2 * (8 + a) * h + 5 * a * h + ffn
+    assert activation_bytes(ckpt, a) == (4 * 4 * h + per_block + (8 + a) * h + (4 + a) * 4096) * tokens
+
+
+def test_moe_ffn_activations_match_what_autograd_keeps() -> None:
+    """ffn_activation_bytes is the bytes of the tensors autograd still holds after a MoE forward (grouped path,
+    fp32 and bf16, with shared experts)."""
+    import gc
+    import weakref
+
+    import torch
+
+    from bigtrain.model.moe import MoE
+
+    class Held:
+        def __init__(self, t: torch.Tensor) -> None:
+            self.t = t
+
+    held: weakref.WeakSet[Held] = weakref.WeakSet()
+
+    def pack(t: torch.Tensor) -> Held:
+        box = Held(t)
+        held.add(box)
+        return box
+
+    for dtype, extra in ((torch.float32, []), (torch.bfloat16, ["model.moe.num_shared_experts=1"])):
+        cfg = load_config("configs/moe-debug.yaml", ["model.dim=64", "model.num_heads=4", "model.num_kv_heads=4",
+                                                     "model.moe.expert_hidden_dim=48", *extra]).model
+        torch.manual_seed(0)
+        moe = MoE(cfg)
+        for p in moe.parameters():
+            torch.nn.init.normal_(p, std=0.05)
+        moe = moe.to(dtype)
+        tokens = 512
+        x = torch.randn(1, tokens, cfg.dim, dtype=dtype, requires_grad=True)
+        skip = {p.data_ptr() for p in moe.parameters()} | {x.data_ptr()}
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda box: box.t):
+            loss = moe(x).float().sum() + moe.aux_loss
+        moe.aux_loss = moe.last_stats = None
+        gc.collect()
+        live = {b.t.untyped_storage().data_ptr(): b.t.untyped_storage().nbytes() for b in list(held)
+                if b.t.data_ptr() not in skip}
+        del loss
+        held.clear()
+        planned = tokens * ffn_activation_bytes(cfg, dtype.itemsize)
+        # Exact per token; the balancing loss also keeps two fp32 vectors of num_experts per layer.
+        assert cfg.moe is not None and sum(live.values()) - planned == 2 * 4 * cfg.moe.num_experts, (dtype, extra)

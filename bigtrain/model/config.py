@@ -116,7 +116,8 @@ class ModelConfig(Section):
     init_std: float = doc_field(0.02, "Std of the normal init; residual output projections are scaled by "
                                       "1/sqrt(2 * num_layers).")
     init_from: str = doc_field("", "Start from these weights instead of a random init: a Hugging Face Llama-format "
-                                   "folder (Qwen3-format with qk_norm; config.json + *.safetensors), e.g. from "
+                                   "folder (Qwen3 with qk_norm; Mixtral or Qwen3-MoE with moe; config.json + "
+                                   "*.safetensors), e.g. from "
                                    "`bigtrain export`; its shape must match this section. Ignored when resuming.")
     z_loss: float = doc_field(0.0, "Weight of the z-loss (mean squared log-sum-exp of the logits) added to the "
                                    "training loss; 0 = off, 1e-4 is typical.")

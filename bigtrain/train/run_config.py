@@ -95,7 +95,7 @@ class RunConfig(Section):
                 f"parallel.strategy=zero (DeepSpeed's loss scaler); with parallel.strategy={self.parallel.strategy} "
                 f"use train.precision=bf16 (same speed on GPUs that have it, no loss scaling needed) or fp32."
             )
-        self._check_moe()  # first: what MoE cannot do yet is the message, not a follow-on requirement
+        self.check_moe()  # first: what MoE cannot do yet is the message, not a follow-on requirement
         self.parallel.check_model(self.model, seq)
         self.parallel.check_pipeline(self.model, self.data.document_ids)
         self._check_optimizer()
@@ -123,7 +123,7 @@ class RunConfig(Section):
                               "which parallel.fsdp.cpu_offload=true (host-resident shards) does not allow; set "
                               "parallel.fsdp.cpu_offload=false, or use train.optimizer=adamw.")
 
-    def _check_moe(self) -> None:
+    def check_moe(self) -> None:
         """MoE runs under single, ddp and fsdp (with data, context and expert parallelism; docs/moe.md)."""
         if self.model.moe is None:
             return

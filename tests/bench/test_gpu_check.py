@@ -2,7 +2,8 @@
 
 The smoke run exercises every check (Triton kernels in the interpreter, FlexAttention eager, bf16 vs
 fp32, FP8 emulated, fused AdamW, fsdp/ddp on gloo, the sync recorder and step-time breakdown, the
-async checkpoint, and the throughput subprocesses of bench/throughput.py) and must pass them all.
+async checkpoint, the MoE layer's grouped vs loop matmuls and its throughput against a dense SwiGLU, and
+the throughput subprocesses of bench/throughput.py) and must pass them all.
 """
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ ROWS = ("triton rmsnorm float32", "triton rmsnorm bfloat16", "triton rotary floa
         "triton swiglu float32", "triton swiglu bfloat16", "triton linear+CE float32", "triton linear+CE bfloat16",
         "flex attention bf16", "fused AdamW vs foreach", "bf16 autocast vs fp32", "fsdp world size 1 (gloo)",
         "ddp world size 1 (gloo)", "fp8 training", "no host sync on non-log steps", "step-time breakdown",
-        "async checkpoint debug", "smoke@64 plain PyTorch", "smoke@64 bigtrain eager",
-        "smoke@64 bigtrain compile+triton")
+        "async checkpoint debug", "moe grouped vs loop", "moe layer: dense SwiGLU", "moe layer: grouped",
+        "moe layer: loop", "smoke@64 plain PyTorch", "smoke@64 bigtrain eager", "smoke@64 bigtrain compile+triton")
 
 
 def test_smoke_runs_every_check_and_writes_the_table(tmp_path: Path, demo_data: Path) -> None:
@@ -48,4 +49,7 @@ def test_smoke_runs_every_check_and_writes_the_table(tmp_path: Path, demo_data: 
     assert "| FAIL |" not in table and "0 failed" in table
     # The kernels ran in Triton's interpreter, with a measured (nonzero, finite) error.
     assert "max rel err" in lines["triton rmsnorm float32"] and "inf" not in lines["triton rmsnorm float32"]
+    # The MoE rows: a measured difference, and each layer's tokens/s with its ratio to the dense SwiGLU.
+    moe = [line for name, line in lines.items() if name.startswith("moe ")]
+    assert "max rel diff" in moe[0] and all("tok/s" in line for line in moe[1:]) and "x dense" in moe[2], moe
     assert not (REPO / "docs" / "performance.md").read_text().count("SMOKE")  # a smoke run never touches docs

@@ -240,7 +240,8 @@ def test_trains_without_optional_packages(tmp_path: Path, demo_data: Path) -> No
             "eval.final_max_batches=1", "log.sample_at_end=false", "checkpoint.every_steps=1", "run.num_threads=2"]
     # Text sources need no optional package (tests/data/test_documents.py streams one with `datasets` unimportable).
     refused = [
-        (["parallel.strategy=zero"], ["parallel.strategy=zero needs the `deepspeed` package", "parallel.strategy=fsdp"]),
+        (["parallel.strategy=zero", "train.optimizer=adamw"],
+         ["parallel.strategy=zero needs the `deepspeed` package", "parallel.strategy=fsdp"]),
         (["log.wandb.mode=offline"], ["log.wandb.mode=offline needs the `wandb` package", "log.wandb.mode=disabled"]),
     ]
     trained, *results = run_without_optional(

@@ -68,6 +68,6 @@ def test_nonfinite_bad_config_is_a_user_error(tmp_path: Path) -> None:
         with pytest.raises(ConfigError, match=needle):
             load_config(REPO / "configs/debug.yaml", [override])
     # The CLI turns it into status 2 and one paragraph (no traceback).
-    proc = cli("config", "show", "configs/debug.yaml", "train.on_nonfinite=skip", "parallel.strategy=zero")
+    proc = cli("config", "show", "configs/debug.yaml", "train.on_nonfinite=skip", "parallel.strategy=zero", "train.optimizer=adamw")
     assert proc.returncode == 2 and "train.on_nonfinite" in proc.stderr and "stop" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr

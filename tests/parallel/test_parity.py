@@ -24,7 +24,7 @@ from tests.helpers import build_trainer, overriding, run_distributed, train, tra
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 STEPS = 5
 # A small model; micro_batch_size=2 gives 2 accumulation micro-steps on 2 ranks (4 on one), so no_sync is exercised.
-COMMON = ["model.num_layers=2", "model.dim=64", "model.num_heads=4", "data.seq_len=128",
+COMMON = ["train.optimizer=adamw", "model.num_layers=2", "model.dim=64", "model.num_heads=4", "data.seq_len=128",
           f"train.max_steps={STEPS}", "train.global_batch_tokens=1024", "train.micro_batch_size=2",
           "train.lr_warmup_steps=2", "train.precision=fp32", "log.every_steps=1", "eval.every_steps=0",
           "eval.at_end=false", "checkpoint.at_end=false", "log.sample_at_end=false", "run.device=cpu",

@@ -1,5 +1,6 @@
 """`bigtrain plan` against what 2 gloo ranks really hold after a step, per backend (CPU, fp32), and
-how much ZeRO-3 saves per rank.
+how much ZeRO-3 saves per rank; and for a Mixture-of-Experts model (moe-debug: 8 experts, top-2) on one
+process and with expert parallelism (ep2: 4 experts per rank) on 2.
 
 Each case is measured by tests/parallel/measure_memory.py: the 2-rank cases in one launch of
 in-process ranks (tests/helpers.py ``run_distributed``), the single process in pytest's. The plan's
@@ -16,7 +17,7 @@ from bigtrain.plan import plan_memory
 from tests.helpers import run_distributed
 from tests.parallel.measure_memory import measure
 
-OVERRIDES = ["train.micro_batch_size=2", "log.console=false", "run.num_threads=1",  # 2 ranks x 2 x accum 2
+OVERRIDES = ["train.optimizer=adamw", "train.micro_batch_size=2", "log.console=false", "run.num_threads=1",  # 2 ranks x 2 x accum 2
              "data.seq_len=128", "train.global_batch_tokens=1024"]  # the debug model; shorter steps
 CASES = {  # plan name -> (processes, parallel overrides)
     "single": (1, ["parallel.strategy=single"]),
@@ -31,6 +32,11 @@ CASES = {  # plan name -> (processes, parallel overrides)
 # measure pure sharding.
 ZERO3_NO_PERSISTENCE = ["parallel.strategy=zero", "parallel.zero.stage=3",
                         "parallel.zero.extra={zero_optimization: {stage3_param_persistence_threshold: 0}}"]
+MOE = ["model.preset=moe-debug"]
+MOE_CASES = {  # name -> (processes, plan strategy, overrides)
+    "moe-single": (1, "single", [*MOE, "parallel.strategy=single"]),
+    "moe-ep2": (2, "fsdp", [*MOE, "parallel.strategy=fsdp", "parallel.expert_parallel=2"]),
+}
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +45,7 @@ def measured(tmp_path_factory: pytest.TempPathFactory, demo_data: Path) -> dict[
     results: dict[str, list[dict]] = {}
     for nproc in (1, 2):
         cases = {name: [*OVERRIDES, *parallel] for name, (n, parallel) in CASES.items() if n == nproc}
+        cases |= {name: [*OVERRIDES, *parallel] for name, (n, _, parallel) in MOE_CASES.items() if n == nproc}
         if nproc == 2:
             cases["zero3-no-persistence"] = [*OVERRIDES, *ZERO3_NO_PERSISTENCE]
             per_rank = run_distributed(measure, nproc, str(root), cases, timeout_s=600)
@@ -56,6 +63,23 @@ def _plan(name: str, world: int):
 def _within(measured_bytes: int, planned: int, what: str, rel: float = 0.10) -> None:
     assert abs(measured_bytes - planned) <= rel * max(measured_bytes, planned), \
         f"{what}: measured {measured_bytes:,} B, planned {planned:,} B"
+
+
+@pytest.mark.parametrize("name", list(MOE_CASES))
+def test_moe_plan_matches_held_bytes(measured: dict[str, list[dict]], name: str) -> None:
+    """Every expert is counted (single), and with ep2 each rank holds its 4 of the 8 experts (sharded over the
+    1 rank left) and half of every other weight: params, grads and optimizer within 10% on every rank."""
+    nproc, strategy, parallel = MOE_CASES[name]
+    plan = plan_memory(load_config("configs/debug.yaml", [*OVERRIDES, *parallel]), nproc, strategy, device="cpu")
+    for record in measured[name]:
+        held = record["held"]
+        assert record["world_size"] == nproc and record["compute_dtype"] == "float32"
+        for part in ("params", "grads", "optimizer"):
+            _within(held[part], getattr(plan, part), f"{name} rank {record['rank']} {part}")
+        _within(held["total"], plan.state, f"{name} rank {record['rank']} total")
+    if name == "moe-ep2":  # the experts split: about half of single's state per rank, like the dense weights
+        single = measured["moe-single"][0]["held"]["total"]
+        assert all(r["held"]["total"] <= 0.55 * single for r in measured[name])
 
 
 @pytest.mark.parametrize("name", list(CASES))

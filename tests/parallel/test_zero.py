@@ -83,7 +83,7 @@ def test_config_file_extra_reaches_the_generated_json() -> None:
     from bigtrain.config import load_config
 
     cfg = load_config("configs/debug.yaml", [
-        "parallel.strategy=zero", "parallel.zero.stage=3",
+        "parallel.strategy=zero", "train.optimizer=adamw", "parallel.zero.stage=3",
         "parallel.zero.extra={zero_optimization: {stage3_param_persistence_threshold: 0}}"])
     config = ds(cfg.parallel.zero)
     assert config["zero_optimization"] == {"stage": 3, "stage3_param_persistence_threshold": 0}
@@ -94,7 +94,8 @@ def test_config_file_extra_reaches_the_generated_json() -> None:
     (("parallel.zero.stage=2", "parallel.zero.offload_params=true"), "needs stage 3"),
 ])
 def test_bad_zero_config_is_a_user_error(overrides, words, tmp_path: Path) -> None:
-    proc = cli("train", "configs/debug.yaml", f"run.out_dir={tmp_path}", "parallel.strategy=zero", *overrides, env=ENV)
+    proc = cli("train", "configs/debug.yaml", f"run.out_dir={tmp_path}", "parallel.strategy=zero", "train.optimizer=adamw",
+               *overrides, env=ENV)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert words in proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr

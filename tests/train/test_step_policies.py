@@ -115,6 +115,8 @@ def test_fp16_is_refused_outside_zero_naming_bf16(strategy: str) -> None:
 
 
 def test_fp16_is_accepted_with_zero_and_bf16_everywhere() -> None:
-    assert load_config("configs/debug.yaml", ["train.precision=fp16", "parallel.strategy=zero"]).train.precision == "fp16"
+    assert load_config("configs/debug.yaml", ["train.precision=fp16", "parallel.strategy=zero",
+                                               "train.optimizer=adamw"]).train.precision == "fp16"
     for strategy in ("single", "ddp", "fsdp", "zero"):
-        load_config("configs/debug.yaml", ["train.precision=bf16", f"parallel.strategy={strategy}"])
+        load_config("configs/debug.yaml", ["train.precision=bf16", f"parallel.strategy={strategy}",
+                                           "train.optimizer=adamw"])
