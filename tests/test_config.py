@@ -36,7 +36,7 @@ def test_dotted_overrides_apply_with_yaml_types() -> None:
     assert cfg.train.lr == pytest.approx(1e-3)
     assert cfg.model.num_layers == 2
     assert cfg.data.shuffle is False
-    assert cfg.model.dim == 256  # preset value kept
+    assert cfg.model.dim == 128  # preset value kept
 
 
 def test_unknown_key_names_path_and_closest_key() -> None:

@@ -223,12 +223,14 @@ def test_expert_shard_numel_follows_shard_experts() -> None:
 
 
 def test_moe_activations_by_hand_and_first_dense_layers() -> None:
-    """moe-debug (8 experts of 352, top-2) in fp32 without checkpointing: the dense part of each block as for
-    debug, the feed-forward as ffn_activation_bytes; leading dense blocks keep the dense SwiGLU."""
-    over = ["data.seq_len=256", "train.micro_batch_size=8"]
+    """moe-debug (8 experts of half the dense SwiGLU, top-2) in fp32 without checkpointing: the dense part of each
+    block as for debug, the feed-forward as ffn_activation_bytes; leading dense blocks keep the dense SwiGLU."""
+    over = ["data.seq_len=256", "train.micro_batch_size=8", "train.global_batch_tokens=2048",
+            "model.qk_norm=false"]  # the by-hand block formula below is the plain attention's
     cfg = load_config("configs/moe-debug.yaml", over)
     dense = load_config("configs/debug.yaml", over)
-    a, h, k, e, g, f = 4, 256, 2, 8, 352, dense.model.ffn_dim
+    assert cfg.model.moe is not None
+    a, h, k, e, g, f = 4, cfg.model.dim, 2, 8, cfg.model.moe.expert_hidden_dim, dense.model.ffn_dim
     ffn = 8 * e + (28 + a) * k + 12 + 3 * a * k * h + 4 * a * k * g
     assert ffn_activation_bytes(cfg.model, a) == ffn
     tokens = 8 * 256

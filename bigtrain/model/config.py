@@ -9,9 +9,11 @@ from bigtrain.sections import ConfigError, Section, doc_field
 
 # Named sizes. A config selects one with ``model.preset`` and may override any field.
 PRESETS: dict[str, dict[str, Any]] = {
-    # ~4.3M parameters: trains on a laptop CPU in minutes (the `make train` demo).
-    "debug": {"vocab_size": 4096, "dim": 256, "num_layers": 4, "num_heads": 4, "num_kv_heads": 4,
-              "ffn_hidden_dim": 0, "max_seq_len": 256, "tie_embeddings": True, "rope_theta": 10000.0},
+    # ~1.4M parameters, QK-norm: the `make train` demo, tuned to learn as much as it can in ~3 minutes
+    # of a 2-core CPU (bench/results/demo-tuning-cpu-2core.md).
+    "debug": {"vocab_size": 4096, "dim": 128, "num_layers": 4, "num_heads": 4, "num_kv_heads": 4,
+              "ffn_hidden_dim": 0, "max_seq_len": 256, "tie_embeddings": True, "rope_theta": 10000.0,
+              "qk_norm": True},
     # GPT-2 small shape with Llama-style blocks; SwiGLU hidden = 8/3 dim keeps the parameter count.
     "gpt2-124m": {"vocab_size": 50304, "dim": 768, "num_layers": 12, "num_heads": 12, "num_kv_heads": 12,
                   "ffn_hidden_dim": 2048, "max_seq_len": 1024, "tie_embeddings": True, "rope_theta": 10000.0},
@@ -30,10 +32,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "llama3-405b": {"vocab_size": 128256, "dim": 16384, "num_layers": 126, "num_heads": 128, "num_kv_heads": 8,
                     "ffn_hidden_dim": 53248, "max_seq_len": 8192, "tie_embeddings": False, "rope_theta": 500000.0},
     # Mixture-of-Experts. moe-debug: the debug model with 8 experts, top-2, each half the dense SwiGLU
-    # (2 x 352 = the dense 704), so its active parameters equal debug's (+ the router); trains on CPU.
-    "moe-debug": {"vocab_size": 4096, "dim": 256, "num_layers": 4, "num_heads": 4, "num_kv_heads": 4,
+    # (2 x 192 = the dense 384), so its active parameters equal debug's (+ the router); trains on CPU.
+    "moe-debug": {"vocab_size": 4096, "dim": 128, "num_layers": 4, "num_heads": 4, "num_kv_heads": 4,
                   "ffn_hidden_dim": 0, "max_seq_len": 256, "tie_embeddings": True, "rope_theta": 10000.0,
-                  "moe": {"num_experts": 8, "top_k": 2, "expert_hidden_dim": 352}},
+                  "qk_norm": True, "moe": {"num_experts": 8, "top_k": 2, "expert_hidden_dim": 192}},
     # OLMoE-1B-7B's shape: 64 experts, top-8, no renormalization, auxiliary + router z-loss, QK-norm.
     "olmoe-1b-7b": {"vocab_size": 50304, "dim": 2048, "num_layers": 16, "num_heads": 16, "num_kv_heads": 16,
                     "ffn_hidden_dim": 1024, "max_seq_len": 4096, "tie_embeddings": False, "rope_theta": 10000.0,

@@ -161,6 +161,13 @@ class Muon(torch.optim.Optimizer):
                     "lr_ratio": 1.0, "betas": (0.9, 0.95), "eps": 1e-8, "use_muon": False}
         super().__init__(list(param_groups), defaults)
         self.ns_dtype = ns_dtype  # None: bf16 on CUDA, fp32 elsewhere (see newton_schulz)
+        # Host copies of the AdamW half's step counts (by parameter id): reading the ``step`` tensor each
+        # step would be a host read per parameter. Filled on first use, forgotten by load_state_dict.
+        self._host_steps: dict[int, int] = {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._host_steps.clear()  # re-read from the loaded ``step`` tensors on the next step
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]  # torch's stub overloads closure typing
@@ -207,8 +214,12 @@ class Muon(torch.optim.Optimizer):
                 state["step"] = torch.zeros((), dtype=torch.float32)
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["step"] += 1
-            step = float(state["step"])
+            step = self._host_steps.get(id(p))
+            if step is None:  # first step, or first after a load: the one read of the state tensor
+                step = int(state["step"].item())
+            step += 1
+            self._host_steps[id(p)] = step
+            state["step"].fill_(step)
             grad, param = _local(p.grad), _local(p)
             exp_avg, exp_avg_sq = _local(state["exp_avg"]), _local(state["exp_avg_sq"])
             param.mul_(1.0 - lr * wd)

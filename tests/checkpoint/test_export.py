@@ -54,6 +54,8 @@ def hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def overrides(hf_dir: Path, out: Path, *extra: str) -> list[str]:
     model = [f"model.{k}={v}" for k, v in SHAPE.items()]
+    if not any(e.startswith("model.qk_norm=") for e in extra):
+        model.append("model.qk_norm=false")  # the Llama shape (configs/debug.yaml's preset has QK-norm)
     return [f"run.out_dir={out}", *model, *extra, f"model.init_from={hf_dir}", *RUN]
 
 

@@ -43,6 +43,8 @@ def model_overrides(shape: dict[str, Any] | None = None, moe: dict[str, Any] | N
                     *extra: str) -> list[str]:
     model = [f"model.{k}={v}" for k, v in (SHAPE if shape is None else shape).items()]
     model += [f"model.moe.{k}={v}" for k, v in (MOE if moe is None else moe).items()]
+    if not any(e.startswith("model.qk_norm=") for e in extra):
+        model.append("model.qk_norm=false")  # Mixtral (the debug presets have QK-norm, which makes Qwen3-MoE)
     return [*model, *extra, *RUN]
 
 
@@ -161,7 +163,7 @@ def test_transformers_saved_qwen3_moe_reads_in_either_layout(tmp_path: Path) -> 
 
 
 def test_moe_debug_preset_exports(tmp_path: Path) -> None:
-    """The moe-debug preset (tied embeddings, 8 experts of 352) is a MixtralForCausalLM with its logits
+    """The moe-debug preset (tied embeddings, QK-norm, 8 experts of 192) is a Qwen3MoeForCausalLM with its logits
     (written by the functions `bigtrain export` calls, without a checkpoint: the CLI path is tested above)."""
     cfg = parse_section(ModelConfig, {"preset": "moe-debug"}, "model")
     model = build_on_meta(cfg)
@@ -176,12 +178,12 @@ def test_moe_debug_preset_exports(tmp_path: Path) -> None:
     write_safetensors(to_hf_state(model.state_dict(), cfg), tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(hf_config(cfg)))
     config = json.loads((tmp_path / "config.json").read_text())
-    assert config["architectures"] == ["MixtralForCausalLM"] and config["tie_word_embeddings"] is True
-    assert config["intermediate_size"] == 352 and "lm_head.weight" not in read_safetensors_dir(tmp_path)
-    check_against_transformers(tmp_path, "MixtralForCausalLM", model, TOKENS[:1, :32])
+    assert config["architectures"] == ["Qwen3MoeForCausalLM"] and config["tie_word_embeddings"] is True
+    assert config["moe_intermediate_size"] == 192 and "lm_head.weight" not in read_safetensors_dir(tmp_path)
+    check_against_transformers(tmp_path, "Qwen3MoeForCausalLM", model, TOKENS[:1, :32])
 
 
-@pytest.mark.parametrize("preset,arch", [("moe-debug", "MixtralForCausalLM"),
+@pytest.mark.parametrize("preset,arch", [("moe-debug", "Qwen3MoeForCausalLM"),
                                          ("olmoe-1b-7b", "Qwen3MoeForCausalLM"),
                                          ("qwen3-30b-a3b", "Qwen3MoeForCausalLM")])
 def test_moe_presets_map(preset: str, arch: str) -> None:

@@ -24,7 +24,7 @@ from tests.helpers import run_distributed, train, train_records
 pytestmark = pytest.mark.slow  # one shared ~1 min of 2-rank and 1-rank training
 
 N = 2
-TINY = ["train.optimizer=adamw", "model.num_layers=2", "model.dim=64", "data.seq_len=128", "train.global_batch_tokens=1024",
+TINY = ["train.optimizer=adamw", "model.qk_norm=false", "model.num_layers=2", "model.dim=64", "data.seq_len=128", "train.global_batch_tokens=1024",
         "train.micro_batch_size=2", "train.lr_warmup_steps=1", "train.precision=fp32", "log.every_steps=1",
         "eval.every_steps=0", "eval.at_end=false", "log.sample_at_end=false", "run.device=cpu",
         f"train.max_steps={2 * N}", f"checkpoint.every_steps={N}", "checkpoint.keep_last=5", "run.num_threads=1"]

@@ -16,9 +16,9 @@ BATCH_OF_3 = ["train.global_batch_tokens=768", "data.seq_len=256", "train.micro_
 
 
 @pytest.mark.parametrize("world, overrides, status, words", [
-    (1, [], 0, "OK for 1 process (parallel.strategy=single; 8 sequences of 256 per step"),
+    (1, [], 0, "OK for 1 process (parallel.strategy=single; 24 sequences of 64 per step"),
     (2, ["parallel.strategy=ddp", "train.micro_batch_size=2"], 0,
-     "OK for 2 processes (parallel.strategy=ddp; 8 sequences of 256 per step, micro-batch 2, gradient accumulation 2)"),
+     "OK for 2 processes (parallel.strategy=ddp; 24 sequences of 64 per step, micro-batch 2, gradient accumulation 6)"),
     (2, [], 2, "parallel.strategy=single runs one process, but this launch has 2 processes"),
     (2, ["parallel.strategy=ddp", *BATCH_OF_3], 2, "3 sequences per step cannot be split over 2 ranks"),
     (4, ["parallel.strategy=fsdp", "parallel.fsdp.replicate_degree=3"], 2, "replicate_degree=3 needs a multiple of 3 processes, but there are 4"),

@@ -12,7 +12,7 @@ from bigtrain.parallel.memory import held_state_bytes
 from bigtrain.plan import plan_memory
 from tests.helpers import free_port
 
-DEBUG = ["train.micro_batch_size=2"]
+DEBUG = ["train.optimizer=adamw", "train.micro_batch_size=2"]
 
 
 def _materialize(model: torch.nn.Module) -> torch.nn.Module:

@@ -60,8 +60,8 @@ def test_world_size_that_does_not_factor(world: int, overrides: list[str], expec
                                       "model.vocab_size=4096", "values that fit this model: 1, 2, 4"]),
     (["parallel.tensor_parallel=4", "model.num_kv_heads=2"],
      ["must divide model.num_kv_heads=2", "values that fit this model: 1, 2"]),
-    (["parallel.context_parallel=3"], ["data.seq_len=256 must be divisible by parallel.context_parallel=3 = 3",
-                                       "use data.seq_len=255 or 258"]),
+    (["parallel.context_parallel=3"], ["data.seq_len=64 must be divisible by parallel.context_parallel=3 = 3",
+                                       "use data.seq_len=63 or 66"]),
     (["parallel.tensor_parallel=2", "parallel.context_parallel=4"],
      ["parallel.context_parallel=4 must divide the attention heads per tensor-parallel rank",
       "model.num_heads=4 / tensor_parallel=2 = 2"]),
@@ -107,4 +107,4 @@ def test_expert_parallel_that_does_not_fit_the_launch() -> None:
     assert "parallel.expert_parallel=4 must divide the data-parallel x context-parallel ranks" in message, message
     assert "(dp_shard 2 = 2 on 4 processes" in message and "values that fit this launch: 1, 2" in message, message
     assert "launch a multiple of 8 processes" in message, message
-    assert cfg.check_launch(8) == (8, 1)
+    assert cfg.check_launch(8) == (24, 3)  # 24 sequences of 64 over 8 ranks x micro 1
