@@ -21,7 +21,7 @@ STEPS = 8
 HALF = 4
 # 6 experts: ep2 holds 3 per rank, which FSDP2 over 2 more ranks shards by hidden unit (dim 1) instead.
 MOE = ["model.moe.num_experts=6", "model.moe.top_k=2", "model.moe.expert_hidden_dim=64"]
-COMMON = ["model.num_layers=2", "model.dim=64", "model.num_heads=4", "model.num_kv_heads=2", *MOE,
+COMMON = ["train.optimizer=adamw", "model.num_layers=2", "model.dim=64", "model.num_heads=4", "model.num_kv_heads=2", *MOE,
           "data.seq_len=64", f"train.max_steps={STEPS}", "train.global_batch_tokens=512", "train.micro_batch_size=2",
           "train.lr_warmup_steps=2", "train.lr_schedule=constant", "train.precision=fp32", "log.every_steps=1",
           "eval.every_steps=0", "eval.at_end=false", "log.sample_at_end=false", "checkpoint.at_end=true",

@@ -17,7 +17,7 @@ from bigtrain.plan import plan_memory
 from tests.helpers import run_distributed
 from tests.parallel.measure_memory import measure
 
-OVERRIDES = ["train.optimizer=adamw", "train.micro_batch_size=2", "log.console=false", "run.num_threads=1",  # 2 ranks x 2 x accum 2
+OVERRIDES = ["train.optimizer=adamw", "model.dim=256", "train.micro_batch_size=2", "log.console=false", "run.num_threads=1",  # 2 ranks x 2 x accum 2
              "data.seq_len=128", "train.global_batch_tokens=1024"]  # the debug model; shorter steps
 CASES = {  # plan name -> (processes, parallel overrides)
     "single": (1, ["parallel.strategy=single"]),

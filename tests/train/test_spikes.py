@@ -20,7 +20,8 @@ from tests.helpers import REPO, build_trainer, cli, record_host_syncs, run_distr
 CPU = torch.device("cpu")
 WINDOW = 4
 # A tiny run: the window (4 steps) is full after step 4; step 7 gets a spike; step 6 is checkpointed.
-TINY = ["model.num_layers=2", "model.dim=64", "model.num_heads=2", "model.num_kv_heads=2", "data.seq_len=64",
+TINY = ["train.optimizer=adamw", "model.num_layers=2", "model.dim=64", "model.num_heads=2", "model.num_kv_heads=2",
+        "data.seq_len=64",
         "train.global_batch_tokens=512", "train.micro_batch_size=4", "train.lr_warmup_steps=1",
         "train.precision=fp32", "eval.every_steps=0", "eval.at_end=false", "log.sample_at_end=false",
         "run.device=cpu", "run.num_threads=1", "log.every_steps=1", "train.max_steps=8", "checkpoint.at_end=false",
