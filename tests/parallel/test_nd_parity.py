@@ -20,7 +20,8 @@ from tests.helpers import build_trainer, overriding, run_distributed, train_reco
 from tests.parallel.measure_memory import held_after_backward
 
 STEPS = 8
-COMMON = ["train.optimizer=adamw", "model.num_layers=2", "model.dim=64", "model.num_heads=4", "model.num_kv_heads=2",
+COMMON = ["train.optimizer=adamw", "model.qk_norm=false", "model.num_layers=2", "model.dim=64", "model.num_heads=4",
+          "model.num_kv_heads=2",
           "data.seq_len=64",
           f"train.max_steps={STEPS}", "train.global_batch_tokens=512", "train.micro_batch_size=4",
           "train.lr_warmup_steps=2", "train.precision=fp32", "log.every_steps=1", "eval.every_steps=0",
