@@ -133,12 +133,12 @@ def _dim0_shard(shape: tuple[int, ...], n: int) -> int:
 
 
 def expert_shard_numel(shape: tuple[int, ...], ep: int, fsdp: int) -> int:
-    """Elements one rank holds of a routed-expert stack ``[experts, out, in]`` on ``fsdp`` = dp_shard x cp ranks.
+    """Elements one rank holds of a routed-expert stack ``[experts, out, in]`` on ``fsdp`` = dp_shard x cp (x tp) ranks.
 
     ep = 1: FSDP2 shards it with its block, on dim 0 (padded: with fewer experts than ranks, one expert's
     worth on every rank). ep > 1 (``parallel/ep.py``): ``experts / ep`` of them on each expert-parallel rank,
     then FSDP2 over the ``fsdp / ep`` others: dim 0 when the local experts split evenly, else dim 1 when it
-    does, else dim 0 padded (:func:`bigtrain.parallel.ep.shard_experts`)."""
+    does, else dim 0 padded (:func:`bigtrain.parallel.ep.shard_moe`)."""
     if ep == 1:
         return _dim0_shard(shape, fsdp)
     local, rest = shape[0] // ep, shape[1:]
@@ -193,13 +193,14 @@ def stack_activation_bytes(per_block: Sequence[float], checkpointed: Sequence[bo
 def block_activation_bytes(m: ModelConfig, compute_bytes: int, index: int, *, tp: int = 1, ep: int = 1) -> float:
     """Saved bytes per token of block ``index`` (:func:`activation_bytes`): norms and attention, then its
     feed-forward; the tensor-parallel parts divided by ``tp`` (plus the sequence-parallel all-gathered input
-    of attention and MLP kept whole)."""
+    of attention and MLP kept whole). A MoE feed-forward is not tensor-sharded: each tensor-parallel rank
+    routes its sequence shard, 1 / tp of the tokens, and its input is not gathered."""
     a, h = compute_bytes, m.dim
     dense = 2 * (8 + a) * h + 5 * a * h + qk_norm_bytes(m, a)
     if not is_moe_layer(m, index):
         dense += 4 * a * m.ffn_dim
         return dense / tp + (2 * a * h if tp > 1 else 0)
-    return dense / tp + (2 * a * h if tp > 1 else 0) + ffn_activation_bytes(m, a, ep=ep)
+    return dense / tp + (a * h if tp > 1 else 0) + ffn_activation_bytes(m, a, ep=ep) / tp
 
 
 def ffn_activation_bytes(m: ModelConfig, compute_bytes: int, *, ep: int = 1) -> int:

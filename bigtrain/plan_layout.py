@@ -9,17 +9,20 @@ by vocabulary, norms whole), cut into pipeline stages as ``parallel/pp.py`` cuts
 on dim 0 over the FSDP group (``dp_shard x cp``). The worst rank is reported (the pipeline's last
 stage holds the output projection). Params, grads and optimizer state are what
 :func:`bigtrain.parallel.memory.held_state_bytes` measures (the tests hold them within 10%);
-activations and buffers are estimates. Mixture-of-Experts models: every expert is counted; with
-expert parallelism (``Layout.ep``, drawn from ``dp_shard x cp``) the routed experts are split over
-ep ranks and FSDP-sharded over the other ``dp_shard x cp / ep`` (``parallel/ep.py``); activations
-count the routed copies, expert hidden units and router scores (:func:`bigtrain.plan.ffn_activation_bytes`).
+activations and buffers are estimates. Mixture-of-Experts models: every expert is counted. MoE layers
+are not tensor-sharded: each tensor-parallel rank routes its sequence shard, so they are FSDP-sharded
+over ``dp_shard x cp x tp``; with expert parallelism (``Layout.ep``, drawn from those ranks) the
+routed experts are split over ep ranks and FSDP-sharded over the other ``dp_shard x cp x tp / ep``
+(``parallel/ep.py``); activations count the routed copies, expert hidden units and router scores of
+this rank's tokens (:func:`bigtrain.plan.ffn_activation_bytes`).
 
 The step time is a roofline model, stated so it can be argued with:
 
 * compute = training FLOPs of the step on this rank / (peak FLOP/s x ``efficiency``);
 * tensor parallelism: per block and microbatch, 2 all-gathers + 2 reduce-scatters of the block's
   activation in forward, as many in backward (and again in an activation-checkpointing
-  recompute), each moving (tp - 1) / tp of it, over the intra-node link while tp fits in a node;
+  recompute), each moving (tp - 1) / tp of it, over the intra-node link while tp fits in a node
+  (a MoE block: 1 + 1, attention only; its routing sums' all-reduce, 2 E + 3 numbers, is negligible);
 * context parallelism: 4 all-to-alls (q, k, v, output) per attention layer in forward, 4 in backward,
   each moving (cp - 1) / cp of the tensor;
 * pipeline parallelism: the activation of each microbatch sent forward and its gradient back
@@ -27,18 +30,19 @@ The step time is a roofline model, stated so it can be argued with:
   virtual stages)) times as long;
 * expert parallelism (MoE): per MoE layer and microbatch, 2 all-to-alls in forward (tokens to their
   experts, results back), 2 in backward (and 2 more in an activation-checkpointing recompute), each
-  moving top_k x dim x tokens x (ep - 1) / ep of this rank's routed copies (balanced routing: a rank
+  moving top_k x dim x tokens / tp x (ep - 1) / ep of this rank's routed copies (balanced routing: a rank
   receives as many as it sends); the per-expert token counts exchanged first are negligible;
 * FSDP2: all-gather of the parameters in forward and backward and reduce-scatter of the
   gradients once per step, overlapped with compute (only the excess counts); HSDP adds an
-  all-reduce of the gradient shards across replicas. Under expert parallelism the routed experts are
-  gathered over their own ``dp_shard x cp / ep`` ranks, this rank's ``experts / ep`` of them only.
+  all-reduce of the gradient shards across replicas. MoE layers are gathered over ``dp_shard x cp x
+  tp`` ranks; under expert parallelism the routed experts over their own ``dp_shard x cp x tp / ep``
+  ranks, this rank's ``experts / ep`` of them only.
 
 Compute counts a MoE model's *active* parameters (``flops_per_token``); load imbalance between
 experts and the grouped matmuls' lower efficiency are not modelled.
 
 The links are inter-node whenever a group spans more than ``gpus_per_node`` consecutive ranks (an
-expert-parallel group spans ``ep x tp`` of them: ep is the innermost part of ``dp_shard x cp``).
+expert-parallel group spans ``ep`` of them: ep is the innermost part of ``dp_shard x cp x tp``).
 """
 from __future__ import annotations
 
@@ -128,6 +132,11 @@ class _Param:
         """A routed-expert stack (MoE: ``ffn.experts.w1`` [experts, hidden, dim]), split over ep ranks."""
         return self.name.rpartition(".")[0].endswith("experts") and len(self.shape) == 3
 
+    @property
+    def moe(self) -> bool:
+        """Part of a MoE layer (router, routed or shared experts): whole on every tensor-parallel rank."""
+        return self.name.startswith(("ffn.router.", "ffn.experts.", "ffn.shared."))
+
 
 @functools.lru_cache(maxsize=8)
 def _params(mcfg: ModelConfig) -> tuple[tuple[tuple[_Param, ...], ...], tuple[_Param, ...]]:
@@ -141,7 +150,7 @@ def _params(mcfg: ModelConfig) -> tuple[tuple[tuple[_Param, ...], ...], tuple[_P
 
 def _tp_shape(param: _Param, tp: int) -> tuple[int, ...]:
     """The shape one tensor-parallel rank holds."""
-    if tp == 1 or len(param.shape) != 2:
+    if tp == 1 or len(param.shape) != 2 or param.moe:
         return param.shape
     leaf = param.name.split(".")[-2]
     rows, cols = param.shape
@@ -150,6 +159,15 @@ def _tp_shape(param: _Param, tp: int) -> tuple[int, ...]:
     if leaf in _ROWWISE:
         return (rows, math.ceil(cols / tp))
     return param.shape
+
+
+def _local_numel(q: _Param, layout: Layout) -> int:
+    """Elements of ``q`` (its tensor-parallel shape) one rank holds after FSDP2 (and expert parallelism): dense
+    weights over dp_shard x cp; MoE layers over dp_shard x cp x tp, routed experts split over ep first."""
+    fsdp = layout.dp_shard * layout.cp
+    if q.expert:
+        return expert_shard_numel(q.shape, layout.ep, fsdp * layout.tp)
+    return _fsdp_numel(q.shape, fsdp * layout.tp if q.moe else fsdp)
 
 
 def _fsdp_numel(shape: tuple[int, ...], n: int) -> int:
@@ -206,7 +224,7 @@ def check_layout(cfg: RunConfig, layout: Layout) -> tuple[RunConfig, int, int]:
     """The config with ``layout``, its accumulation steps and pipeline microbatches; ConfigError if it cannot run."""
     lcfg = _layout_config(cfg, layout)
     p = lcfg.parallel
-    lcfg.check_moe()  # MoE models refuse tensor and pipeline parallelism, as a launch does
+    lcfg.check_moe()  # MoE models refuse pipeline parallelism, as a launch does
     p.check_model(lcfg.model, lcfg.data.seq_len)
     p.check_pipeline(lcfg.model, lcfg.data.document_ids)
     Layout.from_config(p, layout.world_size)
@@ -222,12 +240,11 @@ def plan_layout(cfg: RunConfig, layout: Layout, hw: Hardware, *, device: str = "
     fsdp, ep = layout.dp_shard * layout.cp, layout.ep
     stage = _stage_params(lcfg, layout)
     here = [param for block in stage.blocks for param in block] + list(stage.root)
-    # Routed experts (MoE): split over ep ranks, then FSDP-sharded over the rest; all else over dp_shard x cp.
-    local = sum(expert_shard_numel(q.shape, ep, fsdp) if q.expert else _fsdp_numel(q.shape, fsdp) for q in here)
+    local = sum(_local_numel(q, layout) for q in here)
     params = grads = 4 * local  # fp32 sharded params and gradients
     optimizer = 8 * local + 4 * len(here)  # two fp32 moments + a step scalar per tensor
     if t.optimizer == "muon":  # a block matrix keeps one fp32 momentum buffer instead
-        optimizer -= sum(4 * _fsdp_numel(q.shape, fsdp) + 4 for block in stage.blocks for q in block
+        optimizer -= sum(4 * _local_numel(q, layout) + 4 for block in stage.blocks for q in block
                          if is_hidden_matrix(q.name))
     param_bytes = a if p.fsdp.param_dtype == "auto" else _BYTES[p.fsdp.param_dtype]
     # The largest block as gathered: an expert-parallel rank gathers only its experts / ep.
@@ -246,7 +263,7 @@ def plan_layout(cfg: RunConfig, layout: Layout, hw: Hardware, *, device: str = "
     per_token = stack_activation_bytes(per_block, checkpointed, param_bytes * h / tp)
     in_flight = 1 if layout.pp == 1 else (micro if p.pipeline_schedule == "gpipe" else min(micro, layout.pp))
     head = ((8 + a) * h / tp + a * h + (4 + a) * v / tp)  # final norm, gathered hidden, vocabulary-sharded logits
-    head += moe_dispatch_bytes(m, a, ep)  # the all-to-all buffers of the one MoE layer in flight
+    head += moe_dispatch_bytes(m, a, ep) / tp  # the all-to-all buffers of the one MoE layer in flight
     activations = int(tokens * (per_token * in_flight + head))
     virtual = p.pipeline_virtual_stages
     if layout.pp > 1:
@@ -259,7 +276,7 @@ def plan_layout(cfg: RunConfig, layout: Layout, hw: Hardware, *, device: str = "
     traffic = traffic_bytes(lcfg, layout, device=device)
     tp_s = traffic["tp"] / _link(hw, layout.tp)
     cp_s = traffic["cp"] / _link(hw, layout.cp * layout.tp)
-    ep_s = traffic["ep"] / _link(hw, layout.ep * layout.tp)  # ep: the innermost ranks of dp_shard x cp
+    ep_s = traffic["ep"] / _link(hw, layout.ep)  # ep: the innermost ranks of dp_shard x cp x tp
     pp_s = traffic["pp"] / _link(hw, world)
     fsdp_s = traffic["fsdp"] / _link(hw, fsdp * layout.tp) + traffic["hsdp"] / (hw.inter_node_gbps * 1e9)
     bubble = (layout.pp - 1) / (micro * virtual) if layout.pp > 1 else 0.0
@@ -285,35 +302,39 @@ def traffic_bytes(cfg: RunConfig, layout: Layout, *, device: str = "cuda") -> di
     ckpt = p.activation_checkpointing != "none"
     passes = 3 if ckpt else 2  # forward, backward (+ recompute)
     act = tokens * m.dim * a  # one block's activation (whole, before the sequence-parallel split)
-    # Per block: all-gather before attention and MLP, reduce-scatter after, in each pass.
-    tp_bytes = 4 * passes * blocks_here * microbatches * act * (tp - 1) / tp if tp > 1 else 0.0
+    # Per block: all-gather before attention and MLP, reduce-scatter after, in each pass (MoE: attention only).
+    stage = _stage_params(lcfg, layout)
+    moe_blocks = sum(is_moe_layer(m, stage.first + i) for i in range(len(stage.blocks)))
+    tp_bytes = ((4 * blocks_here - 2 * moe_blocks) * passes * microbatches * act * (tp - 1) / tp if tp > 1
+                else 0.0)
     attn = tokens * a * (2 * m.dim + 2 * m.dim * m.kv_heads / m.num_heads) / tp  # q, output, k, v
     cp_bytes = 2 * passes * blocks_here * microbatches * attn * (cp - 1) / cp if cp > 1 else 0.0
     # Every stage boundary carries an activation forward and its gradient back, per microbatch.
     pp_bytes = 2 * (pp * virtual - 1) / pp * microbatches * act / tp if pp > 1 else 0.0
-    stage = _stage_params(lcfg, layout)
     ep = layout.ep
     ep_bytes = 0.0
     if ep > 1 and m.moe is not None:
         # Per MoE layer and microbatch: tokens out to their experts and results back, in forward, backward and
-        # (checkpointed blocks) the recompute; each moves this rank's k routed copies of its tokens.
+        # (checkpointed blocks) the recompute; each moves this rank's k routed copies of its tokens (a
+        # tensor-parallel rank's: its sequence shard).
         checkpointed = checkpointed_blocks(p.activation_checkpointing, p.activation_checkpointing_every,
                                            len(stage.blocks))
         exchanges = sum(4 + (2 if c else 0) for i, c in enumerate(checkpointed) if is_moe_layer(m, stage.first + i))
-        ep_bytes = exchanges * microbatches * tokens * m.moe.top_k * m.dim * a * (ep - 1) / ep
-    expert_numel = sum(math.prod(q.shape) for block in stage.blocks for q in block if q.expert)
-    stage_numel = stage.numel()
-    # All-gather in forward and backward, reduce-scatter of the gradients (fp32 by default). Expert-parallel
-    # experts are gathered over their own fsdp / ep ranks, this rank's experts / ep only.
+        ep_bytes = exchanges * microbatches * tokens / tp * m.moe.top_k * m.dim * a * (ep - 1) / ep
+    # All-gather in forward and backward, reduce-scatter of the gradients (fp32 by default), each moving
+    # (n - 1) / n of a tensor gathered over n ranks: dense weights over fsdp; MoE layers over fsdp x tp;
+    # expert-parallel experts over fsdp x tp / ep, this rank's experts / ep only.
+    here = [q for block in stage.blocks for q in block] + list(stage.root)
+    expert_numel = sum(math.prod(q.shape) for q in here if q.expert)
+    moe_numel = sum(math.prod(q.shape) for q in here if q.moe and not q.expert)
+    dense_numel = stage.numel() - expert_numel - moe_numel
+    moe_ranks = fsdp * tp
+    groups = [(dense_numel, fsdp), (moe_numel, moe_ranks), (expert_numel / ep, moe_ranks // ep)]
     per_param = 2 * param_bytes + _BYTES[p.fsdp.reduce_dtype]
-    if ep == 1:
-        fsdp_bytes = per_param * stage_numel * (fsdp - 1) / fsdp if fsdp > 1 else 0.0
-    else:
-        shard = fsdp // ep
-        fsdp_bytes = per_param * ((stage_numel - expert_numel) * (fsdp - 1) / fsdp
-                                  + expert_numel / ep * (shard - 1) / shard)
+    fsdp_bytes = per_param * sum(numel * (n - 1) / n for numel, n in groups)
     rep = layout.dp_replicate
-    hsdp_bytes = 2 * _BYTES[p.fsdp.reduce_dtype] * stage_numel / fsdp * (rep - 1) / rep if rep > 1 else 0.0
+    shard_numel = sum(numel / n for numel, n in groups)
+    hsdp_bytes = 2 * _BYTES[p.fsdp.reduce_dtype] * shard_numel * (rep - 1) / rep if rep > 1 else 0.0
     return {"tp": tp_bytes, "cp": cp_bytes, "ep": ep_bytes, "pp": pp_bytes, "fsdp": fsdp_bytes, "hsdp": hsdp_bytes}
 
 
@@ -324,7 +345,7 @@ def _divisors(n: int) -> list[int]:
 def candidate_layouts(cfg: RunConfig, world_size: int, hw: Hardware) -> list[Layout]:
     """Every layout of ``world_size`` ranks the config can run: tp within a node, cp and pp powers of two or
     divisors, HSDP replicas as in the config; for a MoE model every expert-parallel degree that divides both
-    dp_shard x cp and the experts (tensor and pipeline parallelism are refused for MoE models)."""
+    dp_shard x cp x tp and the experts (pipeline parallelism is refused for MoE models)."""
     rep = cfg.parallel.fsdp.replicate_degree
     moe = cfg.model.moe
     found = []
@@ -335,7 +356,7 @@ def candidate_layouts(cfg: RunConfig, world_size: int, hw: Hardware) -> list[Lay
                 if world_size % inner:
                     continue
                 dp_shard = world_size // inner
-                eps = [1] if moe is None else [d for d in _divisors(dp_shard * cp) if moe.num_experts % d == 0]
+                eps = [1] if moe is None else [d for d in _divisors(dp_shard * cp * tp) if moe.num_experts % d == 0]
                 for ep in eps:
                     layout = Layout(pp=pp, dp_replicate=rep, dp_shard=dp_shard, cp=cp, tp=tp, ep=ep)
                     try:

@@ -125,10 +125,11 @@ def build_trainer(config: str | Path, overrides: list[str] | tuple[str, ...]) ->
     return Trainer(load_config(config, list(overrides)))
 
 
-def train(out_dir: Path, *overrides: str, config: str | Path = "configs/debug.yaml") -> tuple[dict, list[str]]:
+def train(out_dir: Path, *overrides: str, config: str | Path = "configs/debug.yaml",
+          after_fit: Callable[[Any], None] | None = None) -> tuple[dict, list[str]]:
     """Train ``config`` to the end in this process (console logger off); returns (fit's summary, the
-    messages it printed). torch's thread count (``run.num_threads``) is restored and the data
-    pipeline closed after."""
+    messages it printed). ``after_fit(trainer)`` runs before torch's thread count (``run.num_threads``)
+    is restored and the data pipeline closed."""
     import torch
 
     from bigtrain import messages
@@ -139,6 +140,8 @@ def train(out_dir: Path, *overrides: str, config: str | Path = "configs/debug.ya
         with messages.capture() as lines:
             trainer = build_trainer(config, [f"run.out_dir={out_dir}", *overrides, "log.console=false"])
             summary = trainer.fit()
+            if after_fit is not None:
+                after_fit(trainer)
     finally:
         if trainer is not None:
             trainer.loader.close()  # its prefetch thread and DataLoader workers (a process would exit here)

@@ -206,14 +206,14 @@ def test_moe_plan_text_says_total_and_active_and_leaves_zero_out() -> None:
 
 def test_moe_invalid_expert_parallel_refused() -> None:
     cfg = load_config("configs/olmoe-1b-7b.yaml")  # expert_parallel 8
-    with pytest.raises(ConfigError, match="expert_parallel=8 must divide the data-parallel"):
+    with pytest.raises(ConfigError, match="expert_parallel=8 must divide the data-, context- and tensor-parallel"):
         plan_memory(cfg, 4, "fsdp")
     assert plan_memory(cfg, 4, "ddp").params == 4 * count_parameters(cfg.model)  # ddp keeps every expert
 
 
-def test_expert_shard_numel_follows_shard_experts() -> None:
+def test_expert_shard_numel_follows_shard_moe() -> None:
     """ep = 1: dim 0 with its block (padded); ep > 1: experts / ep, then dim 0 over the rest when the local experts
-    split evenly, else dim 1 when it does (parallel/ep.py shard_experts), else dim 0 padded."""
+    split evenly, else dim 1 when it does (parallel/ep.py shard_moe), else dim 0 padded."""
     assert expert_shard_numel((6, 64, 32), 1, 4) == 2 * 64 * 32  # ceil(6 / 4) experts
     assert expert_shard_numel((8, 64, 32), 1, 16) == 1 * 64 * 32  # fewer experts than ranks: one on each (padding)
     assert expert_shard_numel((8, 64, 32), 2, 4) == 2 * 64 * 32  # 4 local experts over 2

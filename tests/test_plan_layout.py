@@ -89,11 +89,11 @@ def test_moe_presets_plan_their_own_layout_and_enumerate_expert_parallel(config:
     layouts = candidate_layouts(cfg, world, HW)
     assert cfg.model.moe is not None
     experts = cfg.model.moe.num_experts
-    # MoE models run without tensor and pipeline parallelism; every ep dividing dp_shard x cp and the experts.
-    assert all(lay.tp == 1 and lay.pp == 1 for lay in layouts)
-    assert all(experts % lay.ep == 0 and (lay.dp_shard * lay.cp) % lay.ep == 0 for lay in layouts)
-    assert {lay.ep for lay in layouts if lay.cp == 1} == {d for d in range(1, world + 1)
-                                                          if world % d == 0 and experts % d == 0}
+    # MoE models run without pipeline parallelism; every ep dividing dp_shard x cp x tp and the experts.
+    assert all(lay.pp == 1 for lay in layouts) and any(lay.tp > 1 and lay.ep > 1 for lay in layouts)
+    assert all(experts % lay.ep == 0 and (lay.dp_shard * lay.cp * lay.tp) % lay.ep == 0 for lay in layouts)
+    assert {lay.ep for lay in layouts if lay.cp == 1 and lay.tp == 1} == {d for d in range(1, world + 1)
+                                                                          if world % d == 0 and experts % d == 0}
     ranked = rank_layouts(cfg, world, HW)
     assert ranked[0].peak < 80 * GIB
     text = format_layouts(cfg, world, HW)
@@ -122,12 +122,27 @@ def test_expert_parallel_all_to_all_and_sharding_by_hand() -> None:
     assert none.activations > 3 * plans[8].activations
 
 
+def test_moe_layers_under_tensor_parallelism_by_hand() -> None:
+    """MoE layers stay whole on each tensor-parallel rank and are FSDP-sharded over dp_shard x tp, so dp_shard 32 x
+    tp 2 holds what dp_shard 64 holds; tensor parallelism gathers and scatters around attention only (2 collectives
+    per pass), and each tensor-parallel rank sends its sequence shard's routed copies to the experts."""
+    cfg = load_config("configs/olmoe-1b-7b.yaml")  # 16 MoE layers, full checkpointing, bf16, micro 2 x 4096
+    flat, tp2 = Layout(dp_shard=64, ep=8), Layout(dp_shard=32, tp=2, ep=8)
+    assert plan_layout(cfg, tp2, HW).state == pytest.approx(plan_layout(cfg, flat, HW).state, rel=1e-3)
+    h, layers, tokens, micro = 2048, 16, 2 * 4096, 16  # 32 data-parallel ranks: accumulation 16
+    traffic = traffic_bytes(cfg, tp2)
+    assert traffic["tp"] == pytest.approx(2 * 3 * layers * micro * tokens * h * 2 * (2 - 1) / 2)
+    assert traffic["ep"] == pytest.approx(traffic_bytes(cfg, flat)["ep"])  # twice the microbatches, half the tokens
+    ep1 = plan_layout(cfg, Layout(dp_shard=32, tp=2), HW)
+    assert ep1.activations < plan_layout(cfg, Layout(dp_shard=64), HW).activations  # half the tokens per MoE layer
+
+
 def test_invalid_expert_parallel_layouts_are_refused() -> None:
     moe = load_config("configs/olmoe-1b-7b.yaml")
     with pytest.raises(ConfigError, match=r"must divide model\.moe\.num_experts=64"):
         plan_layout(moe, Layout(dp_shard=48, ep=3), HW)
-    with pytest.raises(ConfigError, match="tensor_parallel=2 is not supported for MoE"):
-        plan_layout(moe, Layout(dp_shard=32, tp=2), HW)
+    with pytest.raises(ConfigError, match="pipeline_parallel=2 is not supported for MoE"):
+        plan_layout(moe, Layout(dp_shard=32, pp=2), HW)
     with pytest.raises(ConfigError, match="needs a Mixture-of-Experts model"):
         plan_layout(load_config("configs/llama3-8b.yaml"), Layout(dp_shard=8, ep=2), HW)
     bad = cli("plan", "configs/olmoe-1b-7b.yaml", "--world-size", "4")

@@ -144,6 +144,9 @@ class SharedExperts(nn.Module):
 # A hook that moves routed tokens to the ranks holding their experts and back (expert parallelism).
 # (sorted tokens [N, dim], tokens per global expert [E], experts) -> outputs in the same order.
 ExpertDispatch = Callable[[torch.Tensor, torch.Tensor, GroupedExperts], torch.Tensor]
+# A hook that sums per-rank routing sums over the ranks that split one micro-batch's tokens between them
+# (context and tensor parallelism's sequence shards), each rank keeping its share's gradient; see MoE.split_sum.
+SplitSum = Callable[[torch.Tensor], torch.Tensor]
 
 
 class MoE(nn.Module):
@@ -160,6 +163,9 @@ class MoE(nn.Module):
             else None
         # Expert parallelism installs its all-to-all here (parallel/ep.py); None = all experts are local.
         self.dispatch: ExpertDispatch | None = None
+        # Context / tensor parallelism route each rank's sequence shard here and install a sum over the shards
+        # (parallel/ep.py), so the balancing terms are those of the whole micro-batch; None = all tokens here.
+        self.split_sum: SplitSum | None = None
         # Set by every forward; the decoder adds them to the training loss and the statistics.
         self.aux_loss: torch.Tensor | None = None
         self.last_stats: torch.Tensor | None = None
@@ -185,20 +191,36 @@ class MoE(nn.Module):
     def _aux_and_stats(self, logits: torch.Tensor, scores: torch.Tensor,
                        counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The auxiliary loss term (already weighted) and detached statistics
-        [counts (E), balancing loss, z-loss, router entropy, 1]."""
+        [counts (E), balancing loss, z-loss, router entropy, 1] of the micro-batch.
+
+        Everything is computed from sums over tokens; when the micro-batch's tokens are split over ranks
+        (``split_sum``), the sums are added up over them first, so every rank gets the whole micro-batch's
+        terms. The sum does not sum gradients in backward: each rank's tokens receive their own share of
+        the gradient, and the router's gradients are combined over those ranks by the data-parallel
+        reduction afterwards (parallel/ep.py).
+        """
         moe = self.moe
-        aux = logits.new_zeros(())
-        num_slots = max(1, scores.shape[0] * moe.top_k)
+        num_experts = moe.num_experts
         probs = scores if moe.router == "softmax" else scores / scores.sum(-1, keepdim=True).clamp_min(1e-20)
-        fraction = counts.float() / num_slots
-        balance = moe.num_experts * (fraction * probs.mean(0)).sum()
+        with torch.no_grad():
+            entropy_sum = -(probs * probs.clamp_min(1e-20).log()).sum()
+        sums = torch.cat([counts.float(), probs.sum(0), torch.logsumexp(logits, dim=-1).square().sum()[None],
+                          entropy_sum[None], logits.new_full((1,), float(scores.shape[0]))])
+        if self.split_sum is not None:
+            sums = self.split_sum(sums)
+        prob_sum, z_sum = sums[num_experts:2 * num_experts], sums[2 * num_experts]
+        with torch.no_grad():  # counts and token numbers carry no gradient
+            counts_all, entropy_sum, tokens = sums[:num_experts], sums[2 * num_experts + 1], sums[-1].clamp_min(1)
+            # E * f_e / T: f_e = counts / (T k), and P_e = prob_sum / T below.
+            coef = num_experts * counts_all / (tokens * moe.top_k * tokens)
+        balance = (coef * prob_sum).sum()
+        z = z_sum / tokens
+        aux = logits.new_zeros(())
         if moe.load_balance == "aux_loss" and moe.aux_loss_weight:
             aux = aux + moe.aux_loss_weight * balance
-        z = torch.logsumexp(logits, dim=-1).square().mean()
         if moe.router_z_loss:
             aux = aux + moe.router_z_loss * z
-        entropy = -(probs * probs.clamp_min(1e-20).log()).sum(-1).mean()
-        stats = torch.cat([counts.float(), torch.stack([balance, z, entropy]).detach(), logits.new_ones(1)])
+        stats = torch.cat([counts_all, torch.stack([balance, z, entropy_sum / tokens]), logits.new_ones(1)])
         return aux, stats.detach()
 
 

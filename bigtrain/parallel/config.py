@@ -1,6 +1,7 @@
 """The ``parallel`` config section (and its per-backend subsections)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -134,8 +135,8 @@ class ParallelConfig(Section):
                      "model.max_seq_len": model.max_seq_len}
             bad = {k: v for k, v in sizes.items() if v % tp}
             if bad:
-                ok = [d for d in range(1, max(sizes.values()) + 1) if all(v % d == 0 for v in sizes.values())]
-                ok = [d for d in ok if d <= max(tp, 8) * 2][:8]
+                common = math.gcd(*sizes.values())  # a degree fits when it divides every size, i.e. their gcd
+                ok = [d for d in range(1, min(common, max(tp, 8) * 2) + 1) if common % d == 0][:8]
                 raise ConfigError(
                     f"parallel.tensor_parallel={tp} must divide {', '.join(f'{k}={v}' for k, v in bad.items())} "
                     f"(each rank takes an equal share of the heads, key/value heads, vocabulary and hidden units); "

@@ -10,10 +10,10 @@ pipeline split → TP → CP → **EP** → act-ckpt → compile → FSDP2), on 
   experts. Names and global shapes do not change, so DCP checkpoints are layout-independent (a run
   saved with ep 2 resumes with ep 1 and back) and the sharded initializer draws exactly the unsharded
   weights. It installs :class:`AllToAllDispatch` as ``MoE.dispatch``.
-* :func:`shard_experts` (called by the FSDP2 strategy before it shards each block) gives every
+* :func:`shard_moe` (called by the FSDP2 strategy before it shards each block) gives every
   ``experts`` module its own ``fully_shard`` over :attr:`~bigtrain.parallel.mesh.ParallelMesh.expert_fsdp`,
-  the data-parallel ranks left after ``ep``, and makes its gradients averages over *all* data-parallel
-  ranks, like every other weight's (see :func:`shard_experts`).
+  the ranks left after ``ep``, and makes its gradients averages over *all* data-parallel ranks, like
+  every other weight's (see :func:`shard_moe`, which also shards MoE layers under tensor parallelism).
 
 The dispatch, per MoE layer and micro-batch (forward; backward runs the same exchanges reversed):
 
@@ -81,6 +81,54 @@ class AllToAllDispatch:
         return back
 
 
+class _SumOverGroup(torch.autograd.Function):
+    """All-reduce (sum) in forward; in backward the gradient times ``grad_scale``, not summed: every rank of
+    ``group`` holds a share of one micro-batch's tokens and uses the summed value, and each rank's share gets
+    its own gradient (``grad_scale`` undoes an average over the group that follows; 1 when it is a sum)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: Any, grad_scale: float) -> torch.Tensor:
+        ctx.grad_scale = grad_scale
+        out = x.clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        return grad * ctx.grad_scale if ctx.grad_scale != 1 else grad, None, None
+
+
+class SequenceShardSum:
+    """``MoE.split_sum`` when context and/or tensor parallelism split each sequence: the routing sums of
+    the shards are added up, so the balancing terms are those of the whole micro-batch on every rank."""
+
+    def __init__(self, group: Any, grad_scale: float) -> None:
+        self.group, self.grad_scale = group, grad_scale
+
+    def __call__(self, sums: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = _SumOverGroup.apply(sums, self.group, self.grad_scale)
+        return out
+
+
+def sum_routing_over_sequence_shards(model: nn.Module, mesh: ParallelMesh) -> int:
+    """Install :class:`SequenceShardSum` in every MoE layer when context or tensor parallelism splits the
+    sequence (each rank routes its shard); returns how many layers got it.
+
+    Gradient scale: the router's gradients are averaged over context-parallel ranks (FSDP2's mean over
+    dp_shard x cp, as for every weight, since each rank's loss is its shard's mean) but summed over
+    tensor-parallel ones (:func:`shard_moe`). A balancing term is one value per micro-batch, so each rank's
+    share of its gradient is scaled by ``cp`` to survive that average.
+    """
+    layout = mesh.layout
+    if layout.cp == 1 and layout.tp == 1:
+        return 0
+    sequence_sum = SequenceShardSum(mesh.sequence_shards.get_group(), grad_scale=float(layout.cp))
+    layers = moe_layers(model)
+    for _, moe in layers:
+        moe.split_sum = sequence_sum
+    return len(layers)
+
+
 def apply_expert_parallel(model: nn.Module, mesh: ParallelMesh) -> int:
     """Keep only this rank's experts in every MoE layer (DTensors ``Shard(0)`` over ``mesh.ep``) and install
     the all-to-all dispatch. Works on the meta-device model; returns the number of MoE layers changed."""
@@ -105,54 +153,65 @@ def apply_expert_parallel(model: nn.Module, mesh: ParallelMesh) -> int:
     return len(layers)
 
 
-def shard_experts(module: nn.Module, mesh: ParallelMesh, **fully_shard_kwargs: Any) -> int:
-    """``fully_shard`` every expert-parallel ``experts`` module under ``module`` over ``mesh.expert_fsdp``
-    (before ``module`` itself is sharded, so the experts form their own FSDP2 parameter group: their
-    weights are DTensors on the ep mesh, which the dense weights' mesh overlaps). Returns how many.
+def shard_moe(module: nn.Module, mesh: ParallelMesh, **fully_shard_kwargs: Any) -> int:
+    """Give the MoE layers under ``module`` their own FSDP2 groups (before ``module`` itself is sharded, so the
+    dense weights' group does not take them). Returns how many MoE layers got one; none without expert and
+    tensor parallelism (the block's group holds the whole layer then).
 
-    Sharding: dim 0 (the local experts) when they split evenly over ``expert_fsdp``; else dim 1 when it
-    does (FSDP2 shards other dims only evenly); else dim 0 unevenly.
+    * Expert-parallel routed experts (DTensors on the ep mesh, which the dense weights' mesh overlaps) are
+      sharded over ``mesh.expert_fsdp``: dim 0 (the local experts) when they split evenly over it; else dim 1
+      when it does (FSDP2 shards other dims only evenly); else dim 0 unevenly.
+    * Under tensor parallelism the rest of the layer (router, shared experts, and the routed experts without
+      expert parallelism), whole on every tensor-parallel rank, is sharded over ``mesh.moe_fsdp``, which
+      includes the tensor-parallel ranks (parallel/tp.py: each routes its own sequence shard).
 
-    Gradients: a rank's local expert gradient already sums the contributions of every token its ep group
-    routed there (the backward all-to-all brings them), so the reduction over ``expert_fsdp`` must *sum*
-    and divide by the whole data-parallel degree (dp_replicate x dp_shard x cp), as the dense weights'
-    average does: expert gradients are then the same mean over all tokens as with ep = 1.
+    Gradients: each of these ranks' local gradient holds the contributions of different tokens (the ep
+    group's, brought by the backward all-to-all; the tensor-parallel rank's sequence shard), so the reduction
+    must *sum* and divide by the data-parallel degree (dp_replicate x dp_shard x cp) only, as the dense
+    weights' average does: the gradients are then the same mean over all tokens as on one rank.
     """
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Shard
 
-    efsdp = mesh.expert_fsdp
-    shard_size = efsdp.size(efsdp.ndim - 1)  # HSDP: (dp_replicate, dp_shard_mod_ep); the last dim shards
     layout = mesh.layout
-    divide = layout.dp_replicate * layout.dp_shard * layout.cp
+    divide = float(layout.dp_replicate * layout.dp_shard * layout.cp)
 
-    def placement(param: nn.Parameter) -> Shard:
+    def summed(target: nn.Module, shard_mesh: Any, **kwargs: Any) -> None:
+        sharded: Any = fully_shard(target, mesh=shard_mesh, **kwargs, **fully_shard_kwargs)
+        sharded.set_gradient_divide_factor(divide)
+        # A custom factor is a pre-multiplied sum, which gloo lacks: sum, then divide the shard. (With one
+        # shard rank FSDP2 skips the reduce-scatter and divides by the factor itself.)
+        sharded.set_force_sum_reduction_for_comms(shard_mesh.size(shard_mesh.ndim - 1) > 1)
+
+    efsdp = mesh.expert_fsdp
+    expert_shards = efsdp.size(efsdp.ndim - 1)  # HSDP: (dp_replicate, dp_shard_mod_ep); the last dim shards
+
+    def expert_placement(param: nn.Parameter) -> Shard:
         local_experts = param.shape[0] // layout.ep
-        if local_experts % shard_size and param.shape[1] % shard_size == 0:
+        if local_experts % expert_shards and param.shape[1] % expert_shards == 0:
             return Shard(1)
         return Shard(0)
 
     count = 0
     for _, moe in moe_layers(module):
-        if not isinstance(moe.dispatch, AllToAllDispatch):
-            continue
-        experts: Any = fully_shard(moe.experts, mesh=efsdp, shard_placement_fn=placement, **fully_shard_kwargs)
-        experts.set_gradient_divide_factor(float(divide))
-        # A custom factor is a pre-multiplied sum, which gloo lacks: sum, then divide the shard. (With one
-        # shard rank FSDP2 skips the reduce-scatter and divides by the factor itself.)
-        experts.set_force_sum_reduction_for_comms(shard_size > 1)
-        count += 1
+        expert_parallel = isinstance(moe.dispatch, AllToAllDispatch)
+        if expert_parallel:
+            summed(moe.experts, efsdp, shard_placement_fn=expert_placement)
+        if layout.tp > 1:
+            summed(moe, mesh.moe_fsdp)
+        count += expert_parallel or layout.tp > 1
     return count
 
 
 def moe_reduce_group(mesh: ParallelMesh | None) -> Any:
     """The process group over which MoE routing statistics (tokens per expert, balancing terms) are summed:
-    the ranks that see different tokens, dp_replicate x dp_shard x cp. ``None`` = the default (world)
-    group, which is the answer without a mesh (single, DDP) and whenever tensor and pipeline
-    parallelism are off (the only layouts MoE models run on today)."""
+    the ranks that read different batches, dp_replicate x dp_shard. ``None`` = the default (world) group,
+    which is the answer without a mesh (single, DDP) and whenever tensor, context and pipeline parallelism
+    are off. Context- and tensor-parallel ranks are left out: their statistics are already those of the
+    whole micro-batch (summed over the sequence shards in the forward, :class:`SequenceShardSum`)."""
     if mesh is None:
         return None
     layout = mesh.layout
-    if layout.tp == 1 and layout.pp == 1:
+    if layout.tp == 1 and layout.cp == 1 and layout.pp == 1:
         return None
-    return mesh.mesh["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp_moe").get_group()
+    return mesh.mesh["dp_replicate", "dp_shard"]._flatten("dp_moe").get_group()

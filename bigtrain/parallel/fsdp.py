@@ -18,6 +18,7 @@ from torch import nn
 
 from bigtrain import messages
 from bigtrain.kernels.reference import cross_entropy
+from bigtrain.model.moe import moe_layers
 from bigtrain.parallel import dist
 from bigtrain.parallel.apply import blocks, parallelize
 from bigtrain.parallel.config import ParallelConfig
@@ -57,7 +58,7 @@ class FSDPStrategy(Strategy):
         dist.ensure_process_group(self.info, dist.resolve_backend(self.cfg.backend, self.device), self.cfg.timeout_s)
         self.mesh = ParallelMesh(Layout.from_config(self.cfg, self.info.world_size), self.device.type)
         # The one ordered place: pipeline split -> tensor parallelism -> context parallelism -> expert
-        # parallelism -> (act-ckpt -> fp8 -> compile -> FSDP2, expert weights first: parallel/ep.py).
+        # parallelism -> (act-ckpt -> fp8 -> compile -> FSDP2, MoE layers first: parallel/ep.py).
         stages = None
         if self.cfg.pipeline_parallel > 1:
             stages = split_for_pipeline(model, self.mesh.pp, self.cfg.pipeline_virtual_stages)
@@ -69,6 +70,10 @@ class FSDPStrategy(Strategy):
             from bigtrain.parallel.cp import apply_context_parallel
 
             apply_context_parallel(model, self.mesh.cp)
+        if self.cfg.context_parallel > 1 or self.cfg.tensor_parallel > 1:
+            from bigtrain.parallel.ep import sum_routing_over_sequence_shards
+
+            sum_routing_over_sequence_shards(model, self.mesh)  # MoE layers route each rank's sequence shard
         expert_parallel = self.cfg.expert_parallel > 1
         if expert_parallel:
             from bigtrain.parallel.ep import apply_expert_parallel
@@ -80,16 +85,18 @@ class FSDPStrategy(Strategy):
         if self.fcfg.cpu_offload:
             common["offload_policy"] = CPUOffloadPolicy()
         last = blocks(model)[-1]
+        # MoE layers get FSDP2 groups of their own under expert or tensor parallelism (parallel/ep.py shard_moe).
+        own_moe_groups = expert_parallel or (self.cfg.tensor_parallel > 1 and bool(moe_layers(model)))
 
         def shard(module: nn.Module, is_root: bool) -> None:
             # The last block is needed again at once by backward: resharding it would only add an all-gather.
             reshard = self.fcfg.reshard_after_forward and module is not last and not is_root
-            if expert_parallel and not is_root:
-                from bigtrain.parallel.ep import shard_experts
+            if own_moe_groups and not is_root:
+                from bigtrain.parallel.ep import shard_moe
 
                 assert self.mesh is not None
-                shard_experts(module, self.mesh, reshard_after_forward=reshard,
-                              **{k: v for k, v in common.items() if k != "mesh"})
+                shard_moe(module, self.mesh, reshard_after_forward=reshard,
+                          **{k: v for k, v in common.items() if k != "mesh"})
             fully_shard(module, reshard_after_forward=reshard, **common)
 
         if stages is None:

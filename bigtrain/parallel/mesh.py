@@ -18,12 +18,17 @@ A derived (flattened) dimension: ``dp_shard_cp`` = dp_shard x cp, what FSDP2 sha
 (context-parallel peers hold the same weights and their gradients are averaged like data-parallel
 ones). dp_replicate x dp_shard are the ranks that read different batches (:meth:`Layout.data_rank`).
 
-Expert parallelism (``parallel.expert_parallel``, MoE models) is drawn from ``dp_shard_cp``, as in
-torchtitan: that dimension is unflattened into ``dp_shard_mod_ep`` x ``ep`` (``ep`` innermost, so an
-expert-parallel group is the neighbouring ranks of dp_shard_cp: context-parallel peers first). Each
-``ep`` group splits the routed experts between its ranks; expert weights are FSDP-sharded over the
-rest, ``dp_shard_mod_ep`` (x ``dp_replicate`` for HSDP): :attr:`ParallelMesh.expert_fsdp`. Nothing
-else changes: the root mesh, the dense weights' sharding and the data ranks are those of ep = 1.
+Mixture-of-Experts layers are not tensor-sharded: each tensor-parallel rank routes its own sequence
+shard, so for them the ranks that hold different tokens are dp_shard x cp x tp (``moe_tokens``; just
+``dp_shard_cp`` without tensor parallelism). Their weights are FSDP-sharded over all of those ranks
+(:attr:`ParallelMesh.moe_fsdp`) and their gradients summed over them (parallel/ep.py).
+
+Expert parallelism (``parallel.expert_parallel``) is drawn from those ranks, as in torchtitan: that
+dimension is unflattened into ``dp_shard_mod_ep`` x ``ep`` (``ep`` innermost, so an expert-parallel
+group is neighbouring ranks: tensor-parallel peers first, then context-parallel ones). Each ``ep``
+group splits the routed experts between its ranks; expert weights are FSDP-sharded over the rest,
+``dp_shard_mod_ep`` (x ``dp_replicate`` for HSDP): :attr:`ParallelMesh.expert_fsdp`. Nothing else
+changes: the root mesh, the dense weights' sharding and the data ranks are those of ep = 1.
 """
 from __future__ import annotations
 
@@ -54,11 +59,16 @@ class Layout:
     dp_shard: int = 1
     cp: int = 1
     tp: int = 1
-    # Not a dimension of the root mesh: a split of dp_shard x cp (see the module doc string).
+    # Not a dimension of the root mesh: a split of dp_shard x cp x tp (see the module doc string).
     ep: int = 1
 
     def __post_init__(self) -> None:
-        assert (self.dp_shard * self.cp) % self.ep == 0, f"ep {self.ep} must divide dp_shard x cp ({self})"
+        assert self.moe_token_ranks % self.ep == 0, f"ep {self.ep} must divide dp_shard x cp x tp ({self})"
+
+    @property
+    def moe_token_ranks(self) -> int:
+        """The ranks of one data-parallel replica that route different tokens (dp_shard x cp x tp)."""
+        return self.dp_shard * self.cp * self.tp
 
     @classmethod
     def from_config(cls, cfg: ParallelConfig, world_size: int) -> Layout:
@@ -72,19 +82,21 @@ class Layout:
             raise ConfigError(cls._does_not_factor(fixed, product, world_size))
         layout = cls(dp_shard=world_size // product, **fixed)
         ep = cfg.expert_parallel
-        if ep > 1 and (layout.dp_shard * layout.cp) % ep:
+        if ep > 1 and layout.moe_token_ranks % ep:
             raise ConfigError(layout._ep_does_not_fit(ep, world_size))
         return replace(layout, ep=ep)
 
     def _ep_does_not_fit(self, ep: int, world_size: int) -> str:
-        span = self.dp_shard * self.cp
-        what = f"dp_shard {self.dp_shard} x cp {self.cp}" if self.cp > 1 else f"dp_shard {self.dp_shard}"
-        others = [_CONFIG_KEYS[d] for d in ("dp_replicate", "tp", "pp") if getattr(self, d) > 1]
+        span = self.moe_token_ranks
+        what = " x ".join(f"{d} {getattr(self, d)}" for d in ("dp_shard", "cp", "tp") if d == "dp_shard"
+                          or getattr(self, d) > 1)
+        others = [_CONFIG_KEYS[d] for d in ("dp_replicate", "pp") if getattr(self, d) > 1]
         outside = f"; {', '.join(others)} {'is' if len(others) == 1 else 'are'} not part of it" if others else ""
         fits = ", ".join(str(d) for d in _divisors(span))
-        return (f"parallel.expert_parallel={ep} must divide the data-parallel x context-parallel ranks the experts "
-                f"are split over ({what} = {span} on {world_size} processes{outside}); expert_parallel values "
-                f"that fit this launch: {fits}; or launch a multiple of {ep * (world_size // span)} processes.")
+        return (f"parallel.expert_parallel={ep} must divide the data-, context- and tensor-parallel ranks the "
+                f"experts are split over ({what} = {span} on {world_size} processes{outside}); expert_parallel "
+                f"values that fit this launch: {fits}; or launch a multiple of {ep * (world_size // span)} "
+                f"processes.")
 
     @staticmethod
     def _does_not_factor(fixed: dict[str, int], product: int, world_size: int) -> str:
@@ -134,8 +146,8 @@ class Layout:
 
     @property
     def expert_fsdp_size(self) -> int:
-        """The ranks each expert's weights are FSDP-sharded over (dp_shard x cp / ep, times dp_replicate)."""
-        return self.dp_replicate * self.dp_shard * self.cp // self.ep
+        """The ranks each expert's weights are FSDP-sharded over (dp_shard x cp x tp / ep, times dp_replicate)."""
+        return self.dp_replicate * self.moe_token_ranks // self.ep
 
     def describe(self) -> str:
         """e.g. ``dp_shard 2 x tp 2`` (dimensions of size 1 left out; ``1 rank`` when all are), then the
@@ -156,13 +168,52 @@ class ParallelMesh:
         # The flattened view is kept, not sliced again from the root (which torch deprecates).
         # ``_flatten`` is private in every torch that has it (2.4+); torchtitan relies on it too.
         self._dp_shard_cp = self.mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
-        # Expert parallelism: dp_shard_cp unflattened into (dp_shard_mod_ep, ep), ep innermost; built
+        self._moe_tokens: Any = None  # dp_shard x cp x tp, flattened when a MoE model first asks for it
+        self._sequence_shards: Any = None  # cp x tp, likewise
+        # Expert parallelism: moe_tokens unflattened into (dp_shard_mod_ep, ep), ep innermost; built
         # only when asked, so dense layouts create exactly the process groups they always did.
         self._ep_split: Any = None
         if layout.ep > 1:
-            span = layout.dp_shard * layout.cp
-            self._ep_split = self._dp_shard_cp._unflatten(0, (span // layout.ep, layout.ep),
-                                                          ("dp_shard_mod_ep", "ep"))
+            span = layout.moe_token_ranks
+            self._ep_split = self.moe_tokens._unflatten(0, (span // layout.ep, layout.ep), ("dp_shard_mod_ep", "ep"))
+
+    @property
+    def moe_tokens(self) -> Any:
+        """dp_shard x cp x tp flattened (1-D): the ranks of one replica that route different tokens in MoE layers
+        (``dp_shard_cp`` without tensor parallelism). Every rank must ask at the same point (it may create
+        process groups)."""
+        if self.layout.tp == 1:
+            return self._dp_shard_cp
+        if self._moe_tokens is None:
+            self._moe_tokens = self.mesh["dp_shard", "cp", "tp"]._flatten("dp_shard_cp_tp")
+        return self._moe_tokens
+
+    @property
+    def sequence_shards(self) -> Any:
+        """cp x tp (1-D, flattened when both are > 1): the ranks that split one sequence between them."""
+        if self.layout.cp == 1 or self.layout.tp == 1:
+            return self.mesh["tp" if self.layout.cp == 1 else "cp"]
+        if self._sequence_shards is None:
+            self._sequence_shards = self.mesh["cp", "tp"]._flatten("cp_tp")
+        return self._sequence_shards
+
+    @property
+    def moe_fsdp(self) -> Any:
+        """What FSDP2 shards MoE layers' routers and shared experts (and routed experts without expert
+        parallelism) over: :attr:`moe_tokens` (with ``dp_replicate`` in front for HSDP); :attr:`fsdp`
+        without tensor parallelism."""
+        if self.layout.tp == 1:
+            return self.fsdp
+        return self._with_replicate(self.moe_tokens)
+
+    def _with_replicate(self, shard_mesh: Any) -> Any:
+        """``shard_mesh`` with the HSDP replica dimension in front (itself without HSDP)."""
+        if self.layout.dp_replicate == 1:
+            return shard_mesh
+        from torch.distributed.device_mesh import DeviceMesh
+
+        # torch's own way to join orthogonal sub-meshes of one root (private, like _flatten; FSDP2 uses it).
+        return DeviceMesh._concatenate([self.mesh["dp_replicate"], shard_mesh])
 
     @property
     def fsdp(self) -> Any:
@@ -184,16 +235,10 @@ class ParallelMesh:
     @property
     def expert_fsdp(self) -> Any:
         """What FSDP2 shards the expert weights over: ``dp_shard_mod_ep`` (with ``dp_replicate`` in front for
-        HSDP); the same as :attr:`fsdp` when expert parallelism is off."""
+        HSDP); the same as :attr:`moe_fsdp` when expert parallelism is off."""
         if self._ep_split is None:
-            return self.fsdp
-        rest = self._ep_split["dp_shard_mod_ep"]
-        if self.layout.dp_replicate == 1:
-            return rest
-        from torch.distributed.device_mesh import DeviceMesh
-
-        # torch's own way to join orthogonal sub-meshes of one root (private, like _flatten; FSDP2 uses it).
-        return DeviceMesh._concatenate([self.mesh["dp_replicate"], rest])
+            return self.moe_fsdp
+        return self._with_replicate(self._ep_split["dp_shard_mod_ep"])
 
     @property
     def tp(self) -> Any:

@@ -11,7 +11,9 @@ The plan (Megatron's, as torchtitan applies it with ``parallelize_module``):
   shrinks by ``tp``; each block all-gathers the sequence before its attention and its MLP;
 * the embedding is split over the vocabulary (row-wise) and the output projection too: the loss
   is computed on vocabulary-sharded logits (:func:`vocab_parallel_cross_entropy`), never
-  gathering a ``[tokens, vocab]`` tensor. A tied embedding is the same Shard(0) weight for both.
+  gathering a ``[tokens, vocab]`` tensor. A tied embedding is the same Shard(0) weight for both;
+* a Mixture-of-Experts layer stays whole on every rank and routes the rank's sequence shard (see
+  ``moe_plan`` below and docs/moe.md).
 
 Parameter names never change (the plan shards parameters in place and the decoder's class is
 swapped for a subclass that only overrides the output head), so checkpoints stay
@@ -29,6 +31,7 @@ from torch import nn
 from bigtrain import messages
 from bigtrain.kernels.reference import IGNORE_INDEX
 from bigtrain.model.decoder import Decoder, RMSNorm
+from bigtrain.model.moe import MoE
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
@@ -172,7 +175,20 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: Any) -> None:
     qk_norm_plan: dict[str, Any] = ({"attn.q_norm": SequenceParallel(sequence_dim=2, use_local_output=True),
                                      "attn.k_norm": SequenceParallel(sequence_dim=2, use_local_output=True)}
                                     if model.cfg.qk_norm else {})
+    dense_ffn_plan = {
+        "ffn": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+        "ffn.w1": ColwiseParallel(),
+        "ffn.w3": ColwiseParallel(),
+        "ffn.w2": RowwiseParallel(output_layouts=Shard(1)),
+    }
+    # A MoE layer is not tensor-sharded: routing is per token, so each rank routes its own sequence shard
+    # (no gather), with the router, shared and routed experts whole on every rank. Their gradients are then
+    # partial sums over the tensor-parallel ranks, which FSDP2 sums, and the balancing terms are summed
+    # over the shards (parallel/ep.py: shard_moe, sum_routing_over_sequence_shards).
+    moe_plan = {"ffn": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Shard(1),),
+                                          use_local_output=True)}
     for block in model.layers.values():
+        is_moe = isinstance(block.ffn, MoE)
         parallelize_module(block, tp_mesh, {
             **qk_norm_plan,
             "attn_norm": SequenceParallel(),
@@ -182,10 +198,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: Any) -> None:
             "attn.wv": ColwiseParallel(),
             "attn.wo": RowwiseParallel(output_layouts=Shard(1)),
             "ffn_norm": SequenceParallel(),
-            "ffn": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
-            "ffn.w1": ColwiseParallel(),
-            "ffn.w3": ColwiseParallel(),
-            "ffn.w2": RowwiseParallel(output_layouts=Shard(1)),
+            **(moe_plan if is_moe else dense_ffn_plan),
         })
     if type(model) is Decoder:  # a pipeline's part keeps its own class (it pads inference input itself)
         model.__class__ = TensorParallelDecoder

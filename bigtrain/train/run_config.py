@@ -124,7 +124,7 @@ class RunConfig(Section):
                               "parallel.fsdp.cpu_offload=false, or use train.optimizer=adamw.")
 
     def check_moe(self) -> None:
-        """MoE runs under single, ddp and fsdp (with data, context and expert parallelism; docs/moe.md)."""
+        """MoE runs under single, ddp and fsdp (with data, context, tensor and expert parallelism; docs/moe.md)."""
         if self.model.moe is None:
             return
         p = self.parallel
@@ -132,10 +132,6 @@ class RunConfig(Section):
             raise ConfigError("model.moe: parallel.strategy=zero does not train MoE models in bigtrain (DeepSpeed's "
                               "MoE layer has its own routing and parameter groups, not bigtrain's); use "
                               "parallel.strategy=fsdp (sharded like ZeRO-3, with parallel.expert_parallel).")
-        if p.strategy == "fsdp" and p.tensor_parallel > 1:
-            raise ConfigError(f"model.moe: parallel.tensor_parallel={p.tensor_parallel} is not supported for MoE "
-                              f"models yet; use parallel.expert_parallel (and context_parallel) with "
-                              f"parallel.tensor_parallel=1.")
         if p.strategy == "fsdp" and p.pipeline_parallel > 1:
             raise ConfigError(f"model.moe: parallel.pipeline_parallel={p.pipeline_parallel} is not supported for MoE "
                               f"models yet (the routing losses of earlier stages would not reach the last); use "

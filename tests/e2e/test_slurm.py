@@ -21,7 +21,7 @@ from typing import Iterator
 
 import pytest
 
-from tests.helpers import REPO, free_ports
+from tests.helpers import REPO, free_ports, run_distributed
 
 PACKAGES = ["slurmctld", "slurmd", "slurm-client"]
 TINY = ["model.dim=64", "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=2", "data.seq_len=64",
@@ -188,29 +188,27 @@ def final_train_record(run_dir: Path) -> dict:
     return [r for r in records if r["kind"] == "train"][-1]
 
 
+def train_reference(rank: int, out_dir: str) -> None:
+    """The same 2-rank DDP run, uninterrupted, launched in-process (tests/helpers.py ``run_distributed``)."""
+    from tests.helpers import train
+
+    train(Path(out_dir), *[o for o in TINY if not o.startswith("log.console=")])
+
+
 @pytest.fixture(scope="module")
-def uninterrupted(slurm: LocalSlurm, tmp_path_factory: pytest.TempPathFactory, demo_data: Path) -> tuple[Path, Path]:
-    out = tmp_path_factory.mktemp("sbatch") / "plain"
-    job_id, log = slurm.submit(out)
-    info = slurm.wait_state(job_id, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}, log=log)
-    assert info["JobState"] == "COMPLETED", log.read_text() + slurm.logs()
-    return out, log
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory, demo_data: Path) -> Path:
+    """The straight run the preempted job must end like (a third sbatch job would only add Slurm's start-up)."""
+    out = tmp_path_factory.mktemp("reference") / "plain"
+    run_distributed(train_reference, 2, str(out), timeout_s=JOB_TIMEOUT)
+    return out
 
 
 @pytest.mark.slow
-def test_sbatch_two_nodes_finishes_and_checkpoints(uninterrupted: tuple[Path, Path]) -> None:
-    out, log = uninterrupted
-    text = log.read_text()
-    assert "2 nodes x 1 ranks, rendezvous 127.0.0.1:" in text, text
-    assert json.loads((out / "status.json").read_text())["status"] == "finished"
-    assert (out / "checkpoints" / "latest").read_text().strip() == "step_000040"
-    assert (out / "checkpoints" / "step_000040" / "manifest.json").is_file()
-    assert final_train_record(out)["step"] == 40
-
-
-@pytest.mark.slow
-def test_usr1_checkpoints_requeues_resumes_and_matches(slurm: LocalSlurm, uninterrupted: tuple[Path, Path],
+def test_usr1_checkpoints_requeues_resumes_and_matches(slurm: LocalSlurm, uninterrupted: Path,
                                                        tmp_path: Path) -> None:
+    """sbatch on 2 nodes; SIGUSR1 (what Slurm sends before the time limit) checkpoints and requeues the job, the
+    next attempt resumes from that checkpoint, finishes, checkpoints at the end and ends where the straight run
+    does."""
     out = tmp_path / "preempted"
     job_id, log = slurm.submit(out)
     slurm.wait_state(job_id, {"RUNNING"}, log=log)
@@ -239,8 +237,11 @@ def test_usr1_checkpoints_requeues_resumes_and_matches(slurm: LocalSlurm, uninte
     info = slurm.wait_state(job_id, {"COMPLETED", "FAILED", "CANCELLED"}, log=log)
     text = log.read_text()
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", text
+    assert "2 nodes x 1 ranks, rendezvous 127.0.0.1:" in text, text
     assert "requeueing job" in text and "attempt 1" in text and f"step_{stopped:06d}" in text, text
     assert json.loads((out / "status.json").read_text())["status"] == "finished"
-    want, got = final_train_record(uninterrupted[0]), final_train_record(out)
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_000040"
+    assert (out / "checkpoints" / "step_000040" / "manifest.json").is_file()
+    want, got = final_train_record(uninterrupted), final_train_record(out)
     assert got["step"] == want["step"] == 40
     assert got["loss"] == pytest.approx(want["loss"], rel=1e-6, abs=0), (got, want)

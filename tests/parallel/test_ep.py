@@ -1,5 +1,6 @@
 """Expert parallelism on gloo: a MoE model trained with its experts split over 2 ranks (ep2), and over 2 of 4
-ranks with FSDP2 over the other 2 (fsdp2 x ep2), matches the one-process run step by step (fp32, 8 steps:
+ranks with FSDP2 over the other 2 (fsdp2 x ep2), with tensor parallelism for attention (tp2,
+fsdp2 x tp2 x ep2) and with context parallelism (cp2 x ep2), matches the one-process run step by step (fp32, 8 steps:
 losses and grad norms within 1e-5 relative, final weights too); a run resumes across an EP change (ep2 ->
 ep1) within 1e-5 of the straight run and bitwise on the same layout; bad EP configs exit 2.
 
@@ -28,15 +29,26 @@ COMMON = ["train.optimizer=adamw", "model.num_layers=2", "model.dim=64", "model.
           "run.device=cpu", "run.num_threads=1"]
 FSDP = "parallel.strategy=fsdp"
 EP2 = [FSDP, "parallel.expert_parallel=2"]
+TP2 = [FSDP, "parallel.tensor_parallel=2"]
 REL = 1e-5
 TIMEOUT = 300
 
 
+# Runs whose held memory is compared with `bigtrain plan` (the other MoE layouts: test_plan_vs_measured.py).
+MEASURED = {"tp2", "fsdp2xtp2-ep2"}
+
+
 def train_runs(rank: int, root: str, runs: list[tuple[str, list[str]]]) -> dict[str, Any]:
-    """Train each (name, overrides) in turn in every rank; rank 0 returns each run's train records."""
+    """Train each (name, overrides) in turn in every rank; rank 0 returns each run's train records, and every
+    rank the bytes it holds after a backward (``held/<name>``) for the runs in MEASURED."""
+    from tests.parallel.measure_memory import held_after_backward
+
     out: dict[str, Any] = {}
     for name, overrides in runs:
-        train(Path(root) / name, *overriding(COMMON, *overrides))
+        def measure(trainer: Any, name: str = name) -> None:
+            out[f"held/{name}"] = held_after_backward(trainer)["total"]
+
+        train(Path(root) / name, *overriding(COMMON, *overrides), after_fit=measure if name in MEASURED else None)
         out[name] = train_records(Path(root) / name) if rank == 0 else None
     return out
 
@@ -77,17 +89,26 @@ def ep_runs(tmp_path_factory: pytest.TempPathFactory, demo_data: Path) -> tuple[
     root = tmp_path_factory.mktemp("ep")
     results = train_runs(0, str(root), [("single", ["parallel.strategy=single"])])
     # ep2: 8 steps, a checkpoint after 4; ep2-resumed: the same layout from that checkpoint.
-    results.update(run_distributed(train_runs, 2, str(root), [
+    # tp2: each tensor-parallel rank routes its sequence shard through whole experts; cp2-ep2: each
+    # context-parallel rank routes its sequence shard, the experts split between the two.
+    per_rank = run_distributed(train_runs, 2, str(root), [
         ("ep2", [*EP2, f"checkpoint.every_steps={HALF}"]),
         ("ep2-resumed", [*EP2, f"checkpoint.resume={checkpoint(root, 'ep2', HALF)}"]),
-    ], timeout_s=TIMEOUT)[0])
+        ("tp2", TP2),
+        ("cp2-ep2", [*EP2, "parallel.context_parallel=2"]),
+    ], timeout_s=TIMEOUT)
+    results.update(per_rank[0])
+    results["held/tp2"] = [r["held/tp2"] for r in per_rank]
     # fsdp2 x ep2: each expert's weights FSDP-sharded over 2 ranks; hsdp2 x ep2: replicated over 2 instead, and
     # every block recomputed in backward (its all-to-alls too).
     per_rank = run_distributed(train_runs_and_meshes, 4, str(root), [
         ("fsdp2xep2", EP2),
         ("hsdp2xep2-actckpt", [*EP2, "parallel.fsdp.replicate_degree=2", "parallel.activation_checkpointing=full"]),
+        # ep over the tensor-parallel peers, each expert's weights FSDP-sharded over the 2 data-parallel ranks.
+        ("fsdp2xtp2-ep2", [*EP2, "parallel.tensor_parallel=2"]),
     ], timeout_s=TIMEOUT)
     results.update(per_rank[0])
+    results["held/fsdp2xtp2-ep2"] = [r["held/fsdp2xtp2-ep2"] for r in per_rank]
     results["meshes"] = [{name: r[name] for name in MESHES} for r in per_rank]
     # ep2 -> ep1: the ep2 run's step-4 checkpoint resumed in one process.
     results.update(train_runs(0, str(root), [
@@ -109,7 +130,7 @@ def _final_weights(root: Path, name: str) -> dict[str, Any]:
     return read_full(checkpoint(root, name, STEPS) / "dcp")
 
 
-@pytest.mark.parametrize("name", ["ep2", "fsdp2xep2", "hsdp2xep2-actckpt"])
+@pytest.mark.parametrize("name", ["ep2", "fsdp2xep2", "hsdp2xep2-actckpt", "tp2", "cp2-ep2", "fsdp2xtp2-ep2"])
 def test_expert_parallel_matches_single(ep_runs: tuple[Path, dict[str, Any]], name: str) -> None:
     root, runs = ep_runs
     want = runs["single"]
@@ -120,6 +141,22 @@ def test_expert_parallel_matches_single(ep_runs: tuple[Path, dict[str, Any]], na
     assert got_w.keys() == want_w.keys() and any(".experts.w1" in k for k in want_w)
     for key, tensor in want_w.items():  # Adam amplifies rounding on near-zero gradients: compare norm-wise
         assert (got_w[key] - tensor).norm() <= REL * tensor.norm(), key
+
+
+@pytest.mark.parametrize(("name", "ranks", "overrides"), [("tp2", 2, TP2),
+                                                         ("fsdp2xtp2-ep2", 4, [*EP2, "parallel.tensor_parallel=2"])])
+def test_plan_matches_what_tensor_parallel_moe_layouts_hold(ep_runs: tuple[Path, dict[str, Any]], name: str,
+                                                            ranks: int, overrides: list[str]) -> None:
+    """`bigtrain plan`'s params + grads + optimizer bytes are within 10% of the most any rank holds after backward
+    (MoE layers whole on each tensor-parallel rank, FSDP-sharded over the tensor-parallel ranks too)."""
+    from bigtrain.config import load_config
+    from bigtrain.parallel.mesh import Layout
+    from bigtrain.plan_layout import Hardware, plan_layout
+
+    cfg = load_config("configs/debug.yaml", overriding(COMMON, *overrides))
+    plan = plan_layout(cfg, Layout.from_config(cfg.parallel, ranks), Hardware(), device="cpu")
+    measured = max(ep_runs[1][f"held/{name}"])
+    assert abs(plan.state - measured) <= 0.10 * measured, f"{name}: planned {plan.state:,} B, measured {measured:,} B"
 
 
 def test_resume_across_an_expert_parallel_change(ep_runs: tuple[Path, dict[str, Any]]) -> None:
@@ -133,19 +170,23 @@ def test_resume_across_an_expert_parallel_change(ep_runs: tuple[Path, dict[str, 
 
 # (world size, overrides, parts of the message); the model is the debug one, made MoE by MOE where listed.
 def test_expert_parallel_groups_come_from_the_mesh(ep_runs: tuple[Path, dict[str, Any]]) -> None:
-    """ep is the innermost part of dp_shard x cp (context-parallel peers first); the expert weights are
-    FSDP-sharded over the rest (with dp_replicate in front for HSDP); the dense weights' mesh is unchanged."""
+    """ep is the innermost part of dp_shard x cp x tp (tensor-, then context-parallel peers first); the expert
+    weights are FSDP-sharded over the rest (with dp_replicate in front for HSDP); the dense weights' mesh is
+    unchanged."""
     meshes = ep_runs[1]["meshes"]
     # name -> per rank: (ep group, expert-FSDP mesh, dense FSDP mesh, MoE statistics group: None = all ranks)
     want = {
-        "dp_shard2xcp2-ep2": [([0, 1], [0, 2], [0, 1, 2, 3], None), ([0, 1], [1, 3], [0, 1, 2, 3], None),
-                              ([2, 3], [0, 2], [0, 1, 2, 3], None), ([2, 3], [1, 3], [0, 1, 2, 3], None)],
-        "dp_shard2xcp2-ep4": [([0, 1, 2, 3], [r], [0, 1, 2, 3], None) for r in range(4)],
-        "hsdp2xcp2-ep2": [([0, 1], [[0], [2]], [[0, 1], [2, 3]], None), ([0, 1], [[1], [3]], [[0, 1], [2, 3]], None),
-                          ([2, 3], [[0], [2]], [[0, 1], [2, 3]], None), ([2, 3], [[1], [3]], [[0, 1], [2, 3]], None)],
-        # Tensor-parallel peers see the same tokens: statistics are summed over the data-parallel ranks only.
-        "dp_shard2xtp2-ep2": [([0, 2], [0], [0, 2], [0, 2]), ([1, 3], [1], [1, 3], [1, 3]),
-                              ([0, 2], [2], [0, 2], [0, 2]), ([1, 3], [3], [1, 3], [1, 3])],
+        # Context- and tensor-parallel peers route different sequence shards: ep takes them first. Their
+        # statistics are summed in the forward already, so the statistics group is the data-parallel ranks only.
+        "dp_shard2xcp2-ep2": [([0, 1], [0, 2], [0, 1, 2, 3], [0, 2]), ([0, 1], [1, 3], [0, 1, 2, 3], [1, 3]),
+                              ([2, 3], [0, 2], [0, 1, 2, 3], [0, 2]), ([2, 3], [1, 3], [0, 1, 2, 3], [1, 3])],
+        "dp_shard2xcp2-ep4": [([0, 1, 2, 3], [r], [0, 1, 2, 3], [r % 2, r % 2 + 2]) for r in range(4)],
+        "hsdp2xcp2-ep2": [([0, 1], [[0], [2]], [[0, 1], [2, 3]], [0, 2]),
+                          ([0, 1], [[1], [3]], [[0, 1], [2, 3]], [1, 3]),
+                          ([2, 3], [[0], [2]], [[0, 1], [2, 3]], [0, 2]),
+                          ([2, 3], [[1], [3]], [[0, 1], [2, 3]], [1, 3])],
+        "dp_shard2xtp2-ep2": [([0, 1], [0, 2], [0, 2], [0, 2]), ([0, 1], [1, 3], [1, 3], [1, 3]),
+                              ([2, 3], [0, 2], [0, 2], [0, 2]), ([2, 3], [1, 3], [1, 3], [1, 3])],
     }
     for name, per_rank in want.items():
         got = [tuple(meshes[rank][name]) for rank in range(4)]
@@ -156,7 +197,7 @@ def test_expert_parallel_groups_come_from_the_mesh(ep_runs: tuple[Path, dict[str
     (4, [*overriding(MOE, "model.moe.num_experts=6"), FSDP, "parallel.expert_parallel=4"],
      ["parallel.expert_parallel=4 must divide model.moe.num_experts=6", "values that fit this model: 1, 2, 3, 6"]),
     (6, [*overriding(MOE, "model.moe.num_experts=8"), FSDP, "parallel.expert_parallel=4"],
-     ["parallel.expert_parallel=4 must divide the data-parallel x context-parallel ranks",
+     ["parallel.expert_parallel=4 must divide the data-, context- and tensor-parallel ranks",
       "dp_shard 6 = 6", "values that fit this launch: 1, 2, 3, 6"]),
     (4, [*overriding(MOE, "model.moe.num_experts=8"), FSDP, "parallel.expert_parallel=4",
          "parallel.fsdp.replicate_degree=2"],

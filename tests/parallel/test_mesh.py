@@ -104,7 +104,7 @@ def test_expert_parallel_that_does_not_fit_the_launch() -> None:
     with pytest.raises(ConfigError) as info:
         cfg.check_launch(4)  # 2 replicas x dp_shard 2: the 4 expert-parallel ranks must come from dp_shard x cp = 2
     message = str(info.value)
-    assert "parallel.expert_parallel=4 must divide the data-parallel x context-parallel ranks" in message, message
+    assert "parallel.expert_parallel=4 must divide the data-, context- and tensor-parallel ranks" in message, message
     assert "(dp_shard 2 = 2 on 4 processes" in message and "values that fit this launch: 1, 2" in message, message
     assert "launch a multiple of 8 processes" in message, message
     assert cfg.check_launch(8) == (24, 3)  # 24 sequences of 64 over 8 ranks x micro 1

@@ -98,12 +98,18 @@ def _records(out_dir: Path) -> list[dict]:
     return read_metrics(out_dir)
 
 
-def train_layouts(rank: int, root: str, names: list[str]) -> dict[str, Any]:
+def train_layouts(rank: int, root: str, names: list[str], halves: list[tuple[str, list[str]]]) -> dict[str, Any]:
+    """Every layout of ``names``, then each (run folder, overrides) of ``halves`` (the halves of the
+    across-layout runs this world size trains: they share the launch)."""
+    from tests.helpers import train
+
     out = {}
     for name in names:
         _, overrides, ref = LAYOUTS[name]
         out[name] = train_eval_generate(Path(root) / name, overriding(COMMON, *REFERENCES[ref], *overrides),
                                         infer=name in INFERENCE)
+    for run_dir, overrides in halves:
+        train(Path(run_dir), *overrides)
     return out
 
 
@@ -117,11 +123,28 @@ def nd_runs(tmp_path_factory: pytest.TempPathFactory, demo_data: Path) -> dict[s
                                                     infer=ref in inferred)
                for ref, extra in REFERENCES.items()}
     assert not dist.is_initialized()
-    for world in (2, 4):
+    # The across-layout runs (test_resume_on_another_layout_matches_straight_run) train their halves in the
+    # same launches: the larger world sizes first, so each first half is done before its second half starts.
+    assert all(spec[0] > spec[2] for spec in ACROSS.values())
+    first = {name: (spec[0], root / "across" / name, [*_across_base(name), *spec[1], f"train.max_steps={HALF}"])
+             for name, spec in ACROSS.items()}
+    second = {name: (spec[2], root / "across" / name, [*_across_base(name), *spec[3],
+                                                       f"train.max_steps={2 * HALF}", "checkpoint.resume=auto"])
+              for name, spec in ACROSS.items()}
+    for world in (4, 2, 1):
         names = [n for n, (ranks, _, _) in LAYOUTS.items() if ranks == world]
-        per_rank = run_distributed(train_layouts, world, str(root), names, timeout_s=TIMEOUT)
-        for name in names:
-            results[name] = {**per_rank[0][name], "held_per_rank": [r[name]["held"] for r in per_rank]}
+        halves = [(str(run_dir), overrides) for ranks, run_dir, overrides in [*second.values(), *first.values()]
+                  if ranks == world]
+        if world == 1:
+            train_layouts(0, str(root), names, halves)
+        else:
+            per_rank = run_distributed(train_layouts, world, str(root), names, halves, timeout_s=TIMEOUT)
+            for name in names:
+                results[name] = {**per_rank[0][name], "held_per_rank": [r[name]["held"] for r in per_rank]}
+        for ranks, run_dir, _ in first.values():
+            if ranks == world:  # the second half's records only, from here on
+                (run_dir / "metrics.jsonl").write_text("")
+    results["across"] = {name: run_dir for name, (_, run_dir, _) in first.items()}
     return results
 
 
@@ -168,47 +191,37 @@ ACROSS = {
 }
 
 
-def train_on_layout(rank: int, out_dir: str, overrides: list[str]) -> None:
-    from tests.helpers import train
-
-    train(Path(out_dir), *overrides)
-
-
-def _train_anywhere(ranks: int, out_dir: Path, overrides: list[str]) -> None:
-    if ranks == 1:
-        train_on_layout(0, str(out_dir), overrides)
-    else:
-        run_distributed(train_on_layout, ranks, str(out_dir), overrides, timeout_s=TIMEOUT)
+def _across_base(name: str) -> list[str]:
+    return overriding(COMMON, *REFERENCES[ACROSS[name][-1]], *RESUME)
 
 
 @pytest.fixture(scope="module")
 def straight_runs(tmp_path_factory: pytest.TempPathFactory, demo_data: Path) -> dict[str, Path]:
     """2 x HALF steps on one process, per reference model."""
+    from tests.helpers import train
+
     root = tmp_path_factory.mktemp("straight")
     runs = {}
     for ref in sorted({spec[-1] for spec in ACROSS.values()}):
         runs[ref] = root / ref
-        _train_anywhere(1, runs[ref], overriding(COMMON, *REFERENCES[ref], *RESUME, f"train.max_steps={2 * HALF}",
-                                                 f"checkpoint.every_steps={HALF}"))
+        train(runs[ref], *overriding(COMMON, *REFERENCES[ref], *RESUME, f"train.max_steps={2 * HALF}",
+                                     f"checkpoint.every_steps={HALF}"))
     return runs
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(ACROSS))
-def test_resume_on_another_layout_matches_straight_run(tmp_path: Path, straight_runs: dict[str, Path],
-                                                       name: str) -> None:
-    """HALF steps on the first layout, resumed from its checkpoint on the second layout for HALF more: every
-    step within 1e-5 of the straight run; the first layout's checkpoint exports the same Hugging Face weights."""
+def test_resume_on_another_layout_matches_straight_run(tmp_path: Path, nd_runs: dict[str, Any],
+                                                       straight_runs: dict[str, Path], name: str) -> None:
+    """HALF steps on the first layout, resumed from its checkpoint on the second layout for HALF more (both
+    trained by the nd_runs launches): every step within 1e-5 of the straight run; the first layout's
+    checkpoint exports the same Hugging Face weights."""
     from safetensors.torch import load_file
 
     from bigtrain.export import export_checkpoint
 
-    first_ranks, first, second_ranks, second, ref = ACROSS[name]
-    base = overriding(COMMON, *REFERENCES[ref], *RESUME)
-    run = tmp_path / "run"
-    _train_anywhere(first_ranks, run, [*base, *first, f"train.max_steps={HALF}"])
-    (run / "metrics.jsonl").write_text("")
-    _train_anywhere(second_ranks, run, [*base, *second, f"train.max_steps={2 * HALF}", "checkpoint.resume=auto"])
+    ref = ACROSS[name][-1]
+    run = nd_runs["across"][name]
 
     step = f"step_{HALF:06d}"
     for what, ckpt in (("straight", straight_runs[ref]), ("first", run)):
