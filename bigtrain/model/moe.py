@@ -5,7 +5,8 @@ Every token goes to exactly ``top_k`` experts (no capacity factor, nothing dropp
 sorted by expert so each expert multiplies one contiguous slice:
 
 * ``torch._grouped_mm`` runs all experts in one call from the slice offsets (no host sync) where the
-  installed torch has it and the sizes meet its 16-byte alignment rule;
+  installed torch has it and the sizes meet its 16-byte alignment rule (under ``torch.compile``: in
+  bf16 only, which its shape function requires);
 * otherwise a loop over experts splits the sorted tokens (one host read of the per-expert counts).
 
 Both equal :func:`reference_moe`, a per-token loop kept for the tests.
@@ -57,7 +58,10 @@ def grouped_mm_available() -> bool:
 
 
 def _grouped_ok(x: torch.Tensor, dims: tuple[int, ...]) -> bool:
-    """torch._grouped_mm needs every row stride to be a multiple of 16 bytes."""
+    """torch._grouped_mm needs every row stride to be a multiple of 16 bytes; under torch.compile also bf16
+    inputs (its shape function refuses other dtypes, though the eager CPU kernel takes fp32)."""
+    if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:
+        return False
     return grouped_mm_available() and all((d * x.element_size()) % 16 == 0 for d in dims)
 
 
@@ -103,8 +107,9 @@ class GroupedExperts(nn.Module):
             return False
         ok = _grouped_ok(x, (int(self.w1.shape[1]), int(self.w1.shape[2])))
         if self.matmul == "grouped" and not ok:
-            raise RuntimeError("model.moe.expert_matmul=grouped: torch._grouped_mm is missing from this torch or "
-                               "the sizes are not multiples of 16 bytes; use auto or loop")
+            raise RuntimeError("model.moe.expert_matmul=grouped: torch._grouped_mm is missing from this torch, "
+                               "the sizes are not multiples of 16 bytes, or torch.compile traces it in a dtype "
+                               "other than bf16; use auto or loop")
         return ok
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ import torch
 from bigtrain.model.config import PRESETS, ModelConfig, count_parameters, flops_per_token
 from bigtrain.model.decoder import Decoder, build_on_meta, materialize
 from bigtrain.model.moe import (
+    GroupedExperts,
     MoE,
     MoEStats,
     grouped_mm_available,
@@ -219,3 +220,17 @@ def test_moe_takes_tensor_parallel_and_refuses_pipeline_parallel() -> None:
 def test_moe_configs_load(name: str, world_size: int) -> None:
     result = cli("config", "check", str(REPO / "configs" / f"{name}.yaml"), "--world-size", str(world_size))
     assert result.returncode == 0, result.stderr
+
+
+def test_grouped_matmul_is_traced_by_compile_in_bf16_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch.compile's shape function for torch._grouped_mm refuses fp32 (the eager CPU kernel takes it), so a
+    compiled fp32 MoE layer takes the loop; bf16 keeps the grouped matmul. (Compiling a MoE layer for real takes
+    ~45 s of inductor on CPU, so the suite checks the choice, not a compile.)"""
+    experts = GroupedExperts(4, 16, 16)
+    x = torch.zeros(8, 16)
+    assert experts.use_grouped(x) == grouped_mm_available()  # eager: fp32 too
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert not experts.use_grouped(x)
+    assert experts.use_grouped(x.bfloat16()) == grouped_mm_available()
+    with pytest.raises(RuntimeError, match="other than bf16"):
+        GroupedExperts(4, 16, 16, matmul="grouped").use_grouped(x)
