@@ -27,7 +27,8 @@ The step time is a roofline model, stated so it can be argued with:
   each moving (cp - 1) / cp of the tensor;
 * pipeline parallelism: the activation of each microbatch sent forward and its gradient back
   at every stage boundary, and the bubble: the step takes (1 + (pp - 1) / (microbatches x
-  virtual stages)) times as long;
+  virtual stages)) times as long (a third of that bubble for ``interleaved_zb``, whose deferred
+  weight-gradient passes fill idle slots: ZB-H1's estimate, Qi et al. 2023);
 * expert parallelism (MoE): per MoE layer and microbatch, 2 all-to-alls in forward (tokens to their
   experts, results back), 2 in backward (and 2 more in an activation-checkpointing recompute), each
   moving top_k x dim x tokens / tp x (ep - 1) / ep of this rank's routed copies (balanced routing: a rank
@@ -248,9 +249,14 @@ def plan_layout(cfg: RunConfig, layout: Layout, hw: Hardware, *, device: str = "
                          if is_hidden_matrix(q.name))
     param_bytes = a if p.fsdp.param_dtype == "auto" else _BYTES[p.fsdp.param_dtype]
     # The largest block as gathered: an expert-parallel rank gathers only its experts / ep.
-    one_block = max(sum(math.prod(q.shape) // (ep if q.expert else 1) for q in block) for block in stage.blocks)
+    gathered = [sum(math.prod(q.shape) // (ep if q.expert else 1) for q in block) for block in stage.blocks]
+    one_block = max(gathered)
     root_numel = sum(math.prod(q.shape) for q in stage.root)
-    buffers = (param_bytes * (root_numel + 2 * one_block) + _BYTES[p.fsdp.reduce_dtype] * one_block
+    # Without resharding after forward (parallel.fsdp.reshard_after_forward=false, and always under the
+    # zero-bubble schedule) every block of the stage stays gathered until its backward.
+    keeps_gathered = not p.fsdp.reshard_after_forward or (layout.pp > 1 and p.pipeline_schedule == "interleaved_zb")
+    in_flight_params = sum(gathered) + one_block if keeps_gathered else 2 * one_block
+    buffers = (param_bytes * (root_numel + in_flight_params) + _BYTES[p.fsdp.reduce_dtype] * one_block
                if fsdp > 1 else 0)
 
     # Activations of one microbatch, per token of this rank's slice, then times what is in flight.
@@ -280,6 +286,8 @@ def plan_layout(cfg: RunConfig, layout: Layout, hw: Hardware, *, device: str = "
     pp_s = traffic["pp"] / _link(hw, world)
     fsdp_s = traffic["fsdp"] / _link(hw, fsdp * layout.tp) + traffic["hsdp"] / (hw.inter_node_gbps * 1e9)
     bubble = (layout.pp - 1) / (micro * virtual) if layout.pp > 1 else 0.0
+    if p.pipeline_schedule == "interleaved_zb":
+        bubble /= 3  # weight-gradient passes fill the idle slots: about a third of 1F1B's (ZB-H1, Qi et al. 2023)
     return LayoutPlan(layout=layout, microbatches=micro, params=params, grads=grads, optimizer=optimizer,
                       buffers=buffers, activations=activations, compute_s=compute_s, tp_s=tp_s, cp_s=cp_s,
                       pp_s=pp_s, fsdp_exposed_s=max(0.0, fsdp_s - compute_s), bubble=bubble, ep_s=ep_s)

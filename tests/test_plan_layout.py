@@ -167,3 +167,14 @@ def test_expert_parallel_state_agrees_with_the_data_parallel_plan(extra: list[st
     flat = plan_memory(cfg, 4, "fsdp", device="cpu")
     nd = plan_layout(cfg, layout, HW, device="cpu")
     assert (nd.params, nd.grads, nd.optimizer, nd.buffers) == (flat.params, flat.grads, flat.optimizer, flat.buffers)
+
+
+def test_zero_bubble_schedule_plans_a_third_of_the_bubble_and_keeps_the_stage_gathered() -> None:
+    plans = {}
+    for schedule in ("interleaved_1f1b", "interleaved_zb"):
+        cfg = load_config("configs/llama3-405b.yaml", [f"parallel.pipeline_schedule={schedule}",
+                                                       "parallel.pipeline_virtual_stages=3"])  # 126 layers
+        plans[schedule] = plan_layout(cfg, Layout.from_config(cfg.parallel, 1024), HW)
+    one_f_one_b, zero_bubble = plans["interleaved_1f1b"], plans["interleaved_zb"]
+    assert one_f_one_b.bubble > 0 and zero_bubble.bubble == pytest.approx(one_f_one_b.bubble / 3)
+    assert zero_bubble.state == one_f_one_b.state and zero_bubble.buffers > one_f_one_b.buffers

@@ -76,10 +76,9 @@ class ParallelConfig(Section):
     pipeline_parallel: int = doc_field(1, "Pipeline-parallel degree (strategy fsdp): the blocks are cut into "
                                           "consecutive stages on this many ranks (across nodes, for the largest "
                                           "models). 1 = off.", ge=1)
-    # torch's zero-bubble schedules are not offered: measured, their split weight-gradient pass gives wrong
-    # gradient norms under FSDP2 (4.7% off at step 1 on 2 CPU ranks), so they fail the parity bar.
-    pipeline_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b"] = doc_field(
-        "1f1b", "Pipeline schedule: gpipe, 1f1b or interleaved_1f1b (which needs pipeline_virtual_stages >= 2).")
+    pipeline_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b", "interleaved_zb"] = doc_field(
+        "1f1b", "Pipeline schedule: gpipe, 1f1b, interleaved_1f1b or interleaved_zb (torch's interleaved "
+                "zero-bubble schedule; the interleaved ones need pipeline_virtual_stages >= 2).")
     pipeline_microbatches: int = doc_field(0, "Microbatches the pipeline splits each rank's share of the step into "
                                               "(0 = one per train.micro_batch_size sequences, i.e. the "
                                               "gradient-accumulation steps). More microbatches = a smaller bubble.",
@@ -187,7 +186,7 @@ class ParallelConfig(Section):
                               f"set parallel.pipeline_virtual_stages >= 2 (e.g. 2), or use pipeline_schedule=1f1b.")
         if not interleaved and virtual > 1:
             raise ConfigError(f"parallel.pipeline_virtual_stages={virtual} needs an interleaved schedule "
-                              f"(parallel.pipeline_schedule=interleaved_1f1b); "
+                              f"(parallel.pipeline_schedule=interleaved_1f1b or interleaved_zb); "
                               f"{self.pipeline_schedule} runs one stage per rank.")
         if pp == 1:
             return
@@ -206,6 +205,12 @@ class ParallelConfig(Section):
             raise ConfigError("data.document_ids=true does not work with parallel.pipeline_parallel > 1 yet (only "
                               "the token activations travel between stages); set data.document_ids=false or "
                               "parallel.pipeline_parallel=1.")
+        if self.pipeline_schedule == "interleaved_zb":
+            import torch.distributed.pipelining as pipelining
+
+            if not hasattr(pipelining, "ScheduleInterleavedZeroBubble"):
+                raise ConfigError("parallel.pipeline_schedule=interleaved_zb needs torch's "
+                                  "ScheduleInterleavedZeroBubble, which this torch lacks; use interleaved_1f1b.")
         if self.context_parallel > 1:
             raise ConfigError("parallel.pipeline_parallel > 1 does not compose with context_parallel in bigtrain "
                               "yet; use pipeline x tensor x data parallelism, or context parallelism without "

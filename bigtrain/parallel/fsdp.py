@@ -85,12 +85,18 @@ class FSDPStrategy(Strategy):
         if self.fcfg.cpu_offload:
             common["offload_policy"] = CPUOffloadPolicy()
         last = blocks(model)[-1]
+        zero_bubble = stages is not None and self.cfg.pipeline_schedule == "interleaved_zb"
+        if zero_bubble and self.fcfg.reshard_after_forward:
+            messages.say("bigtrain: note: parallel.pipeline_schedule=interleaved_zb keeps each stage's gathered "
+                         "parameters from forward to backward (parallel.fsdp.reshard_after_forward=false): its "
+                         "split weight-gradient pass needs them.")
         # MoE layers get FSDP2 groups of their own under expert or tensor parallelism (parallel/ep.py shard_moe).
         own_moe_groups = expert_parallel or (self.cfg.tensor_parallel > 1 and bool(moe_layers(model)))
 
         def shard(module: nn.Module, is_root: bool) -> None:
             # The last block is needed again at once by backward: resharding it would only add an all-gather.
-            reshard = self.fcfg.reshard_after_forward and module is not last and not is_root
+            reshard = (self.fcfg.reshard_after_forward and module is not last and not is_root
+                       and not zero_bubble)
             if own_moe_groups and not is_root:
                 from bigtrain.parallel.ep import shard_moe
 

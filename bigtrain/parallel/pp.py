@@ -25,9 +25,13 @@ from torch import nn
 
 from bigtrain.model.decoder import Decoder
 
-# parallel.pipeline_schedule -> torch.distributed.pipelining class (multi: several stages per rank).
+# parallel.pipeline_schedule -> torch.distributed.pipelining class (multi: several stages per rank). The
+# zero-bubble schedule splits each backward into an input-gradient and a later weight-gradient pass; under
+# FSDP2 that needs the blocks' gathered parameters kept between forward and backward (fsdp.py: no
+# reshard_after_forward): with resharding, the weight pass gave wrong gradients (grad norm 6% off at step 1).
 SCHEDULES = {"gpipe": ("ScheduleGPipe", False), "1f1b": ("Schedule1F1B", False),
-             "interleaved_1f1b": ("ScheduleInterleaved1F1B", True)}
+             "interleaved_1f1b": ("ScheduleInterleaved1F1B", True),
+             "interleaved_zb": ("ScheduleInterleavedZeroBubble", True)}
 
 
 def stage_layers(num_layers: int, num_stages: int) -> list[list[str]]:

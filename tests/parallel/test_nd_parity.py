@@ -56,6 +56,9 @@ LAYOUTS: dict[str, tuple[int, list[str], str]] = {
     "pp2-1f1b": (2, [FSDP, "parallel.pipeline_parallel=2", "parallel.pipeline_schedule=1f1b"], "untied-4-layers"),
     "pp2-interleaved-1f1b": (2, [FSDP, "parallel.pipeline_parallel=2", "parallel.pipeline_schedule=interleaved_1f1b",
                                  "parallel.pipeline_virtual_stages=2"], "untied-4-layers"),
+    # Zero-bubble: each backward split into input- and weight-gradient passes (gathered parameters kept).
+    "pp2-interleaved-zb": (2, [FSDP, "parallel.pipeline_parallel=2", "parallel.pipeline_schedule=interleaved_zb",
+                               "parallel.pipeline_virtual_stages=2"], "untied-4-layers"),
     # 2 data-parallel ranks x 4 sequences: the pipeline splits each rank's 4 sequences into 2 microbatches.
     "pp2xfsdp2-gpipe": (4, [FSDP, "parallel.pipeline_parallel=2", "parallel.pipeline_schedule=gpipe",
                             "parallel.pipeline_microbatches=2"], "untied-4-layers"),
