@@ -67,12 +67,12 @@ class ParallelConfig(Section):
                                          "many ranks; attention exchanges heads for sequence by all-to-all "
                                          "(Ulysses). For long contexts. 1 = off.", ge=1)
     expert_parallel: int = doc_field(1, "Expert-parallel degree (strategy fsdp, MoE models): each MoE layer's routed "
-                                        "experts are split over this many ranks, drawn from the data-parallel "
-                                        "(and context-parallel) ranks, and tokens travel to their experts and "
+                                        "experts are split over this many ranks, drawn from the data-, context- "
+                                        "and tensor-parallel ranks, and tokens travel to their experts and "
                                         "back by all-to-all; expert weights are FSDP-sharded over the remaining "
-                                        "data-parallel ranks. Must divide model.moe.num_experts and the "
-                                        "data-parallel x context-parallel ranks. 1 = off (experts FSDP-sharded "
-                                        "like every other weight). See docs/parallelism.md.", ge=1)
+                                        "ranks. Must divide model.moe.num_experts and dp_shard x cp x tp. "
+                                        "1 = off (experts FSDP-sharded like every other weight). See "
+                                        "docs/parallelism.md.", ge=1)
     pipeline_parallel: int = doc_field(1, "Pipeline-parallel degree (strategy fsdp): the blocks are cut into "
                                           "consecutive stages on this many ranks (across nodes, for the largest "
                                           "models). 1 = off.", ge=1)
