@@ -227,7 +227,7 @@ def check_layout(cfg: RunConfig, layout: Layout) -> tuple[RunConfig, int, int]:
     p = lcfg.parallel
     lcfg.check_moe()  # MoE models refuse pipeline parallelism, as a launch does
     p.check_model(lcfg.model, lcfg.data.seq_len)
-    p.check_pipeline(lcfg.model, lcfg.data.document_ids)
+    p.check_pipeline(lcfg.model)
     Layout.from_config(p, layout.world_size)
     _, accum = lcfg.batch_layout(layout.data_parallel_size)
     return lcfg, accum, p.check_microbatches(accum * lcfg.train.micro_batch_size, accum)

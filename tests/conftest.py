@@ -31,3 +31,35 @@ def demo_data() -> Path:
 
     with capture():  # its progress messages would only clutter the test output
         return prepare_demo(REPO / "data" / "demo", vocab_size=4096)
+
+
+SHORT_DOCUMENTS = REPO / "data" / "short-docs"
+
+
+@pytest.fixture(scope="session")
+def short_documents(demo_data: Path) -> Path:
+    """A corpus of short documents (2 to 12 made-up words, a few per 64-token sequence) in the demo tokenizer's
+    ids, under REPO/data/short-docs: the demo's documents are whole plays, so its training sequences almost
+    never cross a document boundary and document masking would not be exercised. Built once."""
+    import json
+    import random
+
+    from bigtrain.data.demo import _dir_lock
+    from bigtrain.data.prepare import prepare_corpus
+    from bigtrain.messages import capture
+
+    with _dir_lock(SHORT_DOCUMENTS.parent / ".short-docs-lock"):
+        if (SHORT_DOCUMENTS / "manifest.json").is_file():
+            return SHORT_DOCUMENTS
+        rng = random.Random(0)
+        words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 8)))
+                 for _ in range(500)]
+        source = SHORT_DOCUMENTS.parent / "short-docs-source.jsonl"
+        with source.open("w") as fh:
+            for _ in range(4000):
+                fh.write(json.dumps({"text": " ".join(rng.choices(words, k=rng.randint(2, 12))) + "."}) + "\n")
+        with capture():
+            prepare_corpus([str(source)], SHORT_DOCUMENTS, tokenizer=str(demo_data / "tokenizer.json"),
+                           val_fraction=0.1, num_workers=1, overwrite=True)
+        source.unlink()
+    return SHORT_DOCUMENTS

@@ -177,7 +177,7 @@ class ParallelConfig(Section):
                               f"expert-parallel rank holds an equal share of the routed experts); "
                               f"expert_parallel values that fit this model: {fits}.")
 
-    def check_pipeline(self, model: ModelConfig, document_ids: bool) -> None:
+    def check_pipeline(self, model: ModelConfig) -> None:
         """Pipeline degrees against the model (stages of equal length) and what stages cannot share yet."""
         pp, virtual = self.pipeline_parallel, self.pipeline_virtual_stages
         interleaved = self.pipeline_schedule.startswith("interleaved")
@@ -201,10 +201,6 @@ class ParallelConfig(Section):
             raise ConfigError("parallel.pipeline_parallel > 1 needs model.tie_embeddings=false: the embedding lives "
                               "on the first stage and the output projection on the last, so they cannot share a "
                               "weight; set model.tie_embeddings=false.")
-        if document_ids:
-            raise ConfigError("data.document_ids=true does not work with parallel.pipeline_parallel > 1 yet (only "
-                              "the token activations travel between stages); set data.document_ids=false or "
-                              "parallel.pipeline_parallel=1.")
         if self.pipeline_schedule == "interleaved_zb":
             import torch.distributed.pipelining as pipelining
 

@@ -157,8 +157,9 @@ class FSDPStrategy(Strategy):
         # The pipeline splits the step's sequences into its own microbatches (accumulation folds into it).
         inputs = torch.cat([b.inputs for b in micro_batches])
         targets = torch.cat([b.targets for b in micro_batches])
+        documents = {key: torch.cat([b.kwargs[key] for b in micro_batches]) for key in micro_batches[0].kwargs}
         with self.autocast():
-            return self.pipeline.step(inputs, targets)
+            return self.pipeline.step(inputs, targets, **documents)
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()

@@ -60,14 +60,23 @@ class StageModule(nn.Module):
         self.output = model.output if last else None
         self.rope: Callable[[], tuple[torch.Tensor, torch.Tensor]] = lambda: (model.rope_cos, model.rope_sin)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """Tokens (first stage) or hidden states -> hidden states, or logits (last stage). With document
+        masking the document ids and positions ride along: every stage's attention needs them, so a stage
+        returns them with its hidden states and the next stage receives all three."""
         h = self.embed(x) if self.embed is not None else x
         cos, sin = self.rope()
+        if positions is not None and self.embed is None:
+            # torch's pipelining infers a later stage's shapes by running it once on uninitialized receive
+            # buffers: keep those garbage positions inside the rotary table (real ones already are).
+            positions = positions.clamp(0, cos.shape[0] - 1)
         for block in self.blocks:
-            h = block(h, cos, sin)
+            h = block(h, cos, sin, positions, doc_ids)
         if self.norm is not None and self.output is not None:
-            h = self.output(self.norm(h))
-        return h
+            logits: torch.Tensor = self.output(self.norm(h))
+            return logits
+        return h if doc_ids is None else (h, doc_ids, positions)
 
 
 class PipelineDecoder(Decoder):
@@ -85,8 +94,10 @@ class PipelineDecoder(Decoder):
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, *,
                 doc_ids: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
-        if doc_ids is not None or positions is not None:
-            raise ValueError("pipeline inference takes plain token batches (no doc_ids/positions)")
+        if doc_ids is not None and positions is None:
+            from bigtrain.kernels.attention import positions_from_doc_ids
+
+            positions = positions_from_doc_ids(doc_ids)
         pp = len(self.pp_ranks)
         me = dist.get_rank()
         batch, seq = tokens.shape
@@ -94,7 +105,11 @@ class PipelineDecoder(Decoder):
         # to a multiple of tp (causal attention keeps it invisible) and drop the padded logits.
         tp_mesh = getattr(self, "tp_mesh", None)
         tp = tp_mesh.size() if tp_mesh is not None else 1
-        tokens = F.pad(tokens, (0, -seq % tp))
+        pad = -seq % tp
+        tokens = F.pad(tokens, (0, pad))
+        if doc_ids is not None and positions is not None and pad:
+            doc_ids = F.pad(doc_ids, (0, pad), value=-1)
+            positions = torch.cat([positions, positions[:, -1:].expand(-1, pad)], dim=1)
         h: torch.Tensor = tokens
         for stage in range(self.pp_num_stages):
             owner = self.pp_ranks[stage % pp]
@@ -104,7 +119,9 @@ class PipelineDecoder(Decoder):
             if stage > 0 and previous != me:
                 h = torch.empty(batch, tokens.shape[1] // tp, self.cfg.dim, device=tokens.device)
                 dist.recv(h, src=previous, group=self.pp_group)
-            h = self.pp_stages[stage](h).float()
+            # Every rank has the document ids (inference sends the same batch to all): only h travels.
+            out = self.pp_stages[stage](h, doc_ids, positions) if doc_ids is not None else self.pp_stages[stage](h)
+            h = (out[0] if isinstance(out, tuple) else out).float()
             following = self.pp_ranks[(stage + 1) % pp]
             if stage < self.pp_num_stages - 1 and following != me:
                 dist.send(h.contiguous(), dst=following, group=self.pp_group)
@@ -160,11 +177,13 @@ class Pipeline:
         self.group = model.pp_group
         self.holds_last = model.pp_num_stages - 1 in model.pp_stages
 
-    def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def step(self, inputs: torch.Tensor, targets: torch.Tensor, doc_ids: torch.Tensor | None = None,
+             positions: torch.Tensor | None = None) -> torch.Tensor:
         """Forward and backward of every microbatch; the mean loss, the same on every pipeline rank."""
         losses: list[torch.Tensor] = []
         # Inputs feed the first stage and targets the last; other stages ignore what they do not hold.
-        self.schedule.step(inputs, target=targets, losses=losses)
+        args = (inputs,) if doc_ids is None else (inputs, doc_ids, positions)
+        self.schedule.step(*args, target=targets, losses=losses)
         loss = (torch.stack([x.detach().float() for x in losses]).mean() if self.holds_last
                 else torch.zeros((), device=inputs.device))
         dist.all_reduce(loss, group=self.group)  # only the last stage's is non-zero

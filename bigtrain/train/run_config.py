@@ -97,7 +97,7 @@ class RunConfig(Section):
             )
         self.check_moe()  # first: what MoE cannot do yet is the message, not a follow-on requirement
         self.parallel.check_model(self.model, seq)
-        self.parallel.check_pipeline(self.model, self.data.document_ids)
+        self.parallel.check_pipeline(self.model)
         self._check_optimizer()
         if self.train.on_nonfinite == "skip" and self.parallel.strategy == "zero":
             raise ConfigError("train.on_nonfinite: skip does not work with parallel.strategy=zero (DeepSpeed "

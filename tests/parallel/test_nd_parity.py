@@ -38,13 +38,18 @@ TIMEOUT = 600
 FSDP = "parallel.strategy=fsdp"
 SAMPLE_TOKENS = 12
 
+DOCS = ["data.document_ids=true", "data.train_path=data/short-docs/train", "data.val_path=data/short-docs/val",
+        "data.tokenizer=data/short-docs/tokenizer.json"]
 # The single-process references: the model/data variations some layouts use.
 REFERENCES: dict[str, list[str]] = {
     "plain": [],
-    "docs": ["data.document_ids=true"],  # document masking: attention stays inside each packed document
+    # Document masking (attention stays inside each packed document) on a corpus of short documents, so that
+    # sequences cross document boundaries (conftest.py short_documents).
+    "docs": DOCS,
     "untied-zloss": ["model.tie_embeddings=false", "model.z_loss=1e-3"],
     # Pipeline stages cannot share a tied embedding; 4 blocks make 4 stages for the interleaved schedule.
     "untied-4-layers": ["model.tie_embeddings=false", "model.num_layers=4"],
+    "untied-4-layers-docs": ["model.tie_embeddings=false", "model.num_layers=4", *DOCS],
 }
 # name -> (ranks, parallel overrides, reference)
 LAYOUTS: dict[str, tuple[int, list[str], str]] = {
@@ -56,6 +61,8 @@ LAYOUTS: dict[str, tuple[int, list[str], str]] = {
     "pp2-1f1b": (2, [FSDP, "parallel.pipeline_parallel=2", "parallel.pipeline_schedule=1f1b"], "untied-4-layers"),
     "pp2-interleaved-1f1b": (2, [FSDP, "parallel.pipeline_parallel=2", "parallel.pipeline_schedule=interleaved_1f1b",
                                  "parallel.pipeline_virtual_stages=2"], "untied-4-layers"),
+    # Document ids and positions travel between stages with the activations.
+    "pp2-docs": (2, [FSDP, "parallel.pipeline_parallel=2"], "untied-4-layers-docs"),
     # Zero-bubble: each backward split into input- and weight-gradient passes (gathered parameters kept).
     "pp2-interleaved-zb": (2, [FSDP, "parallel.pipeline_parallel=2", "parallel.pipeline_schedule=interleaved_zb",
                                "parallel.pipeline_virtual_stages=2"], "untied-4-layers"),
@@ -68,7 +75,7 @@ LAYOUTS: dict[str, tuple[int, list[str], str]] = {
 
 # The layouts whose evaluation and greedy generation are compared too (each inference path once: tensor,
 # context and pipeline parallel); the others train only (inference costs time and proves nothing new there).
-INFERENCE = {"tp2", "cp2", "pp2-1f1b"}
+INFERENCE = {"tp2", "cp2", "pp2-1f1b", "pp2-docs"}
 
 
 def train_eval_generate(out_dir: Path, overrides: list[str], infer: bool = True) -> dict[str, Any]:
@@ -122,7 +129,7 @@ def train_layouts(rank: int, root: str, names: list[str], halves: list[tuple[str
 
 
 @pytest.fixture(scope="module")
-def nd_runs(tmp_path_factory: pytest.TempPathFactory, demo_data: Path) -> dict[str, dict]:
+def nd_runs(tmp_path_factory: pytest.TempPathFactory, demo_data: Path, short_documents: Path) -> dict[str, dict]:
     import torch.distributed as dist
 
     root = tmp_path_factory.mktemp("nd")
