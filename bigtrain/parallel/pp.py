@@ -76,7 +76,9 @@ class StageModule(nn.Module):
         if self.norm is not None and self.output is not None:
             logits: torch.Tensor = self.output(self.norm(h))
             return logits
-        return h if doc_ids is None else (h, doc_ids, positions)
+        if doc_ids is None or positions is None:
+            return h
+        return h, doc_ids, positions
 
 
 class PipelineDecoder(Decoder):
