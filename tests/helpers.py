@@ -212,11 +212,16 @@ def _die_with_parent() -> None:
 
 
 def _rank_main(payload: bytes, rank: int, world_size: int, process_group: bool, pg_timeout_s: float,
-               results: Any) -> None:
-    """Entry point of one spawned rank: own process group (so the parent can kill it with its
+               results: Any, env: dict[str, str]) -> None:
+    """Entry point of one rank: its environment, own process group (so the parent can kill it with its
     children), stack dumps on SIGUSR2, optional gloo group, then ``fn(rank, *args)``."""
     os.setsid()
     _die_with_parent()
+    os.environ.update(env)  # forked from the fork server, which holds the environment it started with
+    if "OMP_NUM_THREADS" in env:
+        import torch  # preloaded: OpenMP read OMP_NUM_THREADS when the fork server loaded it
+
+        torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
     import faulthandler
     import multiprocessing
 
@@ -261,6 +266,19 @@ def _kill(proc: Any) -> None:
     proc.join(timeout=10)
 
 
+def _rank_context() -> Any:
+    """Ranks are forked from a fork server that has imported torch once (importing it costs every rank seconds
+    of CPU otherwise); the server is a fresh single-threaded process, so forking it is safe, and it is started
+    before any rank's environment is set (ranks set theirs themselves)."""
+    import multiprocessing
+    from multiprocessing import forkserver
+
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "torch.distributed"])
+    forkserver.ensure_running()
+    return ctx
+
+
 def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float = 300,
                     env: dict[str, str] | None = None, process_group: bool = False) -> list[Any]:
     """Run ``fn(rank, *args)`` in ``world_size`` spawned processes; return the results in rank order.
@@ -275,11 +293,9 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
     result, or any rank still running after ``timeout_s`` (stacks dumped first), fails it too.
     Every rank, and whatever it started, is killed before this returns or raises.
     """
-    import multiprocessing
-
     import pytest
 
-    ctx = multiprocessing.get_context("spawn")
+    ctx = _rank_context()
     results = ctx.Queue()
     payload = pickle.dumps((fn, args))
     port = str(free_port())
@@ -291,9 +307,8 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
                         "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
                         "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
             proc = ctx.Process(target=_rank_main, name=f"rank{rank}",
-                               args=(payload, rank, world_size, process_group, timeout_s, results))
-            with _Env(rank_env):  # inherited at exec: set before the rank imports torch
-                proc.start()
+                               args=(payload, rank, world_size, process_group, timeout_s, results, rank_env))
+            proc.start()
             procs.append(proc)
 
         done: dict[int, Any] = {}
