@@ -266,6 +266,9 @@ def _kill(proc: Any) -> None:
     proc.join(timeout=10)
 
 
+_SESSION_ENV = dict(os.environ)  # at collection, before any test runs (conftest has set its defaults)
+
+
 def _rank_context() -> Any:
     """Ranks are forked from a fork server that has imported torch once (importing it costs every rank seconds
     of CPU otherwise); the server is a fresh single-threaded process, so forking it is safe, and it is started
@@ -275,7 +278,16 @@ def _rank_context() -> Any:
 
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["torch", "torch.distributed"])
-    forkserver.ensure_running()
+    # The server keeps the environment it starts with: the session's, not that of the test that needs it
+    # first (which may have changed variables for itself).
+    current = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(_SESSION_ENV)
+    try:
+        forkserver.ensure_running()
+    finally:
+        os.environ.clear()
+        os.environ.update(current)
     return ctx
 
 
