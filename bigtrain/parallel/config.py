@@ -207,10 +207,6 @@ class ParallelConfig(Section):
             if not hasattr(pipelining, "ScheduleInterleavedZeroBubble"):
                 raise ConfigError("parallel.pipeline_schedule=interleaved_zb needs torch's "
                                   "ScheduleInterleavedZeroBubble, which this torch lacks; use interleaved_1f1b.")
-        if self.context_parallel > 1:
-            raise ConfigError("parallel.pipeline_parallel > 1 does not compose with context_parallel in bigtrain "
-                              "yet; use pipeline x tensor x data parallelism, or context parallelism without "
-                              "pipeline stages.")
 
     def check_microbatches(self, sequences_per_rank: int, accum_steps: int) -> int:
         """The pipeline's microbatch count for ``sequences_per_rank`` sequences per step (exit 2 if it does not fit)."""

@@ -10,6 +10,9 @@ place) all-to-alls q/k/v from ``[B, H, S/cp, D]`` to ``[B, H/cp, S, D]`` (every 
 whole sequence for ``H/cp`` heads: causal and document masks work as on one rank), attends, and
 all-to-alls the output back. Works on any device and backend with all-to-all (gloo included).
 
+Under pipeline parallelism the schedule, not the decoder's forward, runs training: the strategy cuts
+the batch with :func:`slice_sequence` and the positions travel between stages with the activations.
+
 Each rank's loss is the mean over its slice; slices are equal, so the mean over context-parallel
 ranks (the trainer's loss average, and FSDP2's gradient average over ``dp_shard_cp``) is the loss
 of the whole sequence. Inference (no targets: evaluation, generation) runs the whole sequence on
@@ -96,6 +99,21 @@ class ContextParallelAttention(Attention):
         return result
 
 
+def slice_sequence(state: ContextParallelState, tokens: torch.Tensor, targets: torch.Tensor,
+                   doc_ids: torch.Tensor | None, positions: torch.Tensor | None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """This rank's slice of a training batch: (tokens, targets, rotary positions), the positions computed
+    from the whole sequence first (documents that straddle a cut keep theirs); document ids stay whole."""
+    batch, seq = tokens.shape
+    piece = seq // state.size
+    lo, hi = state.rank * piece, (state.rank + 1) * piece
+    if positions is None:
+        positions = (positions_from_doc_ids(doc_ids) if doc_ids is not None
+                     else torch.arange(seq, device=tokens.device).expand(batch, seq))
+    # Contiguous: a pipeline sends them between stages, into buffers laid out like them.
+    return tokens[:, lo:hi].contiguous(), targets[:, lo:hi].contiguous(), positions[:, lo:hi].contiguous()
+
+
 def _split_batch(state: ContextParallelState, module: nn.Module, args: tuple[Any, ...],
                  kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """Decoder forward pre-hook: keep this rank's slice of the sequence (training forwards only)."""
@@ -104,17 +122,11 @@ def _split_batch(state: ContextParallelState, module: nn.Module, args: tuple[Any
     state.active = targets is not None
     if targets is None:
         return args, kwargs
-    batch, seq = tokens.shape
-    piece = seq // state.size
-    lo, hi = state.rank * piece, (state.rank + 1) * piece
-    doc_ids = kwargs.get("doc_ids")
-    positions = kwargs.get("positions")
-    if positions is None:
-        positions = (positions_from_doc_ids(doc_ids) if doc_ids is not None
-                     else torch.arange(seq, device=tokens.device).expand(batch, seq))
-    kwargs = {**kwargs, "positions": positions[:, lo:hi]}
+    tokens, targets, positions = slice_sequence(state, tokens, targets, kwargs.get("doc_ids"),
+                                                kwargs.get("positions"))
+    kwargs = {**kwargs, "positions": positions}
     kwargs.pop("targets", None)
-    return (tokens[:, lo:hi], targets[:, lo:hi]), kwargs
+    return (tokens, targets), kwargs
 
 
 def apply_context_parallel(model: nn.Module, cp_mesh: Any) -> None:
@@ -132,3 +144,5 @@ def apply_context_parallel(model: nn.Module, cp_mesh: Any) -> None:
         return _split_batch(state, module, args, kwargs)
 
     model.register_forward_pre_hook(hook, with_kwargs=True)
+    holder: Any = model  # a plain attribute, not a parameter or submodule
+    holder.cp_state = state  # a pipeline's training steps bypass the hook: fsdp.py slices for them

@@ -158,8 +158,21 @@ class FSDPStrategy(Strategy):
         inputs = torch.cat([b.inputs for b in micro_batches])
         targets = torch.cat([b.targets for b in micro_batches])
         documents = {key: torch.cat([b.kwargs[key] for b in micro_batches]) for key in micro_batches[0].kwargs}
-        with self.autocast():
-            return self.pipeline.step(inputs, targets, **documents)
+        cp_state = getattr(model, "cp_state", None)
+        if cp_state is None:
+            with self.autocast():
+                return self.pipeline.step(inputs, targets, **documents)
+        # Context parallelism: this rank's slice of every sequence, as the decoder's pre-hook cuts it.
+        from bigtrain.parallel.cp import slice_sequence
+
+        doc_ids = documents.get("doc_ids")
+        inputs, targets, positions = slice_sequence(cp_state, inputs, targets, doc_ids, documents.get("positions"))
+        cp_state.active = True
+        try:
+            with self.autocast():
+                return self.pipeline.step(inputs, targets, doc_ids=doc_ids, positions=positions)
+        finally:
+            cp_state.active = False
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()

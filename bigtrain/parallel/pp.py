@@ -60,11 +60,12 @@ class StageModule(nn.Module):
         self.output = model.output if last else None
         self.rope: Callable[[], tuple[torch.Tensor, torch.Tensor]] = lambda: (model.rope_cos, model.rope_sin)
 
-    def forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None = None,
-                positions: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        """Tokens (first stage) or hidden states -> hidden states, or logits (last stage). With document
-        masking the document ids and positions ride along: every stage's attention needs them, so a stage
-        returns them with its hidden states and the next stage receives all three."""
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None,
+                doc_ids: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """Tokens (first stage) or hidden states -> hidden states, or logits (last stage). Rotary positions
+        (document masking, or a context-parallel rank's slice of the sequence) and document ids ride along:
+        every stage's attention needs them, so a stage returns them with its hidden states and the next
+        stage receives them in the same order."""
         h = self.embed(x) if self.embed is not None else x
         cos, sin = self.rope()
         if positions is not None and self.embed is None:
@@ -76,9 +77,9 @@ class StageModule(nn.Module):
         if self.norm is not None and self.output is not None:
             logits: torch.Tensor = self.output(self.norm(h))
             return logits
-        if doc_ids is None or positions is None:
+        if positions is None:
             return h
-        return h, doc_ids, positions
+        return (h, positions) if doc_ids is None else (h, positions, doc_ids)
 
 
 class PipelineDecoder(Decoder):
@@ -121,8 +122,9 @@ class PipelineDecoder(Decoder):
             if stage > 0 and previous != me:
                 h = torch.empty(batch, tokens.shape[1] // tp, self.cfg.dim, device=tokens.device)
                 dist.recv(h, src=previous, group=self.pp_group)
-            # Every rank has the document ids (inference sends the same batch to all): only h travels.
-            out = self.pp_stages[stage](h, doc_ids, positions) if doc_ids is not None else self.pp_stages[stage](h)
+            # Every rank has the positions and document ids (inference sends the same batch to all): only h
+            # travels.
+            out = self.pp_stages[stage](h, positions, doc_ids)
             h = (out[0] if isinstance(out, tuple) else out).float()
             following = self.pp_ranks[(stage + 1) % pp]
             if stage < self.pp_num_stages - 1 and following != me:
@@ -184,7 +186,8 @@ class Pipeline:
         """Forward and backward of every microbatch; the mean loss, the same on every pipeline rank."""
         losses: list[torch.Tensor] = []
         # Inputs feed the first stage and targets the last; other stages ignore what they do not hold.
-        args = (inputs,) if doc_ids is None else (inputs, doc_ids, positions)
+        args = tuple(t for t in (inputs, positions, doc_ids) if t is not None)
+        assert positions is not None or doc_ids is None, "document ids come with their positions"
         self.schedule.step(*args, target=targets, losses=losses)
         loss = (torch.stack([x.detach().float() for x in losses]).mean() if self.holds_last
                 else torch.zeros((), device=inputs.device))

@@ -70,6 +70,8 @@ LAYOUTS: dict[str, tuple[int, list[str], str]] = {
     "pp2xfsdp2-gpipe": (4, [FSDP, "parallel.pipeline_parallel=2", "parallel.pipeline_schedule=gpipe",
                             "parallel.pipeline_microbatches=2"], "untied-4-layers"),
     "pp2xtp2": (4, [FSDP, "parallel.pipeline_parallel=2", "parallel.tensor_parallel=2"], "untied-4-layers"),
+    # Each context-parallel rank's slice of the sequence, with its rotary positions, through the stages.
+    "pp2xcp2": (4, [FSDP, "parallel.pipeline_parallel=2", "parallel.context_parallel=2"], "untied-4-layers"),
 }
 
 
