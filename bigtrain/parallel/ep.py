@@ -120,10 +120,10 @@ def sum_routing_over_sequence_shards(model: nn.Module, mesh: ParallelMesh) -> in
     share of its gradient is scaled by ``cp`` to survive that average.
     """
     layout = mesh.layout
-    if layout.cp == 1 and layout.tp == 1:
-        return 0
-    sequence_sum = SequenceShardSum(mesh.sequence_shards.get_group(), grad_scale=float(layout.cp))
     layers = moe_layers(model)
+    if (layout.cp == 1 and layout.tp == 1) or not layers:
+        return 0  # (a dense model creates no process group here)
+    sequence_sum = SequenceShardSum(mesh.sequence_shards.get_group(), grad_scale=float(layout.cp))
     for _, moe in layers:
         moe.split_sum = sequence_sum
     return len(layers)

@@ -110,9 +110,10 @@ class PipelineDecoder(Decoder):
         tp = tp_mesh.size() if tp_mesh is not None else 1
         pad = -seq % tp
         tokens = F.pad(tokens, (0, pad))
-        if doc_ids is not None and positions is not None and pad:
-            doc_ids = F.pad(doc_ids, (0, pad), value=-1)
+        if positions is not None and pad:
             positions = torch.cat([positions, positions[:, -1:].expand(-1, pad)], dim=1)
+        if doc_ids is not None and pad:
+            doc_ids = F.pad(doc_ids, (0, pad), value=-1)
         h: torch.Tensor = tokens
         for stage in range(self.pp_num_stages):
             owner = self.pp_ranks[stage % pp]
