@@ -54,10 +54,10 @@ def apply_activation_checkpointing(model: nn.Module, mode: str, every: int = 1) 
     return len(picked)
 
 
-def apply_compile(model: nn.Module) -> None:
+def apply_compile(model: nn.Module, backend: str = "inductor") -> None:
     """torch.compile each block in place (repeated blocks share one compiled graph)."""
     for block in blocks(model):
-        block.compile()
+        block.compile(backend=backend)
 
 
 FP8_MIN_CAPABILITY = (8, 9)  # Ada / Hopper: the first GPUs with FP8 tensor cores
@@ -121,16 +121,18 @@ def apply_fp8(model: nn.Module) -> int:
 ShardFn = Callable[[nn.Module, bool], None]  # (module, is_root) -> None
 
 
-def parallelize(model: nn.Module, cfg: ParallelConfig, *, compile: bool, shard: ShardFn | None = None) -> nn.Module:
+def parallelize(model: nn.Module, cfg: ParallelConfig, *, compile: bool | str,
+                shard: ShardFn | None = None) -> nn.Module:
     """act-ckpt → fp8 → compile → shard (each block, then the root); returns the same model object.
 
+    ``compile``: False (off), True (inductor) or a torch.compile backend name (``train.compile_backend``).
     FP8 follows ``model.fp8`` of the model's own config (``model.cfg``), so strategies need not pass it.
     """
     apply_activation_checkpointing(model, cfg.activation_checkpointing, cfg.activation_checkpointing_every)
     if getattr(getattr(model, "cfg", None), "fp8", False):
         apply_fp8(model)
     if compile:
-        apply_compile(model)
+        apply_compile(model, "inductor" if compile is True else compile)
     if shard is not None:
         for block in blocks(model):
             shard(block, False)

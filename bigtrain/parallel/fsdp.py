@@ -33,7 +33,7 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 class FSDPStrategy(Strategy):
-    def __init__(self, info: DistInfo, precision: str, cfg: ParallelConfig, *, compile: bool = False,
+    def __init__(self, info: DistInfo, precision: str, cfg: ParallelConfig, *, compile: bool | str = False,
                  micro_batch_size: int = 1, accum_steps: int = 1) -> None:
         super().__init__(info, precision)
         self.cfg, self.fcfg, self.compile = cfg, cfg.fsdp, compile

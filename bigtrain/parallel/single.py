@@ -13,7 +13,7 @@ from bigtrain.parallel.strategy import OptimizerFactory, Strategy
 
 class SingleStrategy(Strategy):
     def __init__(self, info: DistInfo, precision: str, cfg: ParallelConfig | None = None, *,
-                 compile: bool = False) -> None:
+                 compile: bool | str = False) -> None:
         super().__init__(info, precision)
         self.cfg = cfg or ParallelConfig()
         self.compile = compile

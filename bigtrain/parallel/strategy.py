@@ -141,15 +141,16 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def build_strategy(cfg: ParallelConfig, info: DistInfo, *, precision: str, compile: bool, micro_batch_size: int,
-                   grad_clip: float, accum_steps: int) -> Strategy:
+def build_strategy(cfg: ParallelConfig, info: DistInfo, *, precision: str, compile: bool | str,
+                   micro_batch_size: int, grad_clip: float, accum_steps: int) -> Strategy:
     """Pick the backend named by ``parallel.strategy`` (each imported only when chosen).
 
-    The values from other sections are passed explicitly: ``compile`` (``train.compile``, applied with
-    activation checkpointing by :func:`bigtrain.parallel.apply.parallelize`); ``micro_batch_size``,
-    ``grad_clip`` and ``accum_steps`` go into ZeRO's DeepSpeed config (DeepSpeed owns the
-    accumulation boundary and clipping); FSDP2 uses the first and last to size a pipeline's
-    microbatches; the other backends ignore them.
+    The values from other sections are passed explicitly: ``compile`` (False, or ``train.compile_backend``
+    when ``train.compile`` is on; applied with activation checkpointing by
+    :func:`bigtrain.parallel.apply.parallelize`); ``micro_batch_size``, ``grad_clip`` and
+    ``accum_steps`` go into ZeRO's DeepSpeed config (DeepSpeed owns the accumulation boundary and
+    clipping); FSDP2 uses the first and last to size a pipeline's microbatches; the other backends
+    ignore them.
     """
     cfg.check_world_size(info.world_size)
     if cfg.strategy == "single":

@@ -140,14 +140,14 @@ def _freed_memory_returned(enabled: bool) -> Iterator[None]:
 class ZeroStrategy(Strategy):
     """Data parallel with DeepSpeed ZeRO: stage 1 shards optimizer state, 2 also gradients, 3 also parameters."""
 
-    def __init__(self, info: DistInfo, precision: str, cfg: ParallelConfig, *, compile: bool,
+    def __init__(self, info: DistInfo, precision: str, cfg: ParallelConfig, *, compile: bool | str,
                  micro_batch_size: int, grad_clip: float, accum_steps: int) -> None:
         super().__init__(info, precision)
         self.cfg = cfg
         self.zero = zero = cfg.zero
         # Stage 3 gathers each block's parameters in module hooks that torch.compile cannot trace
         # through; DeepSpeed would need its own engine.compile(). Stages 0-2 hold plain parameters.
-        self.compile = compile and zero.stage < 3
+        self.compile = compile if zero.stage < 3 else False
         if compile and zero.stage == 3:
             messages.say("zero: train.compile is not applied under ZeRO stage 3 (its parameter-gathering hooks); "
                          "activation checkpointing still is. Use stage 1/2 or fsdp to compile blocks.")

@@ -48,6 +48,9 @@ class TrainConfig(Section):
                                                                            "parallel.strategy=zero (DeepSpeed's "
                                                                            "dynamic loss scaling).")
     compile: bool = doc_field(False, "torch.compile each Transformer block (applied before sharding).")
+    compile_backend: Literal["inductor", "aot_eager", "eager"] = doc_field(
+        "inductor", "torch.compile backend for train.compile: inductor (fused generated kernels), or aot_eager / "
+                    "eager to bisect a compile problem (tracing without code generation).")
     on_nonfinite: Literal["stop", "skip"] = doc_field("stop", "NaN/Inf loss or grad norm: stop = exit with status 3 "
                                                               "without saving a checkpoint (checked on log steps and "
                                                               "before every save; no per-step host sync); skip = drop "

@@ -99,6 +99,14 @@ class RunConfig(Section):
         self.parallel.check_model(self.model, seq)
         self.parallel.check_pipeline(self.model)
         self._check_optimizer()
+        if (self.train.compile and self.parallel.pipeline_parallel > 1
+                and self.parallel.pipeline_schedule == "interleaved_zb"):
+            # Measured: torch's compiled backward refuses the input pass's retain_graph (donated buffers);
+            # without donation it would run each block's whole backward twice, undoing what the schedule buys.
+            raise ConfigError("train.compile: a compiled block's backward cannot be split into the input- and "
+                              "weight-gradient passes that parallel.pipeline_schedule=interleaved_zb runs apart; "
+                              "use parallel.pipeline_schedule=interleaved_1f1b with train.compile=true, or "
+                              "interleaved_zb with train.compile=false.")
         if self.train.on_nonfinite == "skip" and self.parallel.strategy == "zero":
             raise ConfigError("train.on_nonfinite: skip does not work with parallel.strategy=zero (DeepSpeed "
                               "computes the gradient norm inside its optimizer step, too late to skip it); use "

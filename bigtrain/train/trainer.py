@@ -130,7 +130,8 @@ class Trainer:
 
         # --- Model: built on meta, placed/sharded/initialized by the strategy.
         t = cfg.train
-        self.strategy = build_strategy(cfg.parallel, self.info, precision=t.precision, compile=t.compile,
+        self.strategy = build_strategy(cfg.parallel, self.info, precision=t.precision,
+                                       compile=t.compile and t.compile_backend,
                                        micro_batch_size=t.micro_batch_size, grad_clip=t.grad_clip,
                                        accum_steps=self.accum_steps)
         self.model, self.optimizer = self.strategy.wrap(build_on_meta(cfg.model), optimizer_factory(t),
@@ -553,6 +554,9 @@ class Trainer:
         c = self.cfg
         kernels = describe_kernels(c.model.kernels, fp8=c.model.fp8, head_dim=c.model.head_dim, device=self.info.device,
                                    compute_dtype=self.strategy.compute_dtype)
+        compiled = getattr(self.strategy, "compile", False)  # off under ZeRO-3 whatever train.compile says
+        if compiled:
+            kernels += f"; blocks torch.compile'd ({'inductor' if compiled is True else compiled})"
         messages.say(
             f"bigtrain: run {c.run.name!r} -> {self.run_dir}\n"
             f"  model    {self.num_params / 1e6:.2f}M params ({c.model.num_layers} layers, dim {c.model.dim}, "

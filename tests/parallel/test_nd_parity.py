@@ -1,6 +1,7 @@
 """N-D parallelism parity on gloo: tensor (+sequence) and context parallelism, alone and composed with
 FSDP2, match the single-process run step by step (fp32, 8 steps: losses and grad norms within 1e-5
 relative); evaluation and greedy generation match too (tp2, cp2, pp2); a run resumes across layouts.
+Two 4-rank layouts (tp2 x cp2, pp2 x tp2) compile their blocks (train.compile).
 
 Every layout starts from the same weights (the sharding-independent init draws each rank's block of
 every tensor), reads the same global batch (tensor/context-parallel peers share a data rank) and
@@ -38,6 +39,7 @@ TIMEOUT = 600
 FSDP = "parallel.strategy=fsdp"
 SAMPLE_TOKENS = 12
 
+COMPILED = ["train.compile=true", "train.compile_backend=aot_eager"]
 DOCS = ["data.document_ids=true", "data.train_path=data/short-docs/train", "data.val_path=data/short-docs/val",
         "data.tokenizer=data/short-docs/tokenizer.json"]
 # The single-process references: the model/data variations some layouts use.
@@ -57,7 +59,9 @@ LAYOUTS: dict[str, tuple[int, list[str], str]] = {
     "cp2": (2, [FSDP, "parallel.context_parallel=2"], "plain"),
     "cp2-docs": (2, [FSDP, "parallel.context_parallel=2"], "docs"),
     "fsdp2xtp2-untied-zloss": (4, [FSDP, "parallel.tensor_parallel=2"], "untied-zloss"),
-    "tp2xcp2": (4, [FSDP, "parallel.tensor_parallel=2", "parallel.context_parallel=2"], "plain"),
+    # Compiled blocks (aot_eager: dynamo and AOTAutograd capture the DTensor and all-to-all code, without
+    # inductor's minute of CPU code generation; the ops are eager's, so the numbers must match exactly).
+    "tp2xcp2-compiled": (4, [FSDP, "parallel.tensor_parallel=2", "parallel.context_parallel=2", *COMPILED], "plain"),
     "pp2-1f1b": (2, [FSDP, "parallel.pipeline_parallel=2", "parallel.pipeline_schedule=1f1b"], "untied-4-layers"),
     "pp2-interleaved-1f1b": (2, [FSDP, "parallel.pipeline_parallel=2", "parallel.pipeline_schedule=interleaved_1f1b",
                                  "parallel.pipeline_virtual_stages=2"], "untied-4-layers"),
@@ -69,7 +73,8 @@ LAYOUTS: dict[str, tuple[int, list[str], str]] = {
     # 2 data-parallel ranks x 4 sequences: the pipeline splits each rank's 4 sequences into 2 microbatches.
     "pp2xfsdp2-gpipe": (4, [FSDP, "parallel.pipeline_parallel=2", "parallel.pipeline_schedule=gpipe",
                             "parallel.pipeline_microbatches=2"], "untied-4-layers"),
-    "pp2xtp2": (4, [FSDP, "parallel.pipeline_parallel=2", "parallel.tensor_parallel=2"], "untied-4-layers"),
+    "pp2xtp2-compiled": (4, [FSDP, "parallel.pipeline_parallel=2", "parallel.tensor_parallel=2", *COMPILED],
+                         "untied-4-layers"),
     # Each context-parallel rank's slice of the sequence, with its rotary positions, through the stages.
     "pp2xcp2": (4, [FSDP, "parallel.pipeline_parallel=2", "parallel.context_parallel=2"], "untied-4-layers"),
 }
@@ -178,6 +183,7 @@ def test_layout_matches_single(nd_runs: dict[str, dict], name: str) -> None:
         assert got["eval"] == pytest.approx(want["eval"], rel=REL), name
         assert got["text"] == want["text"], name
     assert any(f"cpu x {ranks}, strategy fsdp (" in m for m in got["messages"]), got["messages"]
+    assert any("blocks torch.compile'd (aot_eager)" in m for m in got["messages"]) == name.endswith("-compiled")
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
