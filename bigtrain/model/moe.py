@@ -127,9 +127,13 @@ class GroupedExperts(nn.Module):
 
 
 def _local(param: torch.Tensor) -> torch.Tensor:
-    """The plain tensor behind a parameter (a DTensor's local shard once FSDP2 has gathered it: full)."""
-    to_local = getattr(param, "to_local", None)
-    return to_local() if callable(to_local) else param
+    """The plain tensor behind a parameter (a DTensor's local shard once FSDP2 has gathered it: full).
+
+    An isinstance check, not duck typing: torch.compile's tracing of ``getattr(param, "to_local")`` on
+    an expert-parallel DTensor came out as a plain attribute miss, leaving a DTensor in the matmul."""
+    from torch.distributed.tensor import DTensor
+
+    return param.to_local() if isinstance(param, DTensor) else param
 
 
 class SharedExperts(nn.Module):

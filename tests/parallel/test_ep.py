@@ -1,6 +1,6 @@
 """Expert parallelism on gloo: a MoE model trained with its experts split over 2 ranks (ep2), and over 2 of 4
 ranks with FSDP2 over the other 2 (fsdp2 x ep2), with tensor parallelism for attention (tp2,
-fsdp2 x tp2 x ep2) and with context parallelism (cp2 x ep2), matches the one-process run step by step (fp32, 8 steps:
+fsdp2 x tp2 x ep2) and with context parallelism (cp2 x ep2, its blocks compiled), matches the one-process run step by step (fp32, 8 steps:
 losses and grad norms within 1e-5 relative, final weights too); a run resumes across an EP change (ep2 ->
 ep1) within 1e-5 of the straight run and bitwise on the same layout; bad EP configs exit 2.
 
@@ -95,7 +95,9 @@ def ep_runs(tmp_path_factory: pytest.TempPathFactory, demo_data: Path) -> tuple[
         ("ep2", [*EP2, f"checkpoint.every_steps={HALF}"]),
         ("ep2-resumed", [*EP2, f"checkpoint.resume={checkpoint(root, 'ep2', HALF)}"]),
         ("tp2", TP2),
-        ("cp2-ep2", [*EP2, "parallel.context_parallel=2"]),
+        # Compiled blocks too (aot_eager: dynamo traces the all-to-all dispatch and the expert DTensors).
+        ("cp2-ep2-compiled", [*EP2, "parallel.context_parallel=2", "train.compile=true",
+                              "train.compile_backend=aot_eager"]),
     ], timeout_s=TIMEOUT)
     results.update(per_rank[0])
     results["held/tp2"] = [r["held/tp2"] for r in per_rank]
@@ -130,7 +132,8 @@ def _final_weights(root: Path, name: str) -> dict[str, Any]:
     return read_full(checkpoint(root, name, STEPS) / "dcp")
 
 
-@pytest.mark.parametrize("name", ["ep2", "fsdp2xep2", "hsdp2xep2-actckpt", "tp2", "cp2-ep2", "fsdp2xtp2-ep2"])
+@pytest.mark.parametrize("name", ["ep2", "fsdp2xep2", "hsdp2xep2-actckpt", "tp2", "cp2-ep2-compiled",
+                                  "fsdp2xtp2-ep2"])
 def test_expert_parallel_matches_single(ep_runs: tuple[Path, dict[str, Any]], name: str) -> None:
     root, runs = ep_runs
     want = runs["single"]
