@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bigtrain.model.decoder import Decoder
+from bigtrain.parallel.tp import pad_sequence
 
 # parallel.pipeline_schedule -> torch.distributed.pipelining class (multi: several stages per rank). The
 # zero-bubble schedule splits each backward into an input-gradient and a later weight-gradient pass; under
@@ -108,12 +109,7 @@ class PipelineDecoder(Decoder):
         # to a multiple of tp (causal attention keeps it invisible) and drop the padded logits.
         tp_mesh = getattr(self, "tp_mesh", None)
         tp = tp_mesh.size() if tp_mesh is not None else 1
-        pad = -seq % tp
-        tokens = F.pad(tokens, (0, pad))
-        if positions is not None and pad:
-            positions = torch.cat([positions, positions[:, -1:].expand(-1, pad)], dim=1)
-        if doc_ids is not None and pad:
-            doc_ids = F.pad(doc_ids, (0, pad), value=-1)
+        tokens, positions, doc_ids = pad_sequence(tokens, -seq % tp, positions=positions, doc_ids=doc_ids)
         h: torch.Tensor = tokens
         for stage in range(self.pp_num_stages):
             owner = self.pp_ranks[stage % pp]

@@ -34,6 +34,20 @@ from bigtrain.model.decoder import Decoder, RMSNorm
 from bigtrain.model.moe import MoE
 
 
+def pad_sequence(tokens: torch.Tensor, pad: int, *, positions: torch.Tensor | None,
+                 doc_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Inference input padded at the end by ``pad`` positions, so that sequence parallelism can split it:
+    padding tokens repeat the last rotary position and belong to no document (-1). Causal attention keeps
+    them invisible to the real tokens; the caller drops their logits."""
+    if not pad:
+        return tokens, positions, doc_ids
+    if positions is not None:
+        positions = torch.cat([positions, positions[:, -1:].expand(-1, pad)], dim=1)
+    if doc_ids is not None:
+        doc_ids = F.pad(doc_ids, (0, pad), value=-1)
+    return F.pad(tokens, (0, pad)), positions, doc_ids
+
+
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy (+ z-loss) over logits whose vocabulary is split over a process group.
 
@@ -111,10 +125,8 @@ class TensorParallelDecoder(Decoder):
 
             positions = (positions_from_doc_ids(doc_ids) if doc_ids is not None
                          else torch.arange(seq, device=tokens.device).expand(tokens.shape[0], seq))
-        positions = torch.cat([positions, positions[:, -1:].expand(-1, pad)], dim=1)
-        if doc_ids is not None:
-            doc_ids = F.pad(doc_ids, (0, pad), value=-1)
-        logits = super().forward(F.pad(tokens, (0, pad)), doc_ids=doc_ids, positions=positions)
+        tokens, positions, doc_ids = pad_sequence(tokens, pad, positions=positions, doc_ids=doc_ids)
+        logits = super().forward(tokens, doc_ids=doc_ids, positions=positions)
         return logits[:, :seq]
 
     def output_head(self, h: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor:
