@@ -21,9 +21,10 @@ def test_calibration_times_the_later_half_and_keeps_a_minimum() -> None:
     # The first steps are slow (allocator, caches): only steps after half the calibration count.
     records = [{"step": 2, "step_time_s": 5.0}, {"step": 6, "step_time_s": 1.0}, {"step": 9, "step_time_s": 0.5},
                {"step": 12, "step_time_s": 0.5}]
-    steps, step_s = equal_time.calibrated_steps(records, seconds=30.0)
+    steps, step_s = equal_time.calibrated_steps(records, seconds=30.0, calibration_steps=12)
     assert step_s == pytest.approx(0.5) and steps == 60
-    assert equal_time.calibrated_steps(records, seconds=1.0)[0] == equal_time.MIN_STEPS
+    assert equal_time.calibrated_steps(records, seconds=30.0, calibration_steps=8)[1] == pytest.approx(2 / 3)
+    assert equal_time.calibrated_steps(records, seconds=1.0, calibration_steps=12)[0] == equal_time.MIN_STEPS
     # Training time counts every step of each log window.
     assert equal_time.measured_train_s(records) == pytest.approx(2 * 5.0 + 4 * 1.0 + 3 * 0.5 + 3 * 0.5)
 

@@ -16,7 +16,7 @@ def tiny(**kw: object) -> ModelConfig:
     return parse_section(ModelConfig, {**base, **kw}, "model")
 
 
-def build(mode: str = "none", every: int = 2, compile: bool = False) -> torch.nn.Module:
+def build(mode: str = "none", every: int = 2, compile: bool | str = False) -> torch.nn.Module:
     cfg = parse_section(ParallelConfig, {"activation_checkpointing": mode, "activation_checkpointing_every": every}, "parallel")
     model = parallelize(build_on_meta(tiny()), cfg, compile=compile)
     return materialize(model, "cpu", seed=0)
@@ -46,12 +46,18 @@ def test_activation_checkpointing_same_loss_grads_and_keys(mode: str) -> None:
 
 def test_compile_runs_and_keeps_names(monkeypatch: pytest.MonkeyPatch) -> None:
     """Per-block compile through dynamo and AOTAutograd (graph capture, functionalization, the backward
-    graph) with the ``aot_eager`` backend: inductor's CPU code generation would add 30-90 s on 2 cores
-    and checks nothing of ours; bench/gpu_check.py runs inductor on a GPU."""
-    import functools
+    graph) with the ``aot_eager`` backend (``train.compile_backend``): inductor's CPU code generation would
+    add 30-90 s on 2 cores and checks nothing of ours; bench/gpu_check.py runs inductor on a GPU."""
+    backends: list[str | None] = []
+    module_compile = torch.nn.Module.compile
 
-    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
-    ref, compiled = build(), build("full", compile=True)
+    def spy(self: torch.nn.Module, *args: object, **kwargs: object) -> None:
+        backends.append(kwargs.get("backend"))  # type: ignore[arg-type]
+        module_compile(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(torch.nn.Module, "compile", spy)
+    ref, compiled = build(), build("full", compile="aot_eager")
+    assert backends == ["aot_eager"] * 3  # each block, with the backend asked for
     assert sum(getattr(m, "_compiled_call_impl", None) is not None for m in compiled.modules()) >= 2  # each block
     assert list(compiled.state_dict()) == list(ref.state_dict())
     (l0, g0), (l1, g1) = loss_and_grads(ref), loss_and_grads(compiled)

@@ -89,7 +89,7 @@ def ep_runs(tmp_path_factory: pytest.TempPathFactory, demo_data: Path) -> tuple[
     root = tmp_path_factory.mktemp("ep")
     results = train_runs(0, str(root), [("single", ["parallel.strategy=single"])])
     # ep2: 8 steps, a checkpoint after 4; ep2-resumed: the same layout from that checkpoint.
-    # tp2: each tensor-parallel rank routes its sequence shard through whole experts; cp2-ep2: each
+    # tp2: each tensor-parallel rank routes its sequence shard through whole experts; cp2-ep2-compiled: each
     # context-parallel rank routes its sequence shard, the experts split between the two.
     per_rank = run_distributed(train_runs, 2, str(root), [
         ("ep2", [*EP2, f"checkpoint.every_steps={HALF}"]),
