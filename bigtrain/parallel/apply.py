@@ -54,6 +54,11 @@ def apply_activation_checkpointing(model: nn.Module, mode: str, every: int = 1) 
     return len(picked)
 
 
+def compile_backend(compile: bool | str) -> str:
+    """The torch.compile backend a strategy's ``compile`` value names (True: inductor; see :func:`parallelize`)."""
+    return "inductor" if compile is True else str(compile)
+
+
 def apply_compile(model: nn.Module, backend: str = "inductor") -> None:
     """torch.compile each block in place (repeated blocks share one compiled graph)."""
     for block in blocks(model):
@@ -132,7 +137,7 @@ def parallelize(model: nn.Module, cfg: ParallelConfig, *, compile: bool | str,
     if getattr(getattr(model, "cfg", None), "fp8", False):
         apply_fp8(model)
     if compile:
-        apply_compile(model, "inductor" if compile is True else compile)
+        apply_compile(model, compile_backend(compile))
     if shard is not None:
         for block in blocks(model):
             shard(block, False)

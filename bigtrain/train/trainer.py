@@ -556,7 +556,9 @@ class Trainer:
                                    compute_dtype=self.strategy.compute_dtype)
         compiled = getattr(self.strategy, "compile", False)  # off under ZeRO-3 whatever train.compile says
         if compiled:
-            kernels += f"; blocks torch.compile'd ({'inductor' if compiled is True else compiled})"
+            from bigtrain.parallel.apply import compile_backend
+
+            kernels += f"; blocks torch.compile'd ({compile_backend(compiled)})"
         messages.say(
             f"bigtrain: run {c.run.name!r} -> {self.run_dir}\n"
             f"  model    {self.num_params / 1e6:.2f}M params ({c.model.num_layers} layers, dim {c.model.dim}, "
