@@ -13,6 +13,7 @@ from bigtrain.plan import plan_memory
 from tests.helpers import free_port
 
 DEBUG = ["train.optimizer=adamw", "train.micro_batch_size=2"]
+TIED = [*DEBUG, "model.tie_embeddings=true"]  # the demo config unties its output projection
 
 
 def _materialize(model: torch.nn.Module) -> torch.nn.Module:
@@ -39,7 +40,7 @@ def _close(measured: int, planned: int, rel: float = 0.10) -> bool:
 
 
 def test_plain_model_params_grads_optimizer() -> None:
-    cfg = load_config("configs/debug.yaml", DEBUG)
+    cfg = load_config("configs/debug.yaml", TIED)
     model = _materialize(build_on_meta(cfg.model))
     opt = _adamw(model)
     n = count_parameters(cfg.model)
@@ -57,7 +58,7 @@ def test_plain_model_params_grads_optimizer() -> None:
 
 
 def test_untied_output_counts_both_matrices() -> None:
-    tied = load_config("configs/debug.yaml", DEBUG)
+    tied = load_config("configs/debug.yaml", TIED)
     untied = load_config("configs/debug.yaml", [*DEBUG, "model.tie_embeddings=false"])
     a = held_state_bytes(_materialize(build_on_meta(tied.model)), None)["params"]
     b = held_state_bytes(_materialize(build_on_meta(untied.model)), None)["params"]
