@@ -6,6 +6,7 @@ import math
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,34 @@ def test_calibration_times_the_later_half_and_keeps_a_minimum() -> None:
     assert equal_time.calibrated_steps(records, seconds=1.0, calibration_steps=12)[0] == equal_time.MIN_STEPS
     # Training time counts every step of each log window.
     assert equal_time.measured_train_s(records) == pytest.approx(2 * 5.0 + 4 * 1.0 + 3 * 0.5 + 3 * 0.5)
+
+
+def test_a_run_off_the_budget_is_run_again_at_the_length_its_own_step_time_gives() -> None:
+    calls: list[int] = []
+
+    def fake_run(step_s: float) -> Callable[[int], dict[str, float]]:
+        def run(steps: int) -> dict[str, float]:
+            calls.append(steps)
+            return {"train_s": steps * step_s}
+        return run
+
+    # 100 steps planned for 90 s took 110 s (1.1 s/step): once more at 81 steps (89.1 s).
+    result = equal_time.within_budget(fake_run(1.1), 100, 90.0)
+    assert calls == [100, 81] and result["train_s"] == pytest.approx(89.1)
+    assert result["retimed_from"] == (100, pytest.approx(110.0))
+    note = equal_time.retimed_note([{"name": "a", **result}, {"name": "b", "train_s": 90.0}])
+    assert "a (100 steps took 110 s)" in note and "b (" not in note
+    # Within 5% (94 s for 90): kept as it is, one run, nothing to note.
+    calls.clear()
+    kept = equal_time.within_budget(fake_run(0.94), 100, 90.0)
+    assert calls == [100] and "retimed_from" not in kept and equal_time.retimed_note([{"name": "x", **kept}]) == ""
+    # A run that ran short is lengthened too, and never below the minimum.
+    calls.clear()
+    equal_time.within_budget(fake_run(0.5), 100, 90.0)
+    assert calls == [100, 180]
+    calls.clear()
+    equal_time.within_budget(fake_run(100.0), 12, 90.0)
+    assert calls == [12, equal_time.MIN_STEPS]
 
 
 def test_each_arm_gets_its_config_schedule_stretched_to_its_steps() -> None:
