@@ -201,17 +201,3 @@ def shard_moe(module: nn.Module, mesh: ParallelMesh, **fully_shard_kwargs: Any) 
             summed(moe, mesh.moe_fsdp)
         count += expert_parallel or layout.tp > 1
     return count
-
-
-def moe_reduce_group(mesh: ParallelMesh | None) -> Any:
-    """The process group over which MoE routing statistics (tokens per expert, balancing terms) are summed:
-    the ranks that read different batches, dp_replicate x dp_shard. ``None`` = the default (world) group,
-    which is the answer without a mesh (single, DDP) and whenever tensor, context and pipeline parallelism
-    are off. Context- and tensor-parallel ranks are left out: their statistics are already those of the
-    whole micro-batch (summed over the sequence shards in the forward, :class:`SequenceShardSum`)."""
-    if mesh is None:
-        return None
-    layout = mesh.layout
-    if layout.tp == 1 and layout.cp == 1 and layout.pp == 1:
-        return None
-    return mesh.mesh["dp_replicate", "dp_shard"]._flatten("dp_moe").get_group()

@@ -395,7 +395,12 @@ class Trainer:
         return mean_loss, grad_norm, lr
 
     def _moe_reduce(self, value: torch.Tensor) -> torch.Tensor:
-        """Routing statistics averaged over all ranks: every rank then nudges its router biases alike."""
+        """Routing statistics averaged over all ranks: every rank then nudges its router biases alike.
+
+        All ranks, not only the data-parallel ones: context- and tensor-parallel peers already hold the
+        statistics of their whole micro-batch (summed over the sequence shards in the forward), so they
+        add equal copies, which leaves the mean, and the sign of each bias nudge, unchanged. (Pipeline
+        parallelism, whose stages hold different layers, is refused for MoE models.)"""
         return self.strategy.reduce_mean(value)
 
     def _doc_kwargs(self, batch: Any) -> dict[str, torch.Tensor]:

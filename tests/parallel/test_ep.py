@@ -64,17 +64,12 @@ MESHES: dict[str, dict[str, int]] = {
 
 def train_runs_and_meshes(rank: int, root: str, runs: list[tuple[str, list[str]]]) -> dict[str, Any]:
     """:func:`train_runs`, then this rank's ep and expert-FSDP groups for every layout of MESHES."""
-    import torch.distributed as dist
-
-    from bigtrain.parallel.ep import moe_reduce_group
     from bigtrain.parallel.mesh import Layout, ParallelMesh
 
     out = train_runs(rank, root, runs)
     for name, dims in MESHES.items():
         mesh = ParallelMesh(Layout(**dims), "cpu")
-        group = moe_reduce_group(mesh)
-        out[name] = (mesh.ep.mesh.tolist(), mesh.expert_fsdp.mesh.tolist(), mesh.fsdp.mesh.tolist(),
-                     None if group is None else dist.get_process_group_ranks(group))
+        out[name] = (mesh.ep.mesh.tolist(), mesh.expert_fsdp.mesh.tolist(), mesh.fsdp.mesh.tolist())
     return out
 
 
@@ -177,19 +172,18 @@ def test_expert_parallel_groups_come_from_the_mesh(ep_runs: tuple[Path, dict[str
     weights are FSDP-sharded over the rest (with dp_replicate in front for HSDP); the dense weights' mesh is
     unchanged."""
     meshes = ep_runs[1]["meshes"]
-    # name -> per rank: (ep group, expert-FSDP mesh, dense FSDP mesh, MoE statistics group: None = all ranks)
+    # name -> per rank: (ep group, expert-FSDP mesh, dense FSDP mesh)
     want = {
-        # Context- and tensor-parallel peers route different sequence shards: ep takes them first. Their
-        # statistics are summed in the forward already, so the statistics group is the data-parallel ranks only.
-        "dp_shard2xcp2-ep2": [([0, 1], [0, 2], [0, 1, 2, 3], [0, 2]), ([0, 1], [1, 3], [0, 1, 2, 3], [1, 3]),
-                              ([2, 3], [0, 2], [0, 1, 2, 3], [0, 2]), ([2, 3], [1, 3], [0, 1, 2, 3], [1, 3])],
-        "dp_shard2xcp2-ep4": [([0, 1, 2, 3], [r], [0, 1, 2, 3], [r % 2, r % 2 + 2]) for r in range(4)],
-        "hsdp2xcp2-ep2": [([0, 1], [[0], [2]], [[0, 1], [2, 3]], [0, 2]),
-                          ([0, 1], [[1], [3]], [[0, 1], [2, 3]], [1, 3]),
-                          ([2, 3], [[0], [2]], [[0, 1], [2, 3]], [0, 2]),
-                          ([2, 3], [[1], [3]], [[0, 1], [2, 3]], [1, 3])],
-        "dp_shard2xtp2-ep2": [([0, 1], [0, 2], [0, 2], [0, 2]), ([0, 1], [1, 3], [1, 3], [1, 3]),
-                              ([2, 3], [0, 2], [0, 2], [0, 2]), ([2, 3], [1, 3], [1, 3], [1, 3])],
+        # Context- and tensor-parallel peers route different sequence shards: ep takes them first.
+        "dp_shard2xcp2-ep2": [([0, 1], [0, 2], [0, 1, 2, 3]), ([0, 1], [1, 3], [0, 1, 2, 3]),
+                              ([2, 3], [0, 2], [0, 1, 2, 3]), ([2, 3], [1, 3], [0, 1, 2, 3])],
+        "dp_shard2xcp2-ep4": [([0, 1, 2, 3], [r], [0, 1, 2, 3]) for r in range(4)],
+        "hsdp2xcp2-ep2": [([0, 1], [[0], [2]], [[0, 1], [2, 3]]),
+                          ([0, 1], [[1], [3]], [[0, 1], [2, 3]]),
+                          ([2, 3], [[0], [2]], [[0, 1], [2, 3]]),
+                          ([2, 3], [[1], [3]], [[0, 1], [2, 3]])],
+        "dp_shard2xtp2-ep2": [([0, 1], [0, 2], [0, 2]), ([0, 1], [1, 3], [1, 3]),
+                              ([2, 3], [0, 2], [0, 2]), ([2, 3], [1, 3], [1, 3])],
     }
     for name, per_rank in want.items():
         got = [tuple(meshes[rank][name]) for rank in range(4)]
