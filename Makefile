@@ -20,16 +20,14 @@ setup-dev: $(DEV_STAMP)
 
 # `make train` needs only the product's dependencies; `make test` adds the test tools
 # (Triton's CPU interpreter, transformers, torchao, tensorboard, pytest).
-# --no-compile: pip would byte-compile every installed module (all of torch: ~40 s of a 2-core
-# machine's ~100 s install); Python compiles the ones a run imports on first use instead (~4 s).
 $(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "bigtrain needs Python >= 3.10, found " + sys.version' 
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-compile -c constraints.txt -e .
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e .
 	touch $(STAMP)
 
 $(DEV_STAMP): $(STAMP)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-compile -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
 	touch $(DEV_STAMP)
 
 demo-data: setup
