@@ -33,7 +33,7 @@ from bigtrain.parallel.mesh import Layout
 STRATEGIES: tuple[str, ...] = ("single", "ddp", "zero1", "zero2", "zero3", "fsdp")
 LABELS = {"single": "single", "ddp": "ddp", "fsdp": "fsdp", "zero1": "zero-1", "zero2": "zero-2", "zero3": "zero-3"}
 GIB = 2**30
-_DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+_DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp64": 8}
 
 
 @dataclass(frozen=True)
@@ -110,15 +110,16 @@ def _shapes(mcfg: ModelConfig) -> _Shapes:
 
 
 def _optimizer_state(shapes: _Shapes, muon: bool, local: Sequence[int],
-                     numel: Callable[[tuple[int, ...]], int]) -> int:
+                     numel: Callable[[tuple[int, ...]], int], weight_bytes: int = 4) -> int:
     """Optimizer state bytes of the parameters held as ``local`` elements each (in the order of ``shapes.all``):
     AdamW keeps two fp32 moments and a step scalar per tensor; with Muon, a block matrix (2-D, never a routed
-    expert; held as ``numel(shape)`` elements) keeps one fp32 momentum buffer only."""
+    expert; held as ``numel(shape)`` elements) keeps one fp32 momentum buffer only. Moments take
+    ``weight_bytes`` each (8 under train.precision=fp64); step scalars are fp32 always."""
     fp32 = 4
-    adamw = fp32 * (2 * sum(local) + len(local))
+    adamw = 2 * weight_bytes * sum(local) + fp32 * len(local)
     if not muon:
         return adamw
-    return adamw - fp32 * sum(numel(s) + 1 for s in shapes.muon)
+    return adamw - sum(weight_bytes * numel(s) + fp32 for s in shapes.muon)
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -293,6 +294,7 @@ def plan_memory(cfg: RunConfig, world_size: int, strategy: str, *, device: str |
     n_block = sum(_numel(s) for s in shapes.block)
     n_root = sum(_numel(s) for s in shapes.root)
     fp32 = 4
+    weight = 8 if compute == "fp64" else fp32  # master weights, gradients and moments
     notes: list[str] = []
     host = setup = 0
     buffers = 0
@@ -301,8 +303,8 @@ def plan_memory(cfg: RunConfig, world_size: int, strategy: str, *, device: str |
     ep = 1  # expert-parallel degree: fsdp only (single and ddp keep every expert on every rank)
     if strategy in ("single", "ddp"):
         shard = 1
-        params = grads = fp32 * n_all  # fp32 master weights; autocast computes in `compute`
-        optimizer = _optimizer_state(shapes, muon, [_numel(s) for s in shapes.all], _numel)  # 2 moments + step
+        params = grads = weight * n_all  # fp32 master weights (fp64 for fp64); autocast computes in `compute`
+        optimizer = _optimizer_state(shapes, muon, [_numel(s) for s in shapes.all], _numel, weight)
         if strategy == "ddp":
             if ddp_bucket_view:  # what bigtrain's DDPStrategy uses
                 notes.append(
@@ -327,8 +329,8 @@ def plan_memory(cfg: RunConfig, world_size: int, strategy: str, *, device: str |
         # Padded dim-0 shards; routed experts split over ep first, then sharded over the rest.
         local = [expert_shard_numel(s, ep, shard) if is_expert else _dim0_shard(s, shard)
                  for s, is_expert in zip(shapes.all, shapes.expert, strict=True)]
-        params = grads = fp32 * sum(local)  # sharded fp32 params; grads reduce-scattered then kept in fp32
-        optimizer = _optimizer_state(shapes, muon, local, lambda s: _dim0_shard(s, shard))
+        params = grads = weight * sum(local)  # sharded fp32 (fp64) params; grads reduce-scattered then kept in fp32
+        optimizer = _optimizer_state(shapes, muon, local, lambda s: _dim0_shard(s, shard), weight)
         param_dtype = compute if fcfg.param_dtype == "auto" else fcfg.param_dtype
         p = _DTYPE_BYTES[param_dtype]
         residual = p

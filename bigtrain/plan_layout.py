@@ -69,7 +69,7 @@ from bigtrain.plan import (
 )
 from bigtrain.sections import ConfigError
 
-_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp64": 8}
 _COLUMNWISE = ("wq", "wk", "wv", "w1", "w3")  # split by output rows under tensor parallelism
 _ROWWISE = ("wo", "w2")  # split by input columns
 
@@ -242,10 +242,11 @@ def plan_layout(cfg: RunConfig, layout: Layout, hw: Hardware, *, device: str = "
     stage = _stage_params(lcfg, layout)
     here = [param for block in stage.blocks for param in block] + list(stage.root)
     local = sum(_local_numel(q, layout) for q in here)
-    params = grads = 4 * local  # fp32 sharded params and gradients
-    optimizer = 8 * local + 4 * len(here)  # two fp32 moments + a step scalar per tensor
-    if t.optimizer == "muon":  # a block matrix keeps one fp32 momentum buffer instead
-        optimizer -= sum(4 * _local_numel(q, layout) + 4 for block in stage.blocks for q in block
+    w = 8 if t.precision == "fp64" else 4  # fp32 master weights (fp64 under train.precision=fp64)
+    params = grads = w * local  # sharded params and gradients
+    optimizer = 2 * w * local + 4 * len(here)  # two moments + an fp32 step scalar per tensor
+    if t.optimizer == "muon":  # a block matrix keeps one momentum buffer instead
+        optimizer -= sum(w * _local_numel(q, layout) + 4 for block in stage.blocks for q in block
                          if is_hidden_matrix(q.name))
     param_bytes = a if p.fsdp.param_dtype == "auto" else _BYTES[p.fsdp.param_dtype]
     # The largest block as gathered: an expert-parallel rank gathers only its experts / ep.

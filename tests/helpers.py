@@ -18,14 +18,16 @@ import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 # ---------------------------------------------------------------------------------------------- subprocesses
-def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600,
+            env: dict | None = None) -> subprocess.CompletedProcess:
     """Run `python -m bigtrain ...` in a subprocess and capture its output."""
     full_env = {**os.environ, "OMP_NUM_THREADS": "2", **(env or {})}
     return subprocess.run([sys.executable, "-m", "bigtrain", *args], cwd=cwd or REPO, capture_output=True,
@@ -42,10 +44,10 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
     """
     import io
 
+    import torch
+
     from bigtrain import messages
     from bigtrain.cli import main
-
-    import torch
 
     class Captured(io.StringIO):
         """What a verb prints; ``fileno()`` is the real stream's (faulthandler registers on it)."""
@@ -72,7 +74,8 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
     return subprocess.CompletedProcess(["bigtrain", *args], code, out.getvalue(), err.getvalue())
 
 
-def run_torchrun(*args: str, nproc: int = 2, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_torchrun(*args: str, nproc: int = 2, timeout: float = 600,
+                 env: dict | None = None) -> subprocess.CompletedProcess:
     """Run `torchrun --standalone --nproc-per-node=N -m bigtrain ...` (gloo on CPU) and capture output."""
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
@@ -126,10 +129,12 @@ def build_trainer(config: str | Path, overrides: list[str] | tuple[str, ...]) ->
 
 
 def train(out_dir: Path, *overrides: str, config: str | Path = "configs/debug.yaml",
-          after_fit: Callable[[Any], None] | None = None) -> tuple[dict, list[str]]:
+          after_fit: Callable[[Any], None] | None = None,
+          before_fit: Callable[[Any], None] | None = None) -> tuple[dict, list[str]]:
     """Train ``config`` to the end in this process (console logger off); returns (fit's summary, the
-    messages it printed). ``after_fit(trainer)`` runs before torch's thread count (``run.num_threads``)
-    is restored and the data pipeline closed."""
+    messages it printed). ``before_fit(trainer)`` runs once the trainer is built (to install hooks);
+    ``after_fit(trainer)`` runs before torch's thread count (``run.num_threads``) is restored and the
+    data pipeline closed."""
     import torch
 
     from bigtrain import messages
@@ -139,6 +144,8 @@ def train(out_dir: Path, *overrides: str, config: str | Path = "configs/debug.ya
     try:
         with messages.capture() as lines:
             trainer = build_trainer(config, [f"run.out_dir={out_dir}", *overrides, "log.console=false"])
+            if before_fit is not None:
+                before_fit(trainer)
             summary = trainer.fit()
             if after_fit is not None:
                 after_fit(trainer)
@@ -248,7 +255,7 @@ def _rank_main(payload: bytes, rank: int, world_size: int, process_group: bool, 
             dist.barrier()  # nobody tears the store down under a rank that is still finishing
             dist.destroy_process_group()
         results.put((rank, "ok", result))
-    except BaseException:  # noqa: BLE001 - also SystemExit/KeyboardInterrupt: reported, never swallowed
+    except BaseException:  # also SystemExit/KeyboardInterrupt: reported to the parent, never swallowed
         results.put((rank, "error", traceback.format_exc()))
         results.close()
         results.join_thread()
@@ -332,10 +339,10 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
             except queue.Empty:
                 now = time.monotonic()
                 for rank, proc in enumerate(procs):
-                    if rank not in done and proc.exitcode is not None:
-                        # Its result may still be in the pipe: allow a moment before calling it lost.
-                        if now - gone_at.setdefault(rank, now) > 2.0:
-                            errors[rank] = f"exited with status {proc.exitcode} without a result (killed or crashed)"
+                    # Its result may still be in the pipe: allow a moment before calling it lost.
+                    if (rank not in done and proc.exitcode is not None
+                            and now - gone_at.setdefault(rank, now) > 2.0):
+                        errors[rank] = f"exited with status {proc.exitcode} without a result (killed or crashed)"
                 if not errors and now - start > timeout_s:
                     running = [r for r in range(world_size) if r not in done]
                     for r in running:  # where was it? (faulthandler, to the test's captured stderr)

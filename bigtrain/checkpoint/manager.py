@@ -519,13 +519,16 @@ def find_checkpoint(source: str | Path, label: str, *, other_choices: str = "") 
     return found
 
 
-def load_model_weights(path: Path) -> tuple[dict[str, torch.Tensor], Manifest]:
-    """Full fp32 model weights of any checkpoint (DCP or DeepSpeed), in one CPU process, and its manifest."""
+def load_model_weights(path: Path, *, as_fp32: bool = True) -> tuple[dict[str, torch.Tensor], Manifest]:
+    """Full model weights of any checkpoint (DCP or DeepSpeed), in one CPU process, and its manifest; in fp32
+    unless ``as_fp32`` is false (then as saved: fp64 for a train.precision=fp64 run)."""
     try:
         manifest = read_manifest(path)
     except ManifestError as exc:
         raise UserError(f"{exc}; pass a committed checkpoint folder (…/checkpoints/step_N) or a run folder.") from None
     weights = backend_for(manifest.backend).read_full_weights(path)
+    if not as_fp32:
+        return weights, manifest
     return {k: v.float() if v.is_floating_point() else v for k, v in weights.items()}, manifest
 
 

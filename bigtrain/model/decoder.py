@@ -259,10 +259,14 @@ class Decoder(nn.Module):
                                       z_loss=self.cfg.z_loss, kernels=self.cfg.kernels)
 
 
-def build_on_meta(cfg: ModelConfig) -> Decoder:
-    """Construct the model without allocating parameter memory."""
+def build_on_meta(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> Decoder:
+    """Construct the model without allocating parameter memory; its weights in ``dtype`` (fp32 master
+    weights, or fp64 for train.precision=fp64)."""
     with torch.device("meta"):
-        return Decoder(cfg)
+        model = Decoder(cfg)
+    if dtype != torch.float32:
+        model.to(dtype)
+    return model
 
 
 def materialize(model: Decoder, device: torch.device | str, seed: int | None = None) -> Decoder:

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bigtrain.kernels.reference import acc_dtype
 from bigtrain.model.config import MoEConfig
 
 if TYPE_CHECKING:
@@ -58,9 +59,10 @@ def grouped_mm_available() -> bool:
 
 
 def _grouped_ok(x: torch.Tensor, dims: tuple[int, ...]) -> bool:
-    """torch._grouped_mm needs every row stride to be a multiple of 16 bytes; under torch.compile also bf16
-    inputs (its shape function refuses other dtypes, though the eager CPU kernel takes fp32)."""
-    if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:
+    """torch._grouped_mm needs every row stride to be a multiple of 16 bytes and fp32/bf16/fp16 inputs (fp64
+    runs, train.precision=fp64, take the loop); under torch.compile bf16 inputs only (its shape function refuses
+    other dtypes, though the eager CPU kernel takes fp32)."""
+    if x.dtype == torch.float64 or (torch.compiler.is_compiling() and x.dtype != torch.bfloat16):
         return False
     return grouped_mm_available() and all((d * x.element_size()) % 16 == 0 for d in dims)
 
@@ -81,8 +83,10 @@ class Router(nn.Module):
             self.expert_bias = None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [T, dim] -> (logits [T, E] fp32, scores [T, E] fp32, top-k weights [T, k] fp32, expert ids [T, k])."""
-        logits = self.gate(x).float()
+        """x [T, dim] -> (logits [T, E] fp32, scores [T, E] fp32, top-k weights [T, k] fp32, expert ids [T, k]);
+        fp64 throughout for an fp64 model (train.precision=fp64)."""
+        logits = self.gate(x)
+        logits = logits.to(acc_dtype(logits))
         scores = logits.softmax(dim=-1) if self.moe.router == "softmax" else logits.sigmoid()
         select = scores if self.expert_bias is None else scores + self.expert_bias
         indices = select.topk(self.moe.top_k, dim=-1).indices
@@ -213,7 +217,7 @@ class MoE(nn.Module):
         probs = scores if moe.router == "softmax" else scores / scores.sum(-1, keepdim=True).clamp_min(1e-20)
         with torch.no_grad():
             entropy_sum = -(probs * probs.clamp_min(1e-20).log()).sum()
-        sums = torch.cat([counts.float(), probs.sum(0), torch.logsumexp(logits, dim=-1).square().sum()[None],
+        sums = torch.cat([counts.to(probs.dtype), probs.sum(0), torch.logsumexp(logits, dim=-1).square().sum()[None],
                           entropy_sum[None], logits.new_full((1,), float(scores.shape[0]))])
         if self.split_sum is not None:
             sums = self.split_sum(sums)

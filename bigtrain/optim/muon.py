@@ -61,10 +61,13 @@ def newton_schulz(grad: torch.Tensor, steps: int, dtype: torch.dtype | None = No
     """The quintic Newton–Schulz iteration: approximately ``U V^T`` for ``grad = U S V^T``.
 
     Singular values land in roughly [0.7, 1.2] after 5 steps (not exactly 1: the coefficients trade
-    precision for speed). Runs in ``dtype`` (default: bf16 on CUDA, fp32 elsewhere); returns that dtype.
+    precision for speed). Runs in ``dtype`` (default: fp64 for fp64 gradients, as train.precision=fp64 asks;
+    else bf16 on CUDA, fp32 elsewhere); returns that dtype.
     """
     assert grad.ndim == 2, grad.shape
-    if dtype is None:
+    if dtype is None and grad.dtype == torch.float64:
+        dtype = torch.float64
+    elif dtype is None:
         dtype = torch.bfloat16 if grad.device.type == "cuda" else torch.float32
     a, b, c = NS_COEFFICIENTS
     x = grad.to(dtype)

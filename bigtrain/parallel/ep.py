@@ -176,12 +176,23 @@ def shard_moe(module: nn.Module, mesh: ParallelMesh, **fully_shard_kwargs: Any) 
     layout = mesh.layout
     divide = float(layout.dp_replicate * layout.dp_shard * layout.cp)
 
+    mp_policy = fully_shard_kwargs.get("mp_policy")
+
     def summed(target: nn.Module, shard_mesh: Any, **kwargs: Any) -> None:
         sharded: Any = fully_shard(target, mesh=shard_mesh, **kwargs, **fully_shard_kwargs)
+        shard_ranks = shard_mesh.size(shard_mesh.ndim - 1)
+        reduce_dtype = getattr(mp_policy, "reduce_dtype", None) or next(target.parameters()).dtype
+        if shard_ranks == 1 and reduce_dtype not in (torch.float32, torch.bfloat16):
+            # fp64 (train.precision=fp64): with one shard rank FSDP2 (torch 2.13) divides by the factor twice,
+            # once "before the reduction" and once in its copy that replaces the reduce-scatter. Divide by 1
+            # there and by the factor in the hook that runs on the reduced gradient (after HSDP's all-reduce).
+            sharded.set_gradient_divide_factor(1.0)
+            sharded.set_all_reduce_hook(lambda grad: grad.div_(divide))
+            return
         sharded.set_gradient_divide_factor(divide)
         # A custom factor is a pre-multiplied sum, which gloo lacks: sum, then divide the shard. (With one
         # shard rank FSDP2 skips the reduce-scatter and divides by the factor itself.)
-        sharded.set_force_sum_reduction_for_comms(shard_mesh.size(shard_mesh.ndim - 1) > 1)
+        sharded.set_force_sum_reduction_for_comms(shard_ranks > 1)
 
     efsdp = mesh.expert_fsdp
     expert_shards = efsdp.size(efsdp.ndim - 1)  # HSDP: (dp_replicate, dp_shard_mod_ep); the last dim shards

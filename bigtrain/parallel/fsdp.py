@@ -27,12 +27,14 @@ from bigtrain.parallel.grads import clip_grad_norm_
 from bigtrain.parallel.init import sharded_filler
 from bigtrain.parallel.mesh import Layout, ParallelMesh
 from bigtrain.parallel.pp import Pipeline, PipelineDecoder, split_for_pipeline
-from bigtrain.parallel.strategy import MicroBatch, OptimizerFactory, Strategy
+from bigtrain.parallel.strategy import Description, MicroBatch, OptimizerFactory, Strategy
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 class FSDPStrategy(Strategy):
+    name = "fsdp"
+
     def __init__(self, info: DistInfo, precision: str, cfg: ParallelConfig, *, compile: bool | str = False,
                  micro_batch_size: int = 1, accum_steps: int = 1) -> None:
         super().__init__(info, precision)
@@ -79,8 +81,10 @@ class FSDPStrategy(Strategy):
             from bigtrain.parallel.ep import apply_expert_parallel
 
             apply_expert_parallel(model, self.mesh)
-        mp = MixedPrecisionPolicy(param_dtype=None if self.param_dtype == torch.float32 else self.param_dtype,
-                                  reduce_dtype=self.reduce_dtype)
+        # fp64 runs gather and reduce in float64: "fp32" reduction means full precision there.
+        full_reduce = self.master_dtype == torch.float64 and self.reduce_dtype == torch.float32
+        mp = MixedPrecisionPolicy(param_dtype=None if self.param_dtype == self.master_dtype else self.param_dtype,
+                                  reduce_dtype=None if full_reduce else self.reduce_dtype)
         common: dict[str, Any] = {"mesh": self.mesh.fsdp, "mp_policy": mp}
         if self.fcfg.cpu_offload:
             common["offload_policy"] = CPUOffloadPolicy()

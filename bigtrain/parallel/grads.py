@@ -30,7 +30,8 @@ def _quiet_redistribute() -> Iterator[None]:
 
 def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float, *,
                     pipeline_group: Any | None = None) -> torch.Tensor:
-    """Global L2 norm of the gradients (fp32 scalar, before clipping); clips in place when max_norm > 0.
+    """Global L2 norm of the gradients (fp32 scalar, fp64 for fp64 gradients; before clipping); clips in place
+    when max_norm > 0.
 
     Sharded (DTensor) gradients give the norm of the full gradient: partial norms are reduced
     over the device mesh. Under pipeline parallelism each rank holds other parameters: the
@@ -55,7 +56,8 @@ def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float, *,
         squared = total.double().pow(2)
         torch.distributed.all_reduce(squared, group=pipeline_group)
         total = squared.sqrt()
-    total = total.float()
+    # fp32 (fp64 for fp64 gradients: train.precision=fp64 compares layouts to ~1e-12).
+    total = total.to(torch.float64 if grads[0].dtype == torch.float64 else torch.float32)
     if max_norm > 0:
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         for indices in by_mesh.values():

@@ -23,6 +23,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from bigtrain.kernels.reference import acc_dtype
 from bigtrain.model.decoder import Decoder
 from bigtrain.parallel.tp import pad_sequence
 
@@ -111,24 +112,26 @@ class PipelineDecoder(Decoder):
         tp = tp_mesh.size() if tp_mesh is not None else 1
         tokens, positions, doc_ids = pad_sequence(tokens, -seq % tp, positions=positions, doc_ids=doc_ids)
         h: torch.Tensor = tokens
+        # Activations travel in the accumulation dtype of the weights: fp32, or fp64 under train.precision=fp64.
+        act_dtype = acc_dtype(next(self.parameters()))
         for stage in range(self.pp_num_stages):
             owner = self.pp_ranks[stage % pp]
             previous = self.pp_ranks[(stage - 1) % pp]
             if owner != me:
                 continue
             if stage > 0 and previous != me:
-                h = torch.empty(batch, tokens.shape[1] // tp, self.cfg.dim, device=tokens.device)
+                h = torch.empty(batch, tokens.shape[1] // tp, self.cfg.dim, device=tokens.device, dtype=act_dtype)
                 dist.recv(h, src=previous, group=self.pp_group)
             # Every rank has the positions and document ids (inference sends the same batch to all): only h
             # travels.
             out = self.pp_stages[stage](h, positions, doc_ids)
-            h = (out[0] if isinstance(out, tuple) else out).float()
+            h = (out[0] if isinstance(out, tuple) else out).to(act_dtype)
             following = self.pp_ranks[(stage + 1) % pp]
             if stage < self.pp_num_stages - 1 and following != me:
                 dist.send(h.contiguous(), dst=following, group=self.pp_group)
         last_owner = self.pp_ranks[(self.pp_num_stages - 1) % pp]
         logits = (h if me == last_owner
-                  else torch.empty(batch, tokens.shape[1], self.cfg.vocab_size, device=tokens.device))
+                  else torch.empty(batch, tokens.shape[1], self.cfg.vocab_size, device=tokens.device, dtype=act_dtype))
         dist.broadcast(logits, src=last_owner, group=self.pp_group)
         logits = logits[:, :seq]
         if targets is None:
@@ -177,6 +180,7 @@ class Pipeline:
         self.schedule = cls(stages if multi else stages[0], n_microbatches=num_microbatches, loss_fn=loss_fn)
         self.group = model.pp_group
         self.holds_last = model.pp_num_stages - 1 in model.pp_stages
+        self.loss_dtype = acc_dtype(next(model.parameters()))  # every pipeline rank all-reduces the same dtype
 
     def step(self, inputs: torch.Tensor, targets: torch.Tensor, doc_ids: torch.Tensor | None = None,
              positions: torch.Tensor | None = None) -> torch.Tensor:
@@ -186,7 +190,7 @@ class Pipeline:
         args = tuple(t for t in (inputs, positions, doc_ids) if t is not None)
         assert positions is not None or doc_ids is None, "document ids come with their positions"
         self.schedule.step(*args, target=targets, losses=losses)
-        loss = (torch.stack([x.detach().float() for x in losses]).mean() if self.holds_last
-                else torch.zeros((), device=inputs.device))
+        loss = (torch.stack([x.detach().to(self.loss_dtype) for x in losses]).mean() if self.holds_last
+                else torch.zeros((), device=inputs.device, dtype=self.loss_dtype))
         dist.all_reduce(loss, group=self.group)  # only the last stage's is non-zero
         return loss

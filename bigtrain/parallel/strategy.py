@@ -12,6 +12,7 @@ each step                  ``forward_backward`` (the step's micro-batches: ``aut
                            ``clip_grad_norm``, ``step``, ``reduce_mean`` (the logged loss, eval sums)
 evaluation                 ``autocast`` around ``model(tokens)``
 end of run / generation    ``barrier``, ``unwrap`` (the plain model inside the wrapper)
+run header                 ``describe`` (the backend's name, its N-D layout, compiled blocks)
 attributes                 ``info``, ``device``, ``compute_dtype``, ``checkpoint_format``
 =========================  ===========================================================================
 
@@ -24,7 +25,7 @@ from __future__ import annotations
 import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import nn
@@ -43,13 +44,26 @@ class MicroBatch(NamedTuple):
     kwargs: dict[str, torch.Tensor]  # doc_ids / positions with document masking, else empty
 
 
+class Description(NamedTuple):
+    """What the run header says about a strategy (:meth:`Strategy.describe`)."""
+
+    strategy: str  # the device line's text after "strategy ": the name, e.g. "fsdp (dp_shard 2 x tp 2)"
+    kernels: str = ""  # appended to the kernels line, e.g. "blocks torch.compile'd (inductor)"; "" for nothing
+
+
 class Strategy(ABC):
     """How a model is placed, wrapped, stepped and checkpointed across processes."""
+
+    name: ClassVar[str]  # the backend's ``parallel.strategy`` value
+    compile: bool | str = False  # False, or the torch.compile backend its blocks are compiled with
 
     def __init__(self, info: DistInfo, precision: str) -> None:
         self.info = info
         self.device = info.device
         self.compute_dtype = resolve_precision(precision, info.device)
+        # The dtype of the weights, their gradients and the optimizer state: fp32 master weights under every
+        # mixed precision; float64 throughout for train.precision=fp64.
+        self.master_dtype = torch.float64 if self.compute_dtype == torch.float64 else torch.float32
 
     # -- setup ---------------------------------------------------------------------
     @abstractmethod
@@ -61,19 +75,20 @@ class Strategy(ABC):
     def forward_backward(self, model: nn.Module, micro_batches: Sequence[MicroBatch]) -> torch.Tensor:
         """Forward and backward over the step's micro-batches, gradients averaged over them (synchronized
         after the last one only); returns this rank's mean loss (detached)."""
-        loss_sum = torch.zeros((), device=self.device)
+        loss_sum: torch.Tensor | None = None  # in the loss's own dtype (fp64 stays fp64)
         for i, batch in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
             with self.no_sync(model) if not last else contextlib.nullcontext():
                 with self.autocast():
                     loss = model(batch.inputs, batch.targets, **batch.kwargs)
                 self.backward(loss / len(micro_batches))
-            loss_sum += loss.detach()
+            loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+        assert loss_sum is not None, "a step has at least one micro-batch"
         return loss_sum / len(micro_batches)
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
-        """Mixed-precision context for forward passes (a no-op in fp32)."""
-        if self.compute_dtype == torch.float32:
+        """Mixed-precision context for forward passes (a no-op in fp32 and fp64)."""
+        if self.compute_dtype == self.master_dtype:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.compute_dtype)
 
@@ -127,11 +142,22 @@ class Strategy(ABC):
         """The plain model inside any wrapper (for generation and export)."""
         return model
 
+    # -- run header ------------------------------------------------------------------
+    def describe(self) -> Description:
+        """The run header's words for this backend: its name, and its compiled blocks when ``compile`` is on."""
+        if not self.compile:
+            return Description(self.name)
+        from bigtrain.parallel.apply import compile_backend
+
+        return Description(self.name, f"blocks torch.compile'd ({compile_backend(self.compile)})")
+
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
     """auto → bf16 on CUDA devices that support it, fp32 elsewhere."""
     if precision == "fp32":
         return torch.float32
+    if precision == "fp64":
+        return torch.float64
     if precision == "bf16":
         return torch.bfloat16
     if precision == "fp16":

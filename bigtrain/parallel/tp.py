@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bigtrain import messages
-from bigtrain.kernels.reference import IGNORE_INDEX
+from bigtrain.kernels.reference import IGNORE_INDEX, acc_dtype
 from bigtrain.model.decoder import Decoder, RMSNorm
 from bigtrain.model.moe import MoE
 
@@ -59,7 +59,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, logits: torch.Tensor, targets: torch.Tensor, vocab_start: int, group: Any,
                 z_loss: float) -> torch.Tensor:
-        lf = logits.float()
+        lf = logits.to(acc_dtype(logits))
         vocab_local = lf.shape[-1]
         row_max = lf.max(dim=-1).values
         dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)

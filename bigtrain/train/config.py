@@ -43,10 +43,12 @@ class TrainConfig(Section):
                                                              "Not with parallel.strategy=zero. See docs/optimizers.md.")
     muon: MuonConfig = doc_field(MuonConfig(), "Muon options (train.optimizer=muon).")
     grad_clip: float = doc_field(1.0, "Clip the global gradient norm to this value (0 = no clipping).")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = doc_field("auto", "auto = bf16 autocast on GPUs that support "
-                                                                           "it, fp32 on CPU. fp16 only with "
-                                                                           "parallel.strategy=zero (DeepSpeed's "
-                                                                           "dynamic loss scaling).")
+    precision: Literal["auto", "fp32", "bf16", "fp16", "fp64"] = doc_field(
+        "auto", "auto = bf16 autocast on GPUs that support it, fp32 on CPU. fp16 only with parallel.strategy=zero "
+                "(DeepSpeed's dynamic loss scaling). fp64: parameters, gradients, optimizer state and compute in "
+                "float64, for numerics tests and debugging (rounding differences between CPUs shrink to ~1e-16; "
+                "about 2x slower than fp32 on CPUs, far slower on GPUs); not with parallel.strategy=zero, "
+                "model.kernels=triton or model.fp8.")
     compile: bool = doc_field(False, "torch.compile each Transformer block (applied before sharding).")
     compile_backend: Literal["inductor", "aot_eager", "eager"] = doc_field(
         "inductor", "torch.compile backend for train.compile: inductor (fused generated kernels), or aot_eager / "

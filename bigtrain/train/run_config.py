@@ -95,6 +95,8 @@ class RunConfig(Section):
                 f"parallel.strategy=zero (DeepSpeed's loss scaler); with parallel.strategy={self.parallel.strategy} "
                 f"use train.precision=bf16 (same speed on GPUs that have it, no loss scaling needed) or fp32."
             )
+        if self.train.precision == "fp64":
+            self._check_fp64()
         self.check_moe()  # first: what MoE cannot do yet is the message, not a follow-on requirement
         self.parallel.check_model(self.model, seq)
         self.parallel.check_pipeline(self.model)
@@ -115,6 +117,20 @@ class RunConfig(Section):
             raise ConfigError("train.on_spike: skip does not work with parallel.strategy=zero (DeepSpeed computes the "
                               "gradient norm inside its optimizer step, too late to skip it); use train.on_spike=off, "
                               "or parallel.strategy=fsdp (sharded like ZeRO-3).")
+
+    def _check_fp64(self) -> None:
+        """train.precision=fp64 is the reference-numerics mode: every piece must compute in float64."""
+        clashes = []
+        if self.parallel.strategy == "zero":
+            clashes.append("parallel.strategy=zero (DeepSpeed keeps fp32 master weights)")
+        if self.model.kernels == "triton":
+            clashes.append("model.kernels=triton (the fused kernels compute in fp32)")
+        if self.model.fp8:
+            clashes.append("model.fp8=true")
+        if clashes:
+            raise ConfigError(f"train.precision: fp64 computes everything in float64, which {' or '.join(clashes)} "
+                              f"cannot; use train.precision=fp32 with it, or parallel.strategy=fsdp / single / ddp "
+                              f"and model.kernels=torch, model.fp8=false with fp64.")
 
     def _check_optimizer(self) -> None:
         """train.optimizer=muon runs under single, ddp and fsdp (docs/optimizers.md)."""

@@ -26,6 +26,7 @@ from bigtrain.data.batches import TokenStream, eval_batches
 from bigtrain.data.pipeline import DataPipeline
 from bigtrain.data.tokenizer import load_tokenizer
 from bigtrain.errors import UserError
+from bigtrain.kernels.reference import acc_dtype
 from bigtrain.model import build_on_meta, count_parameters, flops_per_token
 from bigtrain.model.moe import MoEStats, moe_layers, moe_metrics, update_router_biases
 from bigtrain.optim.muon import build_muon
@@ -134,7 +135,8 @@ class Trainer:
                                        compile=t.compile and t.compile_backend,
                                        micro_batch_size=t.micro_batch_size, grad_clip=t.grad_clip,
                                        accum_steps=self.accum_steps)
-        self.model, self.optimizer = self.strategy.wrap(build_on_meta(cfg.model), optimizer_factory(t),
+        self.model, self.optimizer = self.strategy.wrap(build_on_meta(cfg.model, self.strategy.master_dtype),
+                                                        optimizer_factory(t),
                                                         seed=cfg.run.seed)
         self.schedule = LRSchedule(t.lr_schedule, t.lr, t.lr_warmup_steps, t.max_steps, t.min_lr_ratio,
                                    t.lr_decay_fraction)
@@ -429,7 +431,7 @@ class Trainer:
             targets = batch.targets.to(self.info.device)
             with self.strategy.autocast():
                 logits = self.model(inputs)
-            losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
+            losses = F.cross_entropy(logits.to(acc_dtype(logits)).flatten(0, 1), targets.flatten(), reduction="none")
             loss_sum += losses.sum().double()
             tokens += targets.numel()
             nbytes += self.byte_lengths[targets].sum().double()

@@ -21,16 +21,16 @@ from bigtrain.model import build_on_meta
 from bigtrain.model.config import PRESETS
 from bigtrain.optim.muon import Muon, build_muon, newton_schulz, split_parameters
 from bigtrain.plan import plan_memory
-from tests.helpers import build_trainer, cli, run_distributed, train, train_records
+from tests.helpers import build_trainer, cli, overriding, run_distributed, train, train_records
+from tests.tolerance import FP64, FP64_REL, assert_runs_close
 
 STEPS = 8
 N = STEPS // 2  # resume point of the bitwise test (train 2N straight vs resume at N)
 TINY = ["model.num_layers=2", "model.dim=64", "model.num_heads=4", "model.num_kv_heads=2", "data.seq_len=64",
-        "train.global_batch_tokens=512", "train.micro_batch_size=2", "train.precision=fp32", "run.device=cpu",
+        "train.global_batch_tokens=512", "train.micro_batch_size=2", FP64, "run.device=cpu",
         "train.optimizer=muon", "train.lr=3e-3", "train.lr_warmup_steps=2", "train.muon.adamw_lr=1e-3",
         "log.every_steps=1", "eval.every_steps=0", "eval.at_end=false", "checkpoint.at_end=false",
         "log.sample_at_end=false", "run.num_threads=1", f"train.max_steps={STEPS}"]
-REL = 1e-5
 FSDP = "parallel.strategy=fsdp"
 # name -> overrides on 2 ranks; each is compared with the single-process run. The fsdp run saves at N and at
 # the end (saving changes no number), so it is also the "straight" half of the bitwise resume test.
@@ -162,8 +162,11 @@ def test_muon_with_zero_is_a_user_error_naming_fsdp(tmp_path: Path) -> None:
 
 
 def test_plan_counts_one_momentum_per_muon_matrix() -> None:
-    cfg = load_config("configs/debug.yaml", TINY)
-    adamw = load_config("configs/debug.yaml", [*TINY, "train.optimizer=adamw"])
+    from bigtrain.errors import UserError
+
+    tiny32 = overriding(TINY, "train.precision=fp32")  # fp32 moments: 4 bytes each
+    cfg = load_config("configs/debug.yaml", tiny32)
+    adamw = load_config("configs/debug.yaml", [*tiny32, "train.optimizer=adamw"])
     muon_params, _, _ = split_parameters(build_on_meta(cfg.model))
     n_muon = sum(p.numel() for _, p in muon_params)
     single = plan_memory(cfg, 1, "single", device="cpu")
@@ -171,9 +174,15 @@ def test_plan_counts_one_momentum_per_muon_matrix() -> None:
     fsdp, fsdp_adamw = plan_memory(cfg, 2, "fsdp", device="cpu"), plan_memory(adamw, 2, "fsdp", device="cpu")
     assert fsdp_adamw.optimizer - fsdp.optimizer == 4 * (n_muon // 2 + len(muon_params))  # dims are even here
     assert fsdp.buffers > fsdp_adamw.buffers  # one gathered matrix for Newton-Schulz
-    with pytest.raises(Exception, match="fsdp"):
+    with pytest.raises(UserError, match=r"zero-2 does not run train.optimizer=muon; plan fsdp or ddp instead"):
         plan_memory(cfg, 2, "zero2", device="cpu")
-    plan = cli("plan", "configs/debug.yaml", *TINY, "--world-size", "2")
+    # fp64 (the parity runs' precision): every moment takes 8 bytes, the step scalars stay fp32.
+    fp64_single = plan_memory(load_config("configs/debug.yaml", TINY), 1, "single", device="cpu")
+    fp64_adamw = plan_memory(load_config("configs/debug.yaml", [*TINY, "train.optimizer=adamw"]), 1, "single",
+                             device="cpu")
+    assert fp64_adamw.optimizer - fp64_single.optimizer == 8 * n_muon + 4 * len(muon_params)
+    assert fp64_single.params == fp64_single.grads == 2 * single.params
+    plan = cli("plan", "configs/debug.yaml", *tiny32, "--world-size", "2")
     assert plan.returncode == 0, plan
     assert "zero-" not in plan.stdout and "Muon: 1 fp32 momentum" in plan.stdout, plan.stdout
 
@@ -227,11 +236,7 @@ def test_single_trains_and_plan_matches_its_optimizer_state(runs: dict[str, Any]
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_two_ranks_match_single(runs: dict[str, Any], name: str) -> None:
-    got, want = runs[name], runs["single"]
-    assert [r["step"] for r in got] == [r["step"] for r in want]
-    for g, w in zip(got, want, strict=True):
-        for key in ("loss", "grad_norm"):
-            assert g[key] == pytest.approx(w[key], rel=REL), (name, g["step"], key, g[key], w[key])
+    assert_runs_close(runs[name], runs["single"], FP64_REL, name)
 
 
 def test_fsdp_resume_is_bitwise(runs: dict[str, Any]) -> None:

@@ -1,5 +1,7 @@
-"""Backend parity on 2 gloo ranks: single vs DDP vs FSDP2/HSDP vs DeepSpeed ZeRO-1/2/3 give the same
-losses and grad norms (fp32, 1e-5 relative), and stay within the documented bound in bf16.
+"""Backend parity on 2 gloo ranks: single vs DDP vs FSDP2/HSDP (fp64) vs DeepSpeed ZeRO-1/2/3 (fp32, which
+DeepSpeed needs) give the same losses and grad norms within the tolerance policy (tests/tolerance.py), and
+stay within the documented bound in bf16. A planted bug (one rank's gradient shard 1% off) fails every
+tolerance of the policy by orders of magnitude.
 
 Every backend starts from bit-identical weights (sharding-independent init), sees the same global
 batch (the data order does not depend on the world size) and averages gradients the same way,
@@ -20,17 +22,18 @@ from typing import Any
 import pytest
 
 from tests.helpers import build_trainer, overriding, run_distributed, train, train_records
+from tests.tolerance import FP32_REL, FP64, FP64_REL, assert_runs_close, max_rel_diff
 
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 STEPS = 5
 # A small model; micro_batch_size=2 gives 2 accumulation micro-steps on 2 ranks (4 on one), so no_sync is exercised.
 COMMON = ["train.optimizer=adamw", "model.num_layers=2", "model.dim=64", "model.num_heads=4", "data.seq_len=128",
           f"train.max_steps={STEPS}", "train.global_batch_tokens=1024", "train.micro_batch_size=2",
-          "train.lr_warmup_steps=2", "train.precision=fp32", "log.every_steps=1", "eval.every_steps=0",
+          "train.lr_warmup_steps=2", FP64, "log.every_steps=1", "eval.every_steps=0",
           "eval.at_end=false", "checkpoint.at_end=false", "log.sample_at_end=false", "run.device=cpu",
           "run.num_threads=1"]
 TIMEOUT = 600
-REL = 1e-5
+FP32 = "train.precision=fp32"  # DeepSpeed ZeRO keeps fp32 master weights: its layouts compare with single@fp32
 
 # name -> (ranks, overrides); every one is compared with the single-process run.
 LAYOUTS: dict[str, tuple[int, list[str]]] = {
@@ -40,12 +43,52 @@ LAYOUTS: dict[str, tuple[int, list[str]]] = {
     # HSDP (2 replicas x 1 shard) with full activation checkpointing and no resharding after forward.
     "hsdp2x1-actckpt": (2, ["parallel.strategy=fsdp", "parallel.fsdp.replicate_degree=2",
                             "parallel.activation_checkpointing=full", "parallel.fsdp.reshard_after_forward=false"]),
-    "zero1": (2, ["parallel.strategy=zero", "parallel.zero.stage=1"]),
-    "zero2": (2, ["parallel.strategy=zero", "parallel.zero.stage=2"]),
+    "zero1": (2, ["parallel.strategy=zero", "parallel.zero.stage=1", FP32]),
+    "zero2": (2, ["parallel.strategy=zero", "parallel.zero.stage=2", FP32]),
     # Stage 3 also runs with full activation checkpointing (applied before DeepSpeed partitions the
     # model): recomputing a block re-gathers its parameters and must give the same numbers.
-    "zero3-actckpt": (2, ["parallel.strategy=zero", "parallel.zero.stage=3", "parallel.activation_checkpointing=full"]),
+    "zero3-actckpt": (2, ["parallel.strategy=zero", "parallel.zero.stage=3", "parallel.activation_checkpointing=full",
+                          FP32]),
 }
+# The planted bug: FSDP2 on 2 ranks with rank 1's gradient shards 1% too large before clipping and the step
+# (a mis-scaled reduction of one shard, as a wrong divisor for an uneven shard would give).
+PLANTED = "fsdp2-planted-bug"
+PLANTED_SCALE = 1.01
+
+
+def _reference(name: str) -> str:
+    """The single-process run a layout is compared with: fp32 for ZeRO, fp64 for the rest."""
+    return "single@fp32" if name.startswith("zero") else "single"
+
+
+def _tolerance(name: str) -> float:
+    return FP32_REL if name.startswith("zero") else FP64_REL
+
+
+def _plant_bug() -> Any:
+    """Patch this rank's gradient clipping so rank 1 scales its gradient shards by PLANTED_SCALE first;
+    returns the undo."""
+    import torch
+    import torch.distributed as dist
+
+    from bigtrain.parallel import fsdp
+
+    original = fsdp.FSDPStrategy.clip_grad_norm
+
+    def clip_grad_norm(self: Any, model: Any, max_norm: float) -> Any:
+        if dist.get_rank() == 1:
+            with torch.no_grad():
+                for p in model.parameters():
+                    if p.grad is not None:
+                        p.grad.mul_(PLANTED_SCALE)
+        return original(self, model, max_norm)
+
+    fsdp.FSDPStrategy.clip_grad_norm = clip_grad_norm  # type: ignore[method-assign]
+
+    def undo() -> None:
+        fsdp.FSDPStrategy.clip_grad_norm = original  # type: ignore[method-assign]
+
+    return undo
 
 
 def train_each(rank: int, root: str, runs: list[tuple[str, list[str]]]) -> dict[str, Any]:
@@ -58,11 +101,17 @@ def train_each(rank: int, root: str, runs: list[tuple[str, list[str]]]) -> dict[
     results: dict[str, Any] = {}
     if int(os.environ.get("WORLD_SIZE", "1")) == 2:
         with pytest.raises(UserError) as info:
-            build_trainer("configs/debug.yaml", [f"run.out_dir={root}/bad", *overriding(COMMON, "parallel.strategy=single")])
+            build_trainer("configs/debug.yaml",
+                          [f"run.out_dir={root}/bad", *overriding(COMMON, "parallel.strategy=single")])
         results["single-on-2-ranks"] = str(info.value)
     for name, overrides in runs:
         t0 = time.perf_counter()
-        _, lines = train(Path(root) / name, *overriding(COMMON, *overrides))
+        undo = _plant_bug() if name == PLANTED else None
+        try:
+            _, lines = train(Path(root) / name, *overriding(COMMON, *overrides))
+        finally:
+            if undo is not None:
+                undo()
         results[name] = {"records": train_records(Path(root) / name) if rank == 0 else None, "messages": lines,
                          "seconds": time.perf_counter() - t0}
     return results
@@ -89,22 +138,16 @@ def records_of(results: dict[str, dict], name: str) -> list[dict]:
     return results[name]["records"]
 
 
-def assert_close(got: list[dict], want: list[dict], what: str) -> None:
-    assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(1, STEPS + 1)), what
-    for g, w in zip(got, want):
-        for key in ("loss", "grad_norm"):
-            assert g[key] == pytest.approx(w[key], rel=REL), f"{what}: step {g['step']} {key} {g[key]!r} vs {w[key]!r}"
-
-
 BF16 = "train.precision=bf16"
 BF16_LAYOUTS = ["ddp2", "fsdp2", "zero2"]  # compared with single in bf16 (test_bf16_backends_agree_...)
 
 
 @pytest.fixture(scope="module")
-def fp32_runs(tmp_path_factory: pytest.TempPathFactory, demo_data: Path) -> dict[str, dict]:
-    """Every fp32 layout, and the bf16 runs, in one 2-rank launch (each launch costs its start-up)."""
+def parity_runs(tmp_path_factory: pytest.TempPathFactory, demo_data: Path) -> dict[str, dict]:
+    """Every layout, the planted bug and the bf16 runs, in one 2-rank launch (each launch costs its start-up)."""
     names = [n for n in LAYOUTS if not n.startswith("zero") or HAS_DEEPSPEED]
-    jobs = [("single", 1, ["parallel.strategy=single"])] + [(n, *LAYOUTS[n]) for n in names]
+    jobs = [("single", 1, ["parallel.strategy=single"]), ("single@fp32", 1, ["parallel.strategy=single", FP32])]
+    jobs += [(n, *LAYOUTS[n]) for n in names] + [(PLANTED, 2, ["parallel.strategy=fsdp"])]
     if HAS_DEEPSPEED:
         jobs += [("single@bf16", 1, ["parallel.strategy=single", BF16])]
         jobs += [(f"{n}@bf16", LAYOUTS[n][0], [*LAYOUTS[n][1], BF16]) for n in BF16_LAYOUTS]
@@ -115,20 +158,31 @@ def fp32_runs(tmp_path_factory: pytest.TempPathFactory, demo_data: Path) -> dict
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
-def test_backend_matches_single(fp32_runs: dict[str, dict], name: str) -> None:
+def test_backend_matches_single(parity_runs: dict[str, dict], name: str) -> None:
     if name.startswith("zero") and not HAS_DEEPSPEED:
         pytest.skip("deepspeed is not installed")
-    assert_close(records_of(fp32_runs, name), records_of(fp32_runs, "single"), name)
-    header = fp32_runs[name]["messages"]
+    want = records_of(parity_runs, _reference(name))
+    assert [r["step"] for r in want] == list(range(1, STEPS + 1))
+    assert_runs_close(records_of(parity_runs, name), want, _tolerance(name), name)
+    header = parity_runs[name]["messages"]
     assert any(f"cpu x {LAYOUTS[name][0]}, strategy {LAYOUTS[name][1][0].split('=')[1]}" in m for m in header), header
     if name.startswith("zero"):  # DeepSpeed ran the stage asked for, with the config bigtrain generated
         stage = LAYOUTS[name][1][1].split("=")[1]
         assert any(m.startswith("deepspeed config:") and f'"stage":{stage}' in m for m in header), header
 
 
-def test_strategy_single_on_two_ranks_is_a_user_error(fp32_runs: dict[str, dict]) -> None:
+def test_planted_bug_fails_every_tolerance(parity_runs: dict[str, dict]) -> None:
+    """The policy's proof: a 1% mis-scaled gradient shard on one rank moves the run by more than 1,000x FP64_REL
+    and 10x FP32_REL, while the correct FSDP2 run stays inside FP64_REL."""
+    want = records_of(parity_runs, "single")
+    planted = max_rel_diff(records_of(parity_runs, PLANTED), want)
+    assert planted > 1e3 * FP64_REL and planted > 10 * FP32_REL, planted
+    assert max_rel_diff(records_of(parity_runs, "fsdp2"), want) <= FP64_REL
+
+
+def test_strategy_single_on_two_ranks_is_a_user_error(parity_runs: dict[str, dict]) -> None:
     """(Exit status 2 and no traceback under torchrun: tests/e2e/test_backends_cli.py.)"""
-    message = fp32_runs["single-on-2-ranks"]
+    message = parity_runs["single-on-2-ranks"]
     assert "parallel.strategy=single" in message and "2 processes" in message, message
 
 
@@ -139,14 +193,14 @@ def test_strategy_single_on_two_ranks_is_a_user_error(fp32_runs: dict[str, dict]
 BF16_LOSS_REL, BF16_GRAD_NORM_REL = 1e-2, 5e-2
 
 
-def test_bf16_backends_agree_within_documented_bound(fp32_runs: dict[str, dict]) -> None:
+def test_bf16_backends_agree_within_documented_bound(parity_runs: dict[str, dict]) -> None:
     if not HAS_DEEPSPEED:
         pytest.skip("deepspeed is not installed")
-    want = records_of(fp32_runs, "single@bf16")
+    want = records_of(parity_runs, "single@bf16")
     for name in BF16_LAYOUTS:
-        got = records_of(fp32_runs, f"{name}@bf16")
-        assert any("compute bfloat16" in m for m in fp32_runs[f"{name}@bf16"]["messages"]), f"{name}: not bf16"
+        got = records_of(parity_runs, f"{name}@bf16")
+        assert any("compute bfloat16" in m for m in parity_runs[f"{name}@bf16"]["messages"]), f"{name}: not bf16"
         assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(1, STEPS + 1)), name
-        for g, w in zip(got, want):
+        for g, w in zip(got, want, strict=True):
             assert g["loss"] == pytest.approx(w["loss"], rel=BF16_LOSS_REL), (name, g["step"], g["loss"], w["loss"])
             assert g["grad_norm"] == pytest.approx(w["grad_norm"], rel=BF16_GRAD_NORM_REL), (name, g["step"])
