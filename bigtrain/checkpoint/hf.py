@@ -371,18 +371,41 @@ def _owning(shard: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {name: t if whole(t) else t.clone() for name, t in shard.items()}
 
 
+def _weight_file(folder: Path, name: str, named_by: Path) -> Path:
+    """``folder/name`` resolved, if it is a file of ``folder`` itself; a UserError naming it otherwise.
+
+    The folder is untrusted input (a download): its index could name ``../x`` or ``/x``, or a weight file could
+    be a symlink that points elsewhere, and the tensors read would come from a file the user never gave.
+    Resolving first (symlinks, ``..``) and comparing the parent catches all of them."""
+    target = (folder / name).resolve()
+    if target.parent != folder.resolve():
+        raise UserError(f"{named_by}: weight file {name!r} is outside {folder} (it resolves to {target}); "
+                        f"model.init_from reads weights only from files in the folder itself. Copy the files into "
+                        f"the folder (for a Hugging Face cache snapshot, whose files are symlinks into its blobs/ "
+                        f"folder: `hf download REPO --local-dir DIR`).")
+    return target
+
+
 def read_safetensors_dir(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of an HF folder (``model.safetensors`` or an index with shards)."""
+    """All tensors of an HF folder (``model.safetensors`` or an index with shards), read only from files in it."""
     from safetensors.torch import load_file
 
-    if (path / INDEX_FILE).is_file():
-        weight_map = json.loads((path / INDEX_FILE).read_text())["weight_map"]
+    index = path / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise UserError(f"{index}: not a safetensors index (a JSON object with a weight_map): "
+                            f"{type(exc).__name__}: {exc}") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) and v for v in weight_map.values()):
+            raise UserError(f"{index}: weight_map must map tensor names to file names (strings).")
+        files = [_weight_file(path, fname, index) for fname in sorted(set(weight_map.values()))]  # all, before reading
         out: dict[str, torch.Tensor] = {}
-        for fname in sorted(set(weight_map.values())):
-            out.update(load_file(str(path / fname)))
+        for file in files:
+            out.update(load_file(str(file)))
         return out
     if (path / SAFETENSORS_FILE).is_file():
-        return load_file(str(path / SAFETENSORS_FILE))
+        return load_file(str(_weight_file(path, SAFETENSORS_FILE, path)))
     raise UserError(f"{path}: no {SAFETENSORS_FILE} or {INDEX_FILE}; model.init_from needs a Hugging Face folder "
                     f"with safetensors weights (e.g. written by `bigtrain export CKPT --to hf OUT`).")
 

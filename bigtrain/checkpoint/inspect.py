@@ -3,8 +3,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bigtrain.checkpoint.manager import CheckpointManager
-from bigtrain.checkpoint.manifest import MANIFEST_FILE, ManifestError, read_manifest, step_of, verify
+from bigtrain.checkpoint.manager import CheckpointManager, verify
+from bigtrain.checkpoint.manifest import (
+    MANIFEST_FILE,
+    SCRATCH_PREFIXES,
+    ManifestError,
+    check_files,
+    list_files,
+    read_manifest,
+    step_of,
+)
+from bigtrain.checkpoint.rank_state import rank_file
 from bigtrain.errors import UserError
 
 
@@ -24,6 +33,28 @@ def _checkpoints_root(path: Path) -> Path:
     raise UserError(f"{str(path)!r} has no checkpoints/ folder; pass a run folder (run.out_dir).")
 
 
+def _looks_whole(ckpt: Path) -> bool:
+    """Manifest valid, every listed file there at its size, nothing unlisted on disk, every rank's file listed.
+
+    What ``checkpoint.resume=auto``'s cheap pass checks, minus the format's own index: DCP's ``.metadata`` is
+    a pickle, and ``ls`` unpickles nothing from a checkpoint (a crafted one could run code; reading it safely
+    is ``verify``'s and the resume's job)."""
+    try:
+        manifest = read_manifest(ckpt)
+    except ManifestError:
+        return False
+    listed = set(manifest.files)
+    on_disk = {name for name in list_files(ckpt) if not name.startswith(SCRATCH_PREFIXES)}
+    ranks = {rank_file(rank) for rank in range(manifest.world_size)}
+    return on_disk <= listed and ranks <= listed and not check_files(ckpt, manifest.files, checksums=False)
+
+
+def _auto_pick(manager: CheckpointManager) -> Path | None:
+    """The checkpoint ``checkpoint.resume=auto`` picks, as far as manifests and sizes tell (a resume that then
+    finds a bad index skips to the next one, saying why)."""
+    return next((path for path in manager.candidates() if _looks_whole(path)), None)
+
+
 def list_checkpoints(run_dir: str | Path) -> str:
     """A table of every checkpoint folder of a run, committed or not, with the one resume would pick."""
     path = Path(run_dir)
@@ -33,7 +64,7 @@ def list_checkpoints(run_dir: str | Path) -> str:
     manager = CheckpointManager(root.parent)
     pointer = manager.latest_pointer()
     limit = step_of(pointer) if pointer is not None else None
-    chosen = manager.latest()
+    chosen = _auto_pick(manager)
     rows = [("checkpoint", "step", "tokens", "ranks", "strategy", "size", "created", "status")]
     entries = sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_")), key=lambda p: p.name)
     for entry in entries:
