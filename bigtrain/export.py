@@ -29,24 +29,49 @@ from bigtrain.sections import parse_section
 
 
 def _copy_tokenizer(config: dict[str, Any], out: Path) -> tuple[list[str], int | None]:
-    """Copy the run's tokenizer.json (+ a minimal tokenizer_config.json); (files, eos id or None)."""
+    """Write the run's tokenizer into ``out`` as a tokenizer that conditions a prompt as bigtrain does.
+
+    bigtrain starts every document with its EOS token: training packs ``... EOS doc EOS doc`` and
+    ``bigtrain generate`` (:func:`bigtrain.model.sampling.generate`) feeds ``[EOS, *encode(prompt)]``,
+    just ``[EOS]`` for an empty prompt. So the exported ``tokenizer.json`` gets a TemplateProcessing
+    post-processor that puts EOS before the text (``EOS $A``, a pair ``EOS $A EOS $B``), replacing the
+    file's own post-processor (bigtrain encodes without special tokens, so never applies that one), and
+    ``tokenizer_config.json`` names EOS as ``bos_token`` with ``add_bos_token: true`` (as Llama tokenizers
+    do; transformers 5 rebuilds the same template from it). A literal EOS string in a prompt stays text
+    (``split_special_tokens``), as in bigtrain. The run's own file is only read. Returns (files written,
+    EOS id or None); a tokenizer bigtrain cannot read is copied as is (None).
+    """
     tok_path = Path(str(config.get("data", {}).get("tokenizer", "")))
     if not tok_path.is_file():
         return [], None
-    shutil.copyfile(tok_path, out / "tokenizer.json")
-    files = ["tokenizer.json"]
-    eos_id = None
     try:
         tok = Tokenizer.from_file(tok_path)
-        eos_id = tok.eos_id
-        (out / "tokenizer_config.json").write_text(json.dumps({
-            "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": tok.eos_token, "bos_token": tok.eos_token,
-            "model_max_length": int(config.get("model", {}).get("max_seq_len", 2048)),
-        }, indent=2))
-        files.append("tokenizer_config.json")
-    except Exception:  # a tokenizer bigtrain cannot parse is still copied as is
-        pass
-    return files, eos_id
+    except UserError:  # a tokenizer bigtrain cannot parse is still copied as is
+        shutil.copyfile(tok_path, out / "tokenizer.json")
+        return ["tokenizer.json"], None
+    spec = json.loads(tok_path.read_text(encoding="utf-8"))
+    spec["post_processor"] = _document_start_processor(tok.eos_token, tok.eos_id)
+    (out / "tokenizer.json").write_text(json.dumps(spec, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": tok.eos_token, "bos_token": tok.eos_token,
+        "add_bos_token": True, "add_eos_token": False, "split_special_tokens": True,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": int(config.get("model", {}).get("max_seq_len", 2048)),
+    }, indent=2) + "\n", encoding="utf-8")
+    return ["tokenizer.json", "tokenizer_config.json"], tok.eos_id
+
+
+def _document_start_processor(token: str, token_id: int) -> dict[str, Any]:
+    """A ``tokenizers`` TemplateProcessing (as JSON) that puts ``token`` before a text and before each of a pair."""
+    def start(type_id: int) -> dict[str, Any]:
+        return {"SpecialToken": {"id": token, "type_id": type_id}}
+
+    def text(name: str, type_id: int) -> dict[str, Any]:
+        return {"Sequence": {"id": name, "type_id": type_id}}
+
+    return {"type": "TemplateProcessing", "single": [start(0), text("A", 0)],
+            "pair": [start(0), text("A", 0), start(1), text("B", 1)],
+            "special_tokens": {token: {"id": token, "ids": [token_id], "tokens": [token]}}}
 
 
 def export_checkpoint(source: str | Path, to: str, out: str | Path, *, overwrite: bool = False,
