@@ -65,6 +65,28 @@ def test_dim_not_divisible_by_heads() -> None:
     assert "model.dim" in msg and "100" in msg and "num_heads=3" in msg
 
 
+@pytest.mark.parametrize(("overrides", "named"), [
+    (["parallel.strategy=zero"], "parallel.strategy=zero"),
+    (["model.kernels=triton"], "model.kernels=triton"),
+    (["model.fp8=true"], "model.fp8=true"),
+])
+def test_fp64_refuses_what_cannot_compute_in_fp64(overrides: list[str], named: str) -> None:
+    msg = err(["train.precision=fp64", *overrides])
+    assert msg.startswith("train.precision: fp64") and named in msg and "train.precision=fp32" in msg, msg
+
+
+def test_fp64_builds_an_fp64_model_and_plan() -> None:
+    import torch
+
+    from bigtrain.model import build_on_meta
+    from bigtrain.plan import plan_memory
+
+    cfg = load_config(None, ["train.precision=fp64", "parallel.strategy=fsdp"])
+    assert {p.dtype for p in build_on_meta(cfg.model, torch.float64).parameters()} == {torch.float64}
+    fp32 = load_config(None, ["train.precision=fp32", "parallel.strategy=fsdp"])
+    assert plan_memory(cfg, 2, "fsdp", device="cpu").params == 2 * plan_memory(fp32, 2, "fsdp", device="cpu").params
+
+
 def test_kv_heads_must_divide_heads() -> None:
     msg = err(["model.num_kv_heads=3"])
     assert "model.num_kv_heads" in msg and "3" in msg

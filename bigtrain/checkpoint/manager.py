@@ -48,6 +48,7 @@ from bigtrain.checkpoint.config import CheckpointConfig
 from bigtrain.checkpoint.manifest import (
     LATEST_FILE,
     MANIFEST_FILE,
+    SCRATCH_PREFIXES,
     Manifest,
     ManifestError,
     check_files,
@@ -57,8 +58,6 @@ from bigtrain.checkpoint.manifest import (
     read_manifest,
     step_dirname,
     step_of,
-    structure_problems,
-    verify,
     write_manifest,
 )
 from bigtrain.checkpoint.rank_state import (
@@ -324,7 +323,7 @@ class CheckpointManager:
     def latest(self, *, checksums: bool = False, report: Callable[[str], None] | None = None) -> Path | None:
         """Newest candidate whose manifest and files check out (sizes; with ``checksums`` also CRC32)."""
         for path in self.candidates():
-            _, problems = _verify(path, checksums=checksums)
+            _, problems = verify(path, checksums=checksums)
             if not problems:
                 return path
             if report:
@@ -420,8 +419,35 @@ class CheckpointManager:
         return shared["data"], rng, dict(shared.get("trainer", {}))
 
 
-def _verify(path: Path, *, checksums: bool) -> tuple[Manifest | None, builtins.list[str]]:
-    return verify(path, checksums=checksums)
+def structure_problems(ckpt: Path, manifest: Manifest) -> builtins.list[str]:
+    """Disk and manifest compared in both directions, and the files this backend and world size need.
+
+    Catches what per-file checks cannot: a file added after the commit, or a shard deleted together
+    with its manifest entry (the manifest and the disk then agree, but the checkpoint is incomplete).
+    Which files a format needs is the backend's knowledge (``CheckpointBackend.required_files``).
+    """
+    problems = []
+    listed = set(manifest.files)
+    on_disk = {name for name in list_files(ckpt) if not name.startswith(SCRATCH_PREFIXES)}
+    problems += [f"{ckpt / name}: on disk but not in the manifest (added after the commit?)"
+                 for name in sorted(on_disk - listed)]
+    required = {rank_file(rank) for rank in range(manifest.world_size)}
+    try:
+        required |= backend_for(manifest.backend).required_files(ckpt, manifest)
+    except Exception as exc:  # any failure to read the backend's index is a verification problem
+        problems.append(f"{ckpt}: the {manifest.backend} index cannot be read ({type(exc).__name__}: {exc})")
+    problems += [f"{ckpt / name}: needed by this checkpoint but not in the manifest"
+                 for name in sorted(required - listed)]
+    return problems
+
+
+def verify(ckpt: Path, *, checksums: bool = True) -> tuple[Manifest | None, builtins.list[str]]:
+    """(manifest or None, problems) for one checkpoint folder; no problems means it is whole."""
+    try:
+        manifest = read_manifest(ckpt)
+    except ManifestError as exc:
+        return None, [str(exc)]
+    return manifest, structure_problems(ckpt, manifest) + check_files(ckpt, manifest.files, checksums=checksums)
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -8,6 +8,9 @@ world size, backend, config hash and the resolved config itself.
 CRC32 (``zlib``, ~2.5 GB/s per core, computed per 64 MiB block in parallel) is the checksum: it
 is there to catch torn writes, bit rot and truncation, not tampering, and it is fast enough to
 compute on every save.
+
+This module knows the manifest format only, not the checkpoint formats: checking a whole checkpoint
+(manifest vs disk, plus the files its backend needs) is :func:`bigtrain.checkpoint.manager.verify`.
 """
 from __future__ import annotations
 
@@ -201,30 +204,6 @@ def read_manifest(ckpt: Path) -> Manifest:
                     extra=_field(data, "extra", dict, path, default={}))
 
 
-def structure_problems(ckpt: Path, manifest: Manifest) -> list[str]:
-    """Disk and manifest compared in both directions, and the files this backend and world size need.
-
-    Catches what per-file checks cannot: a file added after the commit, or a shard deleted together
-    with its manifest entry (the manifest and the disk then agree, but the checkpoint is incomplete).
-    """
-    from bigtrain.checkpoint.backend import backend_for
-    from bigtrain.checkpoint.rank_state import rank_file
-
-    problems = []
-    listed = set(manifest.files)
-    on_disk = {name for name in list_files(ckpt) if not name.startswith(SCRATCH_PREFIXES)}
-    problems += [f"{ckpt / name}: on disk but not in the manifest (added after the commit?)"
-                 for name in sorted(on_disk - listed)]
-    required = {rank_file(rank) for rank in range(manifest.world_size)}
-    try:
-        required |= backend_for(manifest.backend).required_files(ckpt, manifest)
-    except Exception as exc:  # any failure to read the backend's index is a verification problem
-        problems.append(f"{ckpt}: the {manifest.backend} index cannot be read ({type(exc).__name__}: {exc})")
-    problems += [f"{ckpt / name}: needed by this checkpoint but not in the manifest"
-                 for name in sorted(required - listed)]
-    return problems
-
-
 def write_manifest(ckpt: Path, manifest: Manifest) -> None:
     """Write and fsync ``manifest.json`` (then the folder, so the new name is durable too)."""
     path = ckpt / MANIFEST_FILE
@@ -254,12 +233,3 @@ def check_files(ckpt: Path, files: dict[str, dict[str, Any]], names: Iterable[st
             if crc != want["crc32"]:
                 problems.append(f"{path}: checksum {crc} != {want['crc32']} in the manifest (corrupted)")
     return problems
-
-
-def verify(ckpt: Path, *, checksums: bool = True) -> tuple[Manifest | None, list[str]]:
-    """(manifest or None, problems) for one checkpoint folder; no problems means it is whole."""
-    try:
-        manifest = read_manifest(ckpt)
-    except ManifestError as exc:
-        return None, [str(exc)]
-    return manifest, structure_problems(ckpt, manifest) + check_files(ckpt, manifest.files, checksums=checksums)

@@ -20,6 +20,8 @@ from bigtrain.parallel.strategy import OptimizerFactory
 class DDPStrategy(SingleStrategy):
     """Replicated model and optimizer; the step math is the single-process one on averaged gradients."""
 
+    name = "ddp"
+
     def __init__(self, info: DistInfo, precision: str, cfg: ParallelConfig, *, compile: bool | str = False) -> None:
         super().__init__(info, precision, cfg, compile=compile)
 

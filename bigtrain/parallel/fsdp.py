@@ -189,3 +189,12 @@ class FSDPStrategy(Strategy):
     def step(self, optimizer: torch.optim.Optimizer) -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+
+    # -- run header ------------------------------------------------------------------
+    def describe(self) -> Description:
+        """Adds the N-D layout (``fsdp (dp_shard 2 x tp 2)``) when tensor, context or pipeline parallelism is on."""
+        described = super().describe()
+        if not self.cfg.model_parallel_degrees:
+            return described
+        layout = Layout.from_config(self.cfg, self.info.world_size).describe()
+        return described._replace(strategy=f"{described.strategy} ({layout})")

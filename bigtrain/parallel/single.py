@@ -12,6 +12,8 @@ from bigtrain.parallel.strategy import OptimizerFactory, Strategy
 
 
 class SingleStrategy(Strategy):
+    name = "single"
+
     def __init__(self, info: DistInfo, precision: str, cfg: ParallelConfig | None = None, *,
                  compile: bool | str = False) -> None:
         super().__init__(info, precision)

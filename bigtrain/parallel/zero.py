@@ -140,6 +140,8 @@ def _freed_memory_returned(enabled: bool) -> Iterator[None]:
 class ZeroStrategy(Strategy):
     """Data parallel with DeepSpeed ZeRO: stage 1 shards optimizer state, 2 also gradients, 3 also parameters."""
 
+    name = "zero"  # describe(): no compiled blocks under stage 3 (self.compile is off there)
+
     def __init__(self, info: DistInfo, precision: str, cfg: ParallelConfig, *, compile: bool | str,
                  micro_batch_size: int, grad_clip: float, accum_steps: int) -> None:
         super().__init__(info, precision)

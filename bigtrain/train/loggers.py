@@ -24,7 +24,7 @@ from bigtrain.errors import UserError, missing_package
 from bigtrain.train.status import read_status, write_status
 
 if TYPE_CHECKING:
-    from bigtrain.config import RunConfig
+    from bigtrain.train.run_config import RunConfig
 
 
 class Logger(Protocol):

@@ -543,16 +543,6 @@ class Trainer:
         for logger in self.loggers:
             logger.log(record)
 
-    @property
-    def layout_summary(self) -> str:
-        """The N-D layout for the header (``dp_shard 2 x tp 2``) when tensor/context parallelism is on."""
-        p = self.cfg.parallel
-        if p.strategy != "fsdp" or not p.model_parallel_degrees:
-            return ""
-        from bigtrain.parallel.mesh import Layout
-
-        return Layout.from_config(p, self.info.world_size).describe()
-
     def _print_header(self) -> None:
         if not self.info.is_main:
             return
@@ -561,11 +551,9 @@ class Trainer:
         c = self.cfg
         kernels = describe_kernels(c.model.kernels, fp8=c.model.fp8, head_dim=c.model.head_dim, device=self.info.device,
                                    compute_dtype=self.strategy.compute_dtype)
-        compiled = getattr(self.strategy, "compile", False)  # off under ZeRO-3 whatever train.compile says
-        if compiled:
-            from bigtrain.parallel.apply import compile_backend
-
-            kernels += f"; blocks torch.compile'd ({compile_backend(compiled)})"
+        described = self.strategy.describe()  # the backend's name, N-D layout and compiled blocks
+        if described.kernels:
+            kernels += f"; {described.kernels}"
         messages.say(
             f"bigtrain: run {c.run.name!r} -> {self.run_dir}\n"
             f"  model    {self.num_params / 1e6:.2f}M params ({c.model.num_layers} layers, dim {c.model.dim}, "
@@ -573,8 +561,7 @@ class Trainer:
             + (f"  moe      {c.model.moe.num_experts} experts, top {c.model.moe.top_k}, "
                f"{self.num_active_params / 1e6:.2f}M active params/token (MFLOP/token and MFU count the active "
                f"ones), balance {c.model.moe.load_balance}\n" if c.model.moe is not None else "") +
-            f"  device   {self.info.device} x {self.info.world_size}, strategy {c.parallel.strategy}"
-            f"{f' ({self.layout_summary})' if self.layout_summary else ''}, "
+            f"  device   {self.info.device} x {self.info.world_size}, strategy {described.strategy}, "
             f"compute {str(self.strategy.compute_dtype).replace('torch.', '')}, threads {torch.get_num_threads()}"
             f"{'' if self.peak_flops else ', MFU n/a (no known peak for this device)'}\n"
             f"  kernels  {kernels}\n"

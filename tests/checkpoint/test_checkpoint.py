@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from bigtrain.checkpoint.config import CheckpointConfig
-from bigtrain.checkpoint.manager import CheckpointManager, config_changes, resolve_resume
-from bigtrain.checkpoint.manifest import read_manifest, verify
+from bigtrain.checkpoint.manager import CheckpointManager, config_changes, resolve_resume, verify
+from bigtrain.checkpoint.manifest import read_manifest
 from bigtrain.checkpoint.rank_state import capture_rng
 from bigtrain.config import load_config
 from bigtrain.errors import UserError
@@ -30,7 +30,10 @@ CONFIG = load_config(None, ["model.vocab_size=128", "model.dim=32", "model.num_l
 
 def make(seed: int = 0):
     strategy = SingleStrategy(DistInfo(0, 0, 1, torch.device("cpu")), "fp32")
-    return (strategy, *strategy.wrap(build_on_meta(CFG), lambda m: build_adamw(m, lr=1e-2, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8), seed=seed))
+    def optimizer(m):
+        return build_adamw(m, lr=1e-2, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8)
+
+    return (strategy, *strategy.wrap(build_on_meta(CFG), optimizer, seed=seed))
 
 
 def train_steps(model, optimizer, n: int) -> None:
@@ -81,7 +84,7 @@ def test_save_commits_atomically_and_loads_exactly(tmp_path: Path, trained, bloc
     resumed, (_, model, optimizer) = load_into_fresh(manager, path)
     assert resumed is not None and resumed.step == 3 and resumed.data_state == {"next_sample": 3}
     _, ref_model, ref_opt = trained
-    for (name, a), b in zip(ref_model.state_dict().items(), model.state_dict().values()):
+    for (name, a), b in zip(ref_model.state_dict().items(), model.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     ref_state, state = ref_opt.state_dict()["state"], optimizer.state_dict()["state"]
     assert ref_state.keys() == state.keys()

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from bigtrain import messages
-from bigtrain.checkpoint.manifest import MANIFEST_FILE, checksum_files, list_files, read_manifest, verify
+from bigtrain.checkpoint.manager import verify
+from bigtrain.checkpoint.manifest import MANIFEST_FILE, checksum_files, list_files, read_manifest
 from bigtrain.errors import UserError
 from tests.helpers import build_trainer, train
 
@@ -123,5 +124,6 @@ def test_a_shard_deleted_with_its_manifest_entry_is_found_and_auto_falls_back(ru
 def test_a_file_added_after_the_commit_is_reported(run: Path, tmp_path: Path) -> None:
     run = _copy_run(run, tmp_path)
     ckpt = run / "checkpoints" / "step_000002"
-    (ckpt / "rank" / "extra.pt").write_bytes(b"x")
-    assert verify(ckpt)[1] == [f"{ckpt / 'rank' / 'extra.pt'}: on disk but not in the manifest (added after the commit?)"]
+    extra = ckpt / "rank" / "extra.pt"
+    extra.write_bytes(b"x")
+    assert verify(ckpt)[1] == [f"{extra}: on disk but not in the manifest (added after the commit?)"]

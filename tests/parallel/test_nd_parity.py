@@ -240,7 +240,7 @@ def straight_runs(tmp_path_factory: pytest.TempPathFactory, demo_data: Path) -> 
 def test_resume_on_another_layout_matches_straight_run(tmp_path: Path, nd_runs: dict[str, Any],
                                                        straight_runs: dict[str, Path], name: str) -> None:
     """HALF steps on the first layout, resumed from its checkpoint on the second layout for HALF more (both
-    trained by the nd_runs launches): every step within 1e-5 of the straight run; the first layout's
+    trained by the nd_runs launches): every step within FP64_REL of the straight run; the first layout's
     checkpoint holds the same fp64 weights and exports the same Hugging Face (fp32) weights."""
     from safetensors.torch import load_file
 
