@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= disabled
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup setup-dev demo-data train test test-fast lint bench clean
+.PHONY: setup setup-dev demo-data train test test-fast test-isa lint bench clean
 
 setup: $(STAMP)
 setup-dev: $(DEV_STAMP)
@@ -36,18 +36,31 @@ demo-data: setup
 train: demo-data
 	$(BIN)/bigtrain train $(CONFIG)
 
+# Two pytest-xdist workers: one runs the multi-rank launches in turn while the other runs the rest (the groups
+# are in tests/conftest.py). PYTEST_WORKERS=0 runs the suite in this one process (for a debugger).
+PYTEST_WORKERS ?= 2
+PYTEST_PARALLEL := $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadgroup)
+
 test: setup-dev
-	$(BIN)/python -m pytest -q --durations=15 tests
+	$(BIN)/python -m pytest -q $(PYTEST_PARALLEL) --durations=15 tests
 
 test-fast: setup-dev
-	$(BIN)/python -m pytest -q -m "not slow" tests
+	$(BIN)/python -m pytest -q $(PYTEST_PARALLEL) -m "not slow" tests
+
+# The tolerance policy's check (docs/architecture.md): every numerics test under ATen's scalar kernels
+# (ATEN_CPU_CAPABILITY=default, which rounds differently from AVX2 as AVX-512 does), then under this machine's best.
+test-isa: setup-dev
+	@echo "== numerics tests under ATEN_CPU_CAPABILITY=default (scalar kernels)"
+	ATEN_CPU_CAPABILITY=default $(BIN)/python -m pytest -q $(PYTEST_PARALLEL) -m numerics tests
+	@echo "== numerics tests under this CPU's best capability: $$($(BIN)/python -c 'import torch; print(torch.backends.cpu.get_cpu_capability())')"
+	env -u ATEN_CPU_CAPABILITY $(BIN)/python -m pytest -q $(PYTEST_PARALLEL) -m numerics tests
 
 # Static checks (configured in pyproject.toml): ruff's lint rules and mypy on bigtrain/, and every
 # `# type: ignore[code]` must say why after it (`# type: ignore[code]  # reason`). All three run, so one
 # call lists every finding; any finding fails the target.
 lint: setup-dev
 	@status=0; \
-	echo "ruff check bigtrain"; $(BIN)/ruff check bigtrain || status=1; \
+	echo "ruff check bigtrain tests bench"; $(BIN)/ruff check bigtrain tests bench || status=1; \
 	echo "mypy"; $(BIN)/mypy || status=1; \
 	if grep -rnE --include='*.py' 'type: *ignore(\[[^]]*\])? *$$' bigtrain; then \
 		echo 'each `# type: ignore[code]` above needs its reason: `# type: ignore[code]  # why`'; status=1; \

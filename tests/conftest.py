@@ -63,3 +63,47 @@ def short_documents(demo_data: Path) -> Path:
                            val_fraction=0.1, num_workers=1, overwrite=True)
         source.unlink()
     return SHORT_DOCUMENTS
+
+
+# ---------------------------------------------------------------------------------------------- parallel runs
+# `make test` runs the suite on 2 pytest-xdist workers with --dist loadgroup. Each test file is one group, so a
+# module-scoped fixture (a launch that trains many layouts) is built once, on one worker. The files below launch
+# 2- and 4-rank trainings that take most of a minute each: they share one group, so they run one after another on
+# one worker while the other worker takes the rest of the suite, and two 4-rank launches never share 2 cores.
+MULTI_RANK_FILES = frozenset({
+    "tests/parallel/test_nd_parity.py", "tests/parallel/test_ep.py", "tests/parallel/test_parity.py",
+    "tests/parallel/test_plan_vs_measured.py", "tests/optim/test_muon.py", "tests/checkpoint/test_reshard.py",
+    "tests/e2e/test_slurm.py", "tests/parallel/test_zero.py",
+})
+
+
+# The numerics tests that `make test-isa` runs under two CPU capabilities (docs/architecture.md, "Tolerance
+# policy"): every run-vs-run comparison (layouts, backends, resume, reshard, compile vs eager), the golden run,
+# and the model and kernel tests against their references. A new test of that kind goes in one of these files
+# or is added here.
+NUMERICS_FILES = frozenset({
+    "tests/parallel/test_parity.py", "tests/parallel/test_nd_parity.py", "tests/parallel/test_ep.py",
+    "tests/parallel/test_qk_norm_tp.py", "tests/parallel/test_apply.py", "tests/parallel/test_zero.py",
+    "tests/optim/test_muon.py", "tests/checkpoint/test_reshard.py", "tests/checkpoint/test_resume_kill.py",
+    "tests/checkpoint/test_export.py", "tests/checkpoint/test_export_tokenizer.py", "tests/checkpoint/test_hf_moe.py",
+    "tests/golden/test_golden.py",
+    "tests/model/test_model.py", "tests/model/test_moe.py", "tests/model/test_fp8.py",
+    "tests/train/test_moe_training.py", "tests/data/test_data_resume.py", "tests/kernels/test_kernels_ops.py",
+    "tests/kernels/test_kernels_cross_entropy.py", "tests/kernels/test_kernels_model.py",
+})
+
+
+# Module fixtures that train many layouts in multi-rank launches (most of a minute or more each): a test that uses
+# one is `slow`, so `make test-fast` skips it (the cheap tests of the same files still run there).
+HEAVY_FIXTURES = frozenset({"nd_runs", "straight_runs", "ep_runs", "parity_runs", "measured"})
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if HEAVY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+        path = Path(str(item.path)).resolve().relative_to(REPO).as_posix()
+        item.add_marker(pytest.mark.xdist_group("multi-rank" if path in MULTI_RANK_FILES else path))
+        if path in NUMERICS_FILES:
+            item.add_marker(pytest.mark.numerics)

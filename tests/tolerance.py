@@ -6,8 +6,8 @@ different orders, and different CPUs (AVX2, AVX-512, scalar kernels) round the s
 so such a comparison must hold on every x86-64 CPU, not just on the one it was written on:
 
 1. **Run it in float64** (``train.precision=fp64``): rounding is ~1e-16 per operation, so layouts and
-   instruction sets agree to ~1e-13 after a few steps, and ``FP64_REL`` leaves three orders of
-   magnitude of margin above that while a real reduction or scaling bug misses it by six or more
+   instruction sets agree to ~3e-15 after 5-20 steps (measured), and ``FP64_REL`` leaves four orders
+   of magnitude of margin above that while a real reduction or scaling bug misses it by six or more
    (``tests/parallel/test_parity.py::test_planted_bug_fails_every_tolerance`` plants one to prove it).
    Discrete decisions (MoE top-k routing) then only flip at exact ties: the MoE parity tests measure
    their smallest router margin and require it far above fp64 rounding.
@@ -29,8 +29,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 FP64 = "train.precision=fp64"
-# fp64 runs of different layouts or CPUs: measured within ~1e-13 over 8-20 steps; a planted scaling bug
-# of 1% in one rank's gradient shard misses by 1e-4 or more.
+# fp64 runs of different layouts or CPUs: measured within 3e-15 over 5-20 steps; a planted scaling bug
+# of 1% in one rank's gradient shard misses by 1.4e-3.
 FP64_REL = 1e-10
 # fp32 runs (DeepSpeed ZeRO only): measured within 5e-7 of single@fp32 under AVX2 and scalar kernels (5e-7).
 FP32_REL = 5e-5
