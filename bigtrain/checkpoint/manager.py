@@ -48,6 +48,7 @@ from bigtrain.checkpoint.config import CheckpointConfig
 from bigtrain.checkpoint.manifest import (
     LATEST_FILE,
     MANIFEST_FILE,
+    REPLACED_SUFFIX,
     SCRATCH_PREFIXES,
     Manifest,
     ManifestError,
@@ -56,6 +57,7 @@ from bigtrain.checkpoint.manifest import (
     fsync_dir,
     list_files,
     read_manifest,
+    replaced_step,
     step_dirname,
     step_of,
     write_manifest,
@@ -245,8 +247,16 @@ class CheckpointManager:
             fsync_dir(tmp / sub)
         write_manifest(tmp, manifest)
         _kill_point("before_rename", step)
-        if final.exists():  # re-saving a step (after resuming from an older checkpoint) replaces it
-            shutil.rmtree(final)
+        aside = final.with_name(final.name + REPLACED_SUFFIX)
+        if final.exists():
+            # Re-saving a step (a resume from an older checkpoint, or of a finished run): move the committed
+            # folder aside in one rename, never delete it first, so a kill at any point leaves a committed
+            # folder for this step (candidates() takes an aside folder whose final name is missing).
+            if aside.exists():  # left by an earlier re-save killed after its rename: final is newer
+                shutil.rmtree(aside)
+            os.replace(final, aside)
+            fsync_dir(self.root)
+            _kill_point("after_aside", step)
         os.replace(tmp, final)
         fsync_dir(self.root)
         _kill_point("before_latest", step)
@@ -257,6 +267,8 @@ class CheckpointManager:
             os.fsync(fh.fileno())
         os.replace(latest_tmp, self.root / LATEST_FILE)
         fsync_dir(self.root)
+        _kill_point("before_drop_aside", step)
+        shutil.rmtree(aside, ignore_errors=True)
         self.prune(current=step)
 
     def wait(self) -> None:
@@ -290,6 +302,10 @@ class CheckpointManager:
         for stale in self.root.glob("step_*.tmp"):
             if stale.name != step_dirname(current) + ".tmp":
                 shutil.rmtree(stale, ignore_errors=True)
+        names = {p.name for p in committed}
+        for aside in self.root.glob("step_*" + REPLACED_SUFFIX):  # its step was committed again since
+            if aside.name[:-len(REPLACED_SUFFIX)] in names:
+                shutil.rmtree(aside, ignore_errors=True)
         return deleted
 
     # ------------------------------------------------------------------ find
@@ -316,9 +332,16 @@ class CheckpointManager:
         pointer = self.latest_pointer()
         limit = step_of(pointer) if pointer is not None else None
         dirs = [p for p in self.root.iterdir() if p.is_dir() and step_of(p) is not None] if self.root.is_dir() else []
+        # A re-save killed between its two renames left the committed folder aside, under no final name.
+        steps = {p: step_of(p) or 0 for p in dirs}
+        if self.root.is_dir():
+            for aside in self.root.glob("step_*" + REPLACED_SUFFIX):
+                step = replaced_step(aside)
+                if step is not None and aside.is_dir() and step not in steps.values():
+                    steps[aside] = step
         if limit is not None:
-            dirs = [p for p in dirs if (step_of(p) or 0) <= limit]
-        return sorted(dirs, key=lambda p: step_of(p) or 0, reverse=True)
+            steps = {p: s for p, s in steps.items() if s <= limit}
+        return sorted(steps, key=lambda p: steps[p], reverse=True)
 
     def latest(self, *, checksums: bool = False, report: Callable[[str], None] | None = None) -> Path | None:
         """Newest candidate whose manifest and files check out (sizes; with ``checksums`` also CRC32)."""

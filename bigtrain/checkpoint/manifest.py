@@ -33,6 +33,18 @@ def step_dirname(step: int) -> str:
     return f"step_{step:06d}"
 
 
+# A re-save of a step that is already committed moves the old folder to ``step_000123.replaced`` in one rename
+# before the new one takes its name: a kill between the two renames leaves the old folder there, committed.
+REPLACED_SUFFIX = ".replaced"
+
+
+def replaced_step(path: Path) -> int | None:
+    """The step of a ``step_000123.replaced`` folder (None for anything else)."""
+    if not path.name.endswith(REPLACED_SUFFIX):
+        return None
+    return step_of(path.with_name(path.name[:-len(REPLACED_SUFFIX)]))
+
+
 def step_of(path: Path) -> int | None:
     """The step of a ``step_000123`` folder name (None for anything else)."""
     name = path.name

@@ -63,3 +63,27 @@ def test_kill_inside_save_then_resume_auto(point: str, straight: Path, tmp_path:
     b, _ = load_model_weights(out / "checkpoints" / "step_000004")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not list((out / "checkpoints").glob("*.tmp")), "the crashed save's folder is cleaned up"
+
+
+@pytest.mark.parametrize("point", ["after_aside", "before_latest", "before_drop_aside"])
+def test_kill_while_resaving_a_committed_step_keeps_it(point: str, straight: Path, tmp_path: Path) -> None:
+    """A resume from step 2 of a finished run saves step 4 again: the committed step_000004 is moved aside, never
+    deleted first, so a kill at any point of the re-save leaves a committed step 4 that resume=auto takes."""
+    import shutil
+
+    from bigtrain.checkpoint.manager import load_model_weights
+
+    out = tmp_path / "run"
+    shutil.copytree(straight, out)
+    step2 = out / "checkpoints" / "step_000002"
+    killed = train(out, f"checkpoint.resume={step2}", env={"BIGTRAIN_CHECKPOINT_KILL_AT": f"{point}@4"})
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+
+    printed = train_in_process(out, "checkpoint.resume=auto")
+    assert "resumed from" in printed and "step_000004" in printed, printed
+    assert "step_000002" not in printed.split("resumed from", 1)[1].splitlines()[0], printed
+    a, _ = load_model_weights(straight / "checkpoints" / "step_000004")
+    b, _ = load_model_weights(out / "checkpoints" / "step_000004")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_000004"
+    assert not list((out / "checkpoints").glob("*.replaced")), "the folder moved aside is cleaned up"
