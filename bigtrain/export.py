@@ -89,6 +89,7 @@ def export_checkpoint(source: str | Path, to: str, out: str | Path, *, overwrite
     target = out / "model.pt" if to == "torch" and out.is_dir() else out
     _check_target(target, to, overwrite)
     ckpt = find_checkpoint(source, "bigtrain export")
+    _check_no_overlap(target, ckpt)
     if to == "hf":
         _check_hf_architecture(ckpt)
     weights, manifest = load_model_weights(ckpt)
@@ -134,6 +135,22 @@ def _check_target(target: Path, to: str, overwrite: bool) -> None:
     if exists and not overwrite:
         raise UserError(f"bigtrain export: {target} exists{' and is not empty' if target.is_dir() else ''}; pass "
                         f"--overwrite to replace it, or another output path.")
+
+
+def _source_run(ckpt: Path) -> Path:
+    """The run folder a checkpoint belongs to (RUN/checkpoints/step_N -> RUN), or the checkpoint folder itself."""
+    ckpt = ckpt.resolve()
+    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt
+
+
+def _check_no_overlap(target: Path, ckpt: Path) -> None:
+    """Refuse an output that is the source run, holds it, or lies inside it: replacing it (--overwrite) would
+    delete the run and its checkpoints, and writing into it would mix export files into the run."""
+    run, out = _source_run(ckpt), target.resolve()
+    if out == run or run in out.parents or out in run.parents:
+        where = "is" if out == run else ("holds" if out in run.parents else "lies inside")
+        raise UserError(f"bigtrain export: the output {target} {where} the run being exported ({run}); "
+                        f"choose an output path outside {run}.")
 
 
 def _replace(tmp: Path, target: Path) -> None:

@@ -107,6 +107,21 @@ def test_export_run_to_hf_and_torch(trained_run: tuple[Path, str], tmp_path: Pat
     assert hf["model.embed_tokens.weight"].equal(weights["tok_embeddings.weight"])
 
 
+@pytest.mark.parametrize(("where", "kind"), [(".", "is"), ("..", "holds"), ("checkpoints", "lies inside"),
+                                            ("hf-inside", "lies inside")])
+def test_export_refuses_an_output_overlapping_the_run(trained_run: tuple[Path, str], where: str, kind: str) -> None:
+    """--overwrite onto the run folder, a folder holding it, or one inside it would delete the run: exit 2, and
+    every checkpoint is still there (also when the source is named by its checkpoint folder)."""
+    out, _ = trained_run
+    target = (out / where).resolve() if where in (".", "..") else out / where
+    for source in (out, out / "checkpoints" / "step_000006"):
+        proc = cli("export", str(source), "--to", "hf", str(target), "--overwrite")
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        assert f"{kind} the run being exported" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+        assert (out / "checkpoints" / "step_000006" / "manifest.json").is_file()
+    assert not (out / "hf-inside").exists()
+
+
 def test_python_m_and_config_show() -> None:
     proc = run_cli("config", "show", "configs/debug.yaml", "train.lr=0.01")
     assert proc.returncode == 0, proc.stderr
@@ -232,7 +247,8 @@ def run_without_optional(*invocations: list[str]) -> list[subprocess.CompletedPr
                           capture_output=True, text=True, timeout=300, env={**env, "OMP_NUM_THREADS": "2"})
     results = [json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and len(results) == len(invocations), proc.stdout + proc.stderr
-    return [subprocess.CompletedProcess(argv, r["code"], r["stdout"], r["stderr"]) for argv, r in zip(invocations, results)]
+    return [subprocess.CompletedProcess(argv, r["code"], r["stdout"], r["stderr"])
+            for argv, r in zip(invocations, results, strict=True)]
 
 
 def test_trains_without_optional_packages(tmp_path: Path, demo_data: Path) -> None:
@@ -250,6 +266,6 @@ def test_trains_without_optional_packages(tmp_path: Path, demo_data: Path) -> No
         ["plot", str(tmp_path / "run"), "--out", str(tmp_path / "p.png")])
     assert trained.returncode == 0, trained.stdout + trained.stderr
     assert (tmp_path / "run" / "checkpoints" / "step_000002" / "manifest.json").is_file()
-    for proc, (_, needles) in zip(results, refused):
+    for proc, (_, needles) in zip(results[:-1], refused, strict=True):  # the last result is the plot
         assert_user_error(proc, *needles)
     assert_user_error(results[-1], "bigtrain plot needs the `matplotlib` package")
