@@ -14,6 +14,8 @@ there is no collective at all. A second Ctrl-C interrupts at once (KeyboardInter
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import threading
 import time
@@ -63,6 +65,9 @@ class StopRequest:
             raise KeyboardInterrupt  # the second Ctrl-C: the user does not want to wait for the save
         if not self.signum:
             self.signum, self.received_at = signum, time.time()
+            _acknowledge(signum)
+
+
 
     def request(self, signum: int = signal.SIGTERM) -> None:
         """Ask for a stop from code (tests, hooks), as if ``signum`` had arrived."""
@@ -93,3 +98,14 @@ class StopRequest:
     def exit_status(signum: int) -> int:
         """75 for SIGUSR1/SIGTERM (requeue me), 130 for Ctrl-C."""
         return EXIT_INTERRUPTED if signum == signal.SIGINT else EXIT_PREEMPTED
+
+
+def _acknowledge(signum: int) -> None:
+    """Say at once that the signal was heard (the step may take a while). One raw write(2) on stderr, from the
+    process of global rank 0 only: it takes no Python stream lock, so it cannot deadlock the interrupted code."""
+    if os.environ.get("RANK", "0") != "0":
+        return
+    what = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+    again = "; press Ctrl-C again to abort without saving" if signum == signal.SIGINT else ""
+    with contextlib.suppress(OSError):
+        os.write(2, f"\nbigtrain: {what}: stopping after this step and saving a checkpoint{again}\n".encode())

@@ -151,6 +151,7 @@ class Trainer:
         self.peak_flops = peak_flops(self.info.device)
         self.checkpoints = CheckpointManager(self.run_dir, cfg.checkpoint, info=self.info)
         self.last_checkpoint_stall_s = 0.0
+        self._saved_step: int | None = None  # the step the final save committed (a late stop need not save again)
         self._uncommitted: dict[str, Any] | None = None  # the record of the async save in flight
         if cfg.model.init_from and self.resume_from is None:  # continued pretraining from HF Llama weights
             from bigtrain.checkpoint.hf import init_from_hf
@@ -351,7 +352,7 @@ class Trainer:
             messages.say(f"bigtrain: {label + ': ' if label else ''}{received}; stopping after step {self.step} "
                          f"and saving a checkpoint", every_rank=True)
         every = self.cfg.checkpoint.every_steps
-        if not (every and self.step % every == 0):  # not already saved by the loop at this step
+        if not (every and self.step % every == 0) and self._saved_step != self.step:  # not saved at this step yet
             self.save_checkpoint(blocking=True)
         self._wait_for_checkpoint()  # an async save must be committed before the process exits
         if self.info.is_main:
@@ -414,8 +415,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def evaluate(self, max_batches: int | None = None) -> dict[str, float] | None:
-        """Mean loss and bits-per-byte on the validation split (``max_batches`` defaults to eval.max_batches)."""
+    def evaluate(self, max_batches: int | None = None, *, stoppable: bool = False) -> dict[str, float] | None:
+        """Mean loss and bits-per-byte on the validation split (``max_batches`` defaults to eval.max_batches).
+
+        ``stoppable``: before each batch every rank agrees on the stop signals (one tiny all-reduce; every rank
+        runs the same number of batches), and a stop abandons the evaluation (None): the final evaluation runs
+        after the final checkpoint, and a scheduler's grace period must not run out inside it.
+        """
         if self.val_stream is None:
             return None
         t0 = time.perf_counter()
@@ -427,6 +433,9 @@ class Trainer:
                                   micro_batch_size=self.cfg.train.micro_batch_size,
                                   max_batches=self.cfg.eval.max_batches if max_batches is None else max_batches,
                                   rank=self.data_rank, world_size=self.data_world):
+            if stoppable and self.stop_request.agreed():
+                messages.say(f"bigtrain: final evaluation abandoned at step {self.step}: a stop signal arrived")
+                return None
             inputs = batch.inputs.to(self.info.device)
             targets = batch.targets.to(self.info.device)
             with self.strategy.autocast():
@@ -509,10 +518,15 @@ class Trainer:
         train_time = time.perf_counter() - t_start
         if self.profiler is not None:
             self.profiler.stop()  # training ended inside the window
-        if cfg.eval.at_end:
-            last_eval = self.evaluate(cfg.eval.final_max_batches) or last_eval
         if cfg.checkpoint.at_end:
-            self.save_checkpoint()
+            # Before the final evaluation, and committed before it starts: a stop signal with a short grace
+            # period (SIGTERM, SIGKILL seconds later) or a double Ctrl-C during the evaluation loses nothing.
+            self.save_checkpoint(blocking=True)
+            self._saved_step = self.step
+        if cfg.eval.at_end:
+            last_eval = self.evaluate(cfg.eval.final_max_batches, stoppable=True) or last_eval
+        if signum := self.stop_request.agreed():  # arrived after the last step: honoured now, not after the sample
+            return self._stop_on_signal(signum, last_train)
         if cfg.log.sample_at_end and cfg.log.sample_tokens:
             self._print_sample()
         self._wait_for_checkpoint()  # the last async save is committed before loggers close and the process exits

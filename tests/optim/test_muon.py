@@ -1,6 +1,6 @@
 """Muon (train.optimizer=muon): the Newton-Schulz iteration, one update against a float64 reference, which
-parameters it owns, fp64 parity (the tolerance policy) of ddp / fsdp / fsdp+tp with single on 2 ranks, bitwise resume, the
-refusal under ZeRO, and `bigtrain plan`'s count of its state.
+parameters it owns, fp64 parity (the tolerance policy) of ddp / fsdp / fsdp+tp with single on 2 ranks, bitwise
+resume, the refusal under ZeRO, and `bigtrain plan`'s count of its state.
 
 One 2-rank in-process launch trains every distributed case in turn (tests/helpers.py ``run_distributed``);
 the single-process reference trains in the pytest process.
