@@ -42,5 +42,6 @@ def torchrun_python(ranks: int, code: str, env: dict[str, str]) -> subprocess.Co
     """Run the Python ``code`` in ``ranks`` local gloo processes under torchrun (in the repository root)."""
     import sys
 
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
-                           "--no-python", sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True)
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
+            "--no-python", sys.executable, "-c", code]
+    return subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True)

@@ -13,7 +13,8 @@ fp32) with real AdamW state after one optimizer step. Per repeat, in alternating
 
 Targets: sync save <= 1.5x torch.save; async stall <= 0.2x the sync save.
 
-    python bench/checkpoint.py [--preset gpt2-124m] [--repeats 3] [--device cpu|cuda] [--out bench/results/checkpoint-cpu-2core.md]
+    python bench/checkpoint.py [--preset gpt2-124m] [--repeats 3] [--device cpu|cuda]
+        [--out bench/results/checkpoint-cpu-2core.md]
 """
 from __future__ import annotations
 
@@ -100,8 +101,8 @@ def main() -> None:
     # One manager for the async saves, as in a training run: its host buffers are allocated by the
     # first save (timed separately, "first async stall") and reused by every later one.
     async_manager = CheckpointManager(base / "async", CheckpointConfig(keep_last=1))
-    common = dict(strategy=strategy, model=model, optimizer=optimizer, rank_state=rank_state, tokens_seen=0,
-                  config=config, config_hash="bench")
+    common = {"strategy": strategy, "model": model, "optimizer": optimizer, "rank_state": rank_state, "tokens_seen": 0,
+              "config": config, "config_hash": "bench"}
     t0 = time.perf_counter()
     async_manager.save(1, blocking=False, **common)
     first_stall = time.perf_counter() - t0
@@ -151,7 +152,8 @@ def main() -> None:
               f"(page cache + fsync); {args.repeats} alternating repeats, median shown\n")
     if args.note:
         out.write(f"- note: {args.note}\n")
-    out.write("\n| operation | median s | GB/s | ratio (medians) | best s | ratio (bests) |\n|---|---:|---:|---:|---:|---:|\n")
+    out.write("\n| operation | median s | GB/s | ratio (medians) | best s | ratio (bests) |\n"
+              "|---|---:|---:|---:|---:|---:|\n")
     rows = [("torch.save (+fsync), baseline", "torch.save", "torch.save"),
             ("bigtrain sync save (DCP + CRC32 + fsync + manifest + rename)", "sync save", "torch.save"),
             ("bigtrain async save: step-loop stall (steady state)", "async stall", "sync save"),
@@ -165,11 +167,14 @@ def main() -> None:
               f"{nbytes / first_stall / 1e9:.2f} | {first_stall / med['sync save']:.2f}x sync save | - | - |\n")
     sync_ratio = med["sync save"] / med["torch.save"]
     stall_ratio = med["async stall"] / med["sync save"]
-    out.write(f"\nsync save / torch.save = {sync_ratio:.2f} ({'meets' if sync_ratio <= 1.5 else 'MISSES'} the <= 1.5 target)  \n")
-    out.write(f"async stall / sync save = {stall_ratio:.2f} ({'meets' if stall_ratio <= 0.2 else 'MISSES'} the <= 0.2 target)  \n")
+    out.write(f"\nsync save / torch.save = {sync_ratio:.2f} "
+              f"({'meets' if sync_ratio <= 1.5 else 'MISSES'} the <= 1.5 target)  \n")
+    out.write(f"async stall / sync save = {stall_ratio:.2f} "
+              f"({'meets' if stall_ratio <= 0.2 else 'MISSES'} the <= 0.2 target)  \n")
     out.write(f"best-of-{args.repeats}: sync save / torch.save = {best['sync save'] / best['torch.save']:.2f}, "
               f"async stall / sync save = {best['async stall'] / best['sync save']:.2f}\n\n")
-    out.write("repeats (s): " + "; ".join(f"{k}: " + ", ".join(f"{x:.2f}" for x in v) for k, v in results.items()) + "\n")
+    repeats = "; ".join(f"{k}: " + ", ".join(f"{x:.2f}" for x in v) for k, v in results.items())
+    out.write(f"repeats (s): {repeats}\n")
     publish(out.getvalue(), args.out)
 
 

@@ -156,7 +156,8 @@ def main() -> None:
               "(other = groups that are no single dimension, e.g. the trainer's loss all-reduce). A group that is "
               "two dimensions at once is charged to the first of tp, cp, pp, fsdp: with cp2 alone, FSDP2 shards "
               "over the same two ranks, so its traffic shows under cp; compare the totals there.\n\n")
-    out.write("| layout | ranks | dim | measured MB | planned MB | planned / measured |\n|---|---:|---|---:|---:|---:|\n")
+    out.write("| layout | ranks | dim | measured MB | planned MB | planned / measured |\n"
+              "|---|---:|---|---:|---:|---:|\n")
     for name, ranks, measured, planned in rows:
         for dim in (*DIMS, "other"):
             got, want = measured.get(dim, 0.0), planned.get(dim, 0.0)

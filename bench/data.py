@@ -24,8 +24,9 @@ import os
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers are the parallelism, for both sides
@@ -40,9 +41,12 @@ from bigtrain.data.shards import Shard, write_shard
 from bigtrain.data.tokenizer import Tokenizer
 from bigtrain.sections import parse_section
 
-WORDS = ("the of and to in a is that for it as was with be by on not he I this are or his from at which but have "
-         "an had they you were their one all we can her has there been if more when will would who so no data model "
-         "training token stream shard resume epoch").split()
+WORDS = [
+    "the", "of", "and", "to", "in", "a", "is", "that", "for", "it", "as", "was", "with", "be", "by", "on", "not", "he",
+    "I", "this", "are", "or", "his", "from", "at", "which", "but", "have", "an", "had", "they", "you", "were", "their",
+    "one", "all", "we", "can", "her", "has", "there", "been", "if", "more", "when", "will", "would", "who", "so", "no",
+    "data", "model", "training", "token", "stream", "shard", "resume", "epoch",
+]
 
 
 
@@ -121,7 +125,7 @@ def hf_baseline(files: list[str], tok_path: str, *, seq_len: int, batch: int, wo
     block = seq_len + 1
 
     def tokenize(ex: dict[str, Any]) -> dict[str, Any]:
-        return {"input_ids": [e.ids + [eos] for e in hf_tok.encode_batch_fast(ex["text"], add_special_tokens=False)]}
+        return {"input_ids": [[*e.ids, eos] for e in hf_tok.encode_batch_fast(ex["text"], add_special_tokens=False)]}
 
     def group_texts(ex: dict[str, Any]) -> dict[str, Any]:
         flat = [t for ids in ex["input_ids"] for t in ids]
@@ -140,7 +144,8 @@ def hf_baseline(files: list[str], tok_path: str, *, seq_len: int, batch: int, wo
     return tokens / (time.perf_counter() - t0)
 
 
-def ours_streaming(files_dir: Path, tok: Tokenizer, *, seq_len: int, batch: int, workers: int, max_tokens: int) -> float:
+def ours_streaming(files_dir: Path, tok: Tokenizer, *, seq_len: int, batch: int, workers: int,
+                   max_tokens: int) -> float:
     """The same files through DataPipeline (jsonl source, DataLoader workers, prefetch thread)."""
     data = parse_section(DataConfig, {"sources": [{"kind": "jsonl", "paths": [str(files_dir)]}], "seq_len": seq_len,
                                       "num_workers": workers, "prefetch_steps": 2, "tokenizer": ""}, "data")

@@ -100,7 +100,8 @@ class Sizes:
     optional_presets: tuple[str, ...]
     throughput_steps: int
     throughput_warmup: int
-    moe_dim: int  # the MoE layer check: model dim, routed experts, top-k, expert hidden, tokens, timed and warm-up steps
+    # The MoE layer check: model dim, routed experts, top-k, expert hidden, tokens, timed and warm-up steps.
+    moe_dim: int
     moe_experts: int
     moe_top_k: int
     moe_hidden: int
@@ -216,7 +217,8 @@ def check_kernels(device: torch.device, sizes: Sizes) -> list[Row]:
 
         with exact_fp32():
             # RMSNorm
-            x, w = randn(sizes.rows, sizes.hidden).requires_grad_(), (1 + randn(sizes.hidden, scale=0.3)).requires_grad_()
+            x = randn(sizes.rows, sizes.hidden).requires_grad_()
+            w = (1 + randn(sizes.hidden, scale=0.3)).requires_grad_()
             dy = randn(sizes.rows, sizes.hidden)
             y = rmsnorm.rms_norm(x, w, 1e-5)
             y.backward(dy)
@@ -241,7 +243,8 @@ def check_kernels(device: torch.device, sizes: Sizes) -> list[Row]:
             rows.append(kernel_row("rotary", dtype, {"q": rel_err(qo, qr), "k": rel_err(ko, kr),
                                                      "dq": rel_err(q.grad, q64.grad), "dk": rel_err(k.grad, k64.grad)}))
             # SwiGLU
-            g, u = randn(sizes.rows, sizes.hidden, scale=3.0).requires_grad_(), randn(sizes.rows, sizes.hidden).requires_grad_()
+            g = randn(sizes.rows, sizes.hidden, scale=3.0).requires_grad_()
+            u = randn(sizes.rows, sizes.hidden).requires_grad_()
             dy = randn(sizes.rows, sizes.hidden)
             y = swiglu.swiglu(g, u)
             y.backward(dy)
@@ -304,7 +307,10 @@ def check_flex(device: torch.device, sizes: Sizes) -> list[Row]:
 
 
 def check_fused_adamw(device: torch.device) -> list[Row]:
-    """torch's fused AdamW equals its foreach AdamW on the same parameters and gradients; bigtrain picks fused on CUDA."""
+    """torch's fused AdamW equals its foreach AdamW on the same parameters and gradients.
+
+    bigtrain picks fused on CUDA.
+    """
     from bigtrain.optim.optimizer import adamw_kwargs
 
     gen = torch.Generator(device=device).manual_seed(3)
@@ -316,10 +322,10 @@ def check_fused_adamw(device: torch.device) -> list[Row]:
     for _ in range(5):
         grads = [torch.randn(s, generator=gen, device=device) for s in shapes]
         for mode, ps in params.items():
-            for p, g in zip(ps, grads):
+            for p, g in zip(ps, grads, strict=True):
                 p.grad = g.clone()
             opts[mode].step()
-    err = max(rel_err(a, b) for a, b in zip(params["fused"], params["foreach"]))
+    err = max(rel_err(a, b) for a, b in zip(params["fused"], params["foreach"], strict=True))
     picked = adamw_kwargs(params["fused"], device_type=device.type)
     ok = err <= 1e-6 and (device.type != "cuda" or picked.get("fused") is True)
     return [Row("correctness", "fused AdamW vs foreach (5 steps)", "pass" if ok else "FAIL",
@@ -420,7 +426,9 @@ def check_precision_and_backends(runs: Runs) -> list[Row]:
     single = runs.train(s.steps_backend, "train.precision=fp32")
     for strategy in ("fsdp", "ddp"):
         got = runs.train(s.steps_backend, "train.precision=fp32", f"parallel.strategy={strategy}")
-        errs = [max(abs(g[k] - w[k]) / abs(w[k]) for k in ("loss", "grad_norm")) for g, w in zip(got, single)]
+        # Not strict: a run that stopped early fails the length check below instead of raising here.
+        errs = [max(abs(g[k] - w[k]) / abs(w[k]) for k in ("loss", "grad_norm"))
+                for g, w in zip(got, single, strict=False)]
         ok = len(got) == s.steps_backend and max(errs) <= BACKEND_REL
         rows.append(Row("correctness", f"{strategy} world size 1 ({backend}) vs single, {s.steps_backend} steps",
                         "pass" if ok else "FAIL", f"max rel diff {max(errs):.1e} (loss, grad norm)",
@@ -536,8 +544,9 @@ def check_async_checkpoint(device: torch.device, sizes: Sizes, work: Path) -> li
     nbytes += sum(v.numel() * v.element_size() for st in optimizer.state.values() for v in st.values()
                   if isinstance(v, torch.Tensor))
     manager = CheckpointManager(work / "ckpt", CheckpointConfig(keep_last=1, async_save=True))
-    common = dict(strategy=strategy, model=model, optimizer=optimizer, rank_state={"data": {"next_sample": 0},
-                  "rng": capture_rng()}, tokens_seen=0, config=cfg.to_dict(), config_hash="gpu-check")
+    rank_state = {"data": {"next_sample": 0}, "rng": capture_rng()}
+    common = {"strategy": strategy, "model": model, "optimizer": optimizer, "rank_state": rank_state, "tokens_seen": 0,
+              "config": cfg.to_dict(), "config_hash": "gpu-check"}
     stalls, commits = [], []
     try:
         for step in (1, 2):  # the first save allocates the host buffers; the second is the steady state
@@ -554,7 +563,8 @@ def check_async_checkpoint(device: torch.device, sizes: Sizes, work: Path) -> li
         if device.type == "cuda":
             torch.cuda.empty_cache()
     ratio = stalls[-1] / commits[-1]
-    return [Row("correctness", f"async checkpoint {sizes.checkpoint_preset} ({nbytes / 2**30:.1f} GiB): step-loop stall",
+    name = f"async checkpoint {sizes.checkpoint_preset} ({nbytes / 2**30:.1f} GiB): step-loop stall"
+    return [Row("correctness", name,
                 "pass" if ratio <= 0.2 else "FAIL",
                 f"stall {stalls[-1]:.2f}s (first save {stalls[0]:.2f}s) vs commit {commits[-1]:.2f}s = {ratio:.2f}x",
                 "<= 0.2x commit", data={"stalls": stalls, "commits": commits, "bytes": nbytes})]
@@ -687,8 +697,8 @@ def throughput_rows(args: argparse.Namespace, sizes: Sizes, device: torch.device
         preset, seq = preset_seq.split("@")
         optional = preset_seq in sizes.optional_presets
         micro = tp.GPU_PRESETS.get(preset_seq, 4)
-        base = dict(preset=preset, seq=int(seq), micro_batch=micro, steps=sizes.throughput_steps,
-                    warmup=sizes.throughput_warmup, device=device.type, precision="fp32" if smoke else "bf16")
+        base = {"preset": preset, "seq": int(seq), "micro_batch": micro, "steps": sizes.throughput_steps,
+                "warmup": sizes.throughput_warmup, "device": device.type, "precision": "fp32" if smoke else "bf16"}
         plain_variant = "eager" if smoke else "compile"
         jobs = [("plain", plain_variant)] + [(b, v) for b in ("single",) for v in
                                             (("compile+triton",) if optional else THROUGHPUT_VARIANTS)]
@@ -700,7 +710,8 @@ def throughput_rows(args: argparse.Namespace, sizes: Sizes, device: torch.device
                                 "smoke: inductor's CPU code generation takes minutes (compile is tested in the suite)"))
                 continue
             reason = None if backend == "plain" else tp.skip_reason(backend, variant, device.type)
-            kind = "compile" if "compile" in variant or variant == "fp8" else ("plain" if backend == "plain" else "eager")
+            kind = ("compile" if "compile" in variant or variant == "fp8"
+                    else "plain" if backend == "plain" else "eager")
             left = args.budget_s - log.elapsed
             if reason is None and left < estimate[kind]:
                 reason = f"budget: {left:.0f}s left < ~{estimate[kind]:.0f}s needed (--budget-s {args.budget_s:.0f})"
@@ -722,8 +733,9 @@ def throughput_rows(args: argparse.Namespace, sizes: Sizes, device: torch.device
                 plain_tps = res["tokens_per_s"]
             ratio = res["tokens_per_s"] / plain_tps if plain_tps else None
             mfu = f"{res['mfu']:.1%}" if res.get("mfu") is not None else "n/a"
+            vs_plain = f", {ratio:.2f}x plain" if ratio and backend != "plain" else ""
             measured = (f"{res['tokens_per_s']:,.0f} tok/s, MFU {mfu}, step {res['median_step_s'] * 1e3:.1f} ms, "
-                        f"peak {res['peak_gib']:.1f} GiB" + (f", {ratio:.2f}x plain" if ratio and backend != "plain" else ""))
+                        f"peak {res['peak_gib']:.1f} GiB{vs_plain}")
             rows.append(Row("throughput", f"{preset_seq} {label}", "info", measured,
                             ANCHORS.get(preset_seq, ""), wall, data={**res, "ratio": ratio, "micro_batch": micro}))
             log(f"  {measured} ({wall:.0f}s)")
@@ -798,9 +810,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(REPO / "bench" / "results"), help="folder for the .md table and the .log")
     ap.add_argument("--budget-s", type=float, default=420.0,
-                    help="wall-clock budget from the start; throughput runs that would not fit are skipped (default 420)")
+                    help="wall-clock budget from the start; throughput runs that would not fit are skipped "
+                         "(default 420)")
     ap.add_argument("--only", default="", help=f"comma list of checks to run: {', '.join(CHECKS)} (default: all)")
-    ap.add_argument("--smoke", action="store_true", help="tiny sizes on CPU, Triton interpreted: proves the script runs")
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny sizes on CPU, Triton interpreted: proves the script runs")
     ap.add_argument("--docs", default=str(REPO / "docs" / "performance.md"),
                     help="markdown file whose gpu-check section gets the table (GPU runs only; '' = none)")
     ap.add_argument("--commit", default="", help="the commit measured (default: git's HEAD here)")

@@ -243,7 +243,8 @@ def main() -> None:
     out.write("| contender | steps | tokens | train s | val bpb | vs best plain |\n|---|---:|---:|---:|---:|---:|\n")
     for r in rows:
         delta = f"{r['val_bpb'] - best_plain['val_bpb']:+.3f}" if best_plain else "-"
-        out.write(f"| {r['name']} | {r['steps']} | {r['tokens']:,} | {r['train_s']:.0f} | {r['val_bpb']:.4f} | {delta} |\n")
+        out.write(f"| {r['name']} | {r['steps']} | {r['tokens']:,} | {r['train_s']:.0f} | {r['val_bpb']:.4f} "
+                  f"| {delta} |\n")
     by = {r["name"]: r for r in rows}
     lines = []
     bigtrain_rows = [r for r in rows if r["name"].startswith("bigtrain")]

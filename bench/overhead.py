@@ -6,7 +6,8 @@ process on this machine. Runs alternate (plain,
 bigtrain, plain, ...) so drift in machine speed hits both; the table reports the median
 per-step time of each and the ratio. Target: bigtrain <= 1.05x the plain loop.
 
-    python bench/overhead.py [--config configs/debug.yaml] [--steps 25] [--repeats 5] [--out bench/results/overhead-cpu.md]
+    python bench/overhead.py [--config configs/debug.yaml] [--steps 25] [--repeats 5]
+        [--out bench/results/overhead-cpu.md]
 """
 from __future__ import annotations
 
@@ -40,10 +41,12 @@ def plain_loop(cfg, steps: int) -> float:
     tokens = np.concatenate([Shard(p).tokens for p in list_shards(cfg.data.train_path)]).astype(np.int64)
     model = materialize(build_on_meta(cfg.model), "cpu", seed=cfg.run.seed)
     t = cfg.train
-    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay, foreach=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay,
+                            foreach=True)
     seq, micro = cfg.data.seq_len, t.micro_batch_size
     accum = t.global_batch_tokens // (seq * micro)
     rng = np.random.default_rng(0)
+    loss = torch.zeros(())  # the last micro-batch's loss; .item() waits for the work queued before it
     for step in range(steps):
         if step == WARMUP_STEPS:
             loss.item()
@@ -85,7 +88,8 @@ def bigtrain_loop(config: str, steps: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/debug.yaml")
-    ap.add_argument("--steps", type=int, default=25, help="steps per timed run (a multiple of 5; the first 5 are warm-up)")
+    ap.add_argument("--steps", type=int, default=25,
+                    help="steps per timed run (a multiple of 5; the first 5 are warm-up)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     ap.add_argument("--out", default=None, help="also write the table as markdown here")
@@ -97,13 +101,15 @@ def main() -> None:
     for r in range(args.repeats):
         plain.append(plain_loop(cfg, args.steps))
         ours.append(bigtrain_loop(args.config, args.steps))
-        print(f"repeat {r + 1}/{args.repeats}: plain {plain[-1] * 1000:.0f} ms/step, bigtrain {ours[-1] * 1000:.0f} ms/step", flush=True)
+        print(f"repeat {r + 1}/{args.repeats}: plain {plain[-1] * 1000:.0f} ms/step, "
+              f"bigtrain {ours[-1] * 1000:.0f} ms/step", flush=True)
     p, b = statistics.median(plain), statistics.median(ours)
     commit = git_commit()
     out = io.StringIO()
     out.write(f"# Trainer overhead ({args.config})\n\n")
     out.write(f"- date: {dt.date.today()}  commit: {commit}\n")
-    out.write(f"- device: CPU {cpu_name()} ({os.cpu_count()} cores), {torch.get_num_threads()} threads, torch {torch.__version__}\n")
+    out.write(f"- device: CPU {cpu_name()} ({os.cpu_count()} cores), {torch.get_num_threads()} threads, "
+              f"torch {torch.__version__}\n")
     out.write(f"- {args.steps} steps ({WARMUP_STEPS} warm-up steps not timed) x {args.repeats} alternating repeats, "
               f"{cfg.train.global_batch_tokens} tokens/step; median shown, all repeats listed below\n\n")
     out.write("| loop | ms/step | tokens/s | ratio vs plain |\n|---|---:|---:|---:|\n")
@@ -112,7 +118,7 @@ def main() -> None:
     verdict = "meets" if b / p <= 1.05 else "MISSES"
     out.write(f"\nbigtrain / plain = {b / p:.3f} ({verdict} the <= 1.05 target)\n\n")
     out.write("repeats (ms/step, plain / bigtrain): " + ", ".join(
-        f"{x * 1000:.0f} / {y * 1000:.0f}" for x, y in zip(plain, ours)) + "\n")
+        f"{x * 1000:.0f} / {y * 1000:.0f}" for x, y in zip(plain, ours, strict=True)) + "\n")
     publish(out.getvalue(), args.out)
 
 

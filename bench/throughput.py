@@ -46,7 +46,7 @@ VARIANTS = {  # name -> (train.compile, model.kernels, model.fp8)
 BACKENDS = ("single", "ddp", "fsdp", "zero")
 # preset@seq -> default micro-batch (sequences per step) for an 80 GB GPU in bf16.
 GPU_PRESETS = {"gpt2-124m@1024": 32, "llama-1b@2048": 8, "llama-1b@8192": 2, "gpt2-1.5b@1024": 8}
-SMOKE_MODEL = dict(vocab_size=512, dim=64, num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=64)
+SMOKE_MODEL = {"vocab_size": 512, "dim": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "max_seq_len": 64}
 
 
 @dataclass
@@ -295,8 +295,8 @@ def main() -> None:
     rows: list[tuple[str, str, str, dict[str, Any], Job]] = []
     for preset, seq in presets:
         micro = args.micro_batch or GPU_PRESETS.get(f"{preset}@{seq}", 4)
-        base = dict(preset=preset, seq=int(seq), micro_batch=micro, steps=args.steps, warmup=args.warmup,
-                    device=args.device, precision=args.precision)
+        base = {"preset": preset, "seq": int(seq), "micro_batch": micro, "steps": args.steps, "warmup": args.warmup,
+                "device": args.device, "precision": args.precision}
         plain_variant = "eager" if args.smoke else "compile"
         plain_job = Job(backend="plain", variant=plain_variant, **base)
         print(f"[{preset}@{seq}] plain PyTorch ({plain_variant}) ...", flush=True)
@@ -325,9 +325,11 @@ def main() -> None:
     out.write(f"- date: {dt.date.today()}  commit: {commit}  torch {torch.__version__}\n")
     out.write(f"- device: {device}; precision {args.precision}; world size 1; synthetic tokens; grad accum 1\n")
     out.write(f"- {args.warmup} warm-up steps, then median of {args.steps} timed steps (device sync after each)\n")
-    out.write("- MFU = tokens/s x (6N + 12·L·H·Q·T) / peak dense bf16 (989 TFLOP/s on H100 SXM/H200), no recompute counted\n")
+    out.write("- MFU = tokens/s x (6N + 12·L·H·Q·T) / peak dense bf16 (989 TFLOP/s on H100 SXM/H200), "
+              "no recompute counted\n")
     out.write("- ratio = tokens/s / the plain PyTorch loop's tokens/s for the same preset\n\n")
-    out.write("| preset@T | backend | variant | micro-batch | step ms | tokens/s | MFU | peak GiB | vs plain | kernels |\n")
+    out.write("| preset@T | backend | variant | micro-batch | step ms | tokens/s | MFU | peak GiB | vs plain "
+              "| kernels |\n")
     out.write("|---|---|---|---:|---:|---:|---:|---:|---:|---|\n")
     for name, backend, variant, res, job in rows:
         if "error" in res:

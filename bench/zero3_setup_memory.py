@@ -102,8 +102,9 @@ def main() -> None:
     out.write(f"- date: {dt.date.today()}  commit: {git_commit()}\n")
     out.write(f"- device: CPU {cpu_name()} ({os.cpu_count()} cores), 2 ranks (gloo), fp32; model "
               f"{model / 2**30:.2f} GiB of fp32 parameters ({' '.join(MODEL[:5])})\n")
-    out.write("- measured on rank 0: growth of peak resident memory (VmHWM over the RSS at the start) from Strategy.wrap until the model is "
-              "built and initialized (model set-up), and over the whole of wrap (+ DeepSpeed's optimizer state)\n\n")
+    out.write("- measured on rank 0: growth of peak resident memory (VmHWM over the RSS at the start) from "
+              "Strategy.wrap until the model is built and initialized (model set-up), and over the whole of wrap "
+              "(+ DeepSpeed's optimizer state)\n\n")
     out.write("| set-up | model set-up GiB | x full model | ratio vs zero-2 | whole wrap GiB |\n"
               "|---|---:|---:|---:|---:|\n")
     for name, r in rows:

@@ -377,3 +377,15 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
                 proc.join()
         results.close()
         results.cancel_join_thread()
+
+
+# ---------------------------------------------------------------------------------------------- one-process CLI runs
+def train_losses(run_dir: Path) -> dict[int, float]:
+    """Step -> loss of the train records in ``run_dir``'s metrics.jsonl."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
+
+
+def status(run_dir: Path) -> dict:
+    """``run_dir``'s status.json."""
+    return json.loads((run_dir / "status.json").read_text())

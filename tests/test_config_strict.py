@@ -33,7 +33,7 @@ def test_a_float_key_added_later_is_covered_without_validation_code() -> None:
         scale: float = doc_field(1.0, "a new knob with no validate()")
         rate: float = doc_field(0.5, "bounded where declared", ge=0, lt=1)
 
-    with pytest.raises(ConfigError, match="new.scale: must be a finite number"):
+    with pytest.raises(ConfigError, match=r"new\.scale: must be a finite number"):
         parse_section(NewSection, {"scale": float("nan")}, "new")
     with pytest.raises(ConfigError, match=r"new.rate: must be >= 0 and < 1, got 1.0"):
         parse_section(NewSection, {"rate": 1}, "new")

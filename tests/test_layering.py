@@ -24,7 +24,8 @@ import pytest
 PACKAGE_ROOT = Path(__file__).resolve().parents[1] / "bigtrain"
 
 LAYER_OF_UNIT: dict[str, int] = {
-    "cli": 5, "__main__": 5, "doctor": 5, "plan": 5, "plan_layout": 5, "generate": 5, "export": 5, "runs": 5, "plot": 5, "config": 5,
+    "cli": 5, "__main__": 5, "doctor": 5, "plan": 5, "plan_layout": 5, "generate": 5, "export": 5, "runs": 5,
+    "plot": 5, "config": 5,
     "train": 4,
     "checkpoint": 3, "parallel": 3, "data": 3, "optim": 3,
     "model": 2,
@@ -129,9 +130,9 @@ def package_cycles(root: Path) -> list[list[str]]:
         state[node] = 1
         for nxt in sorted(edges.get(node, ())):
             if state.get(nxt) == 1:
-                cycles.append(stack[stack.index(nxt):] + [nxt] if nxt in stack else [node, nxt])
+                cycles.append([*stack[stack.index(nxt):], nxt] if nxt in stack else [node, nxt])
             elif nxt not in state:
-                visit(nxt, stack + [nxt])
+                visit(nxt, [*stack, nxt])
         state[node] = 2
 
     for node in sorted(edges):

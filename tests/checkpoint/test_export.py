@@ -21,8 +21,8 @@ from tests.helpers import build_trainer, cli
 transformers = pytest.importorskip("transformers")
 
 # GQA (4 query heads, 2 kv heads) and an untied output projection: both naming paths are exercised.
-SHAPE = dict(vocab_size=4096, dim=64, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_dim=128,
-             max_seq_len=128, tie_embeddings=False, rope_theta=10000.0, norm_eps=1e-5)
+SHAPE = {"vocab_size": 4096, "dim": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "ffn_hidden_dim": 128,
+         "max_seq_len": 128, "tie_embeddings": False, "rope_theta": 10000.0, "norm_eps": 1e-5}
 RUN = ["data.seq_len=128", "train.global_batch_tokens=1024", "train.micro_batch_size=4", "train.max_steps=1",
        "eval.every_steps=0", "eval.at_end=false", "log.sample_at_end=false", "log.console=false", "run.device=cpu",
        "train.precision=fp32", "checkpoint.at_end=false", "run.num_threads=2"]
@@ -139,7 +139,7 @@ def test_init_from_wrong_shape_lists_the_keys(hf_dir: Path) -> None:
 
 
 def test_init_from_not_a_model_folder(tmp_path: Path) -> None:
-    with pytest.raises(UserError, match="no config.json"):
+    with pytest.raises(UserError, match=r"no config\.json"):
         load_hf_weights(tmp_path, ModelConfig(**SHAPE))
 
 

@@ -21,7 +21,8 @@ BATCH_OF_3 = ["train.global_batch_tokens=768", "data.seq_len=256", "train.micro_
      "OK for 2 processes (parallel.strategy=ddp; 24 sequences of 64 per step, micro-batch 2, gradient accumulation 6)"),
     (2, [], 2, "parallel.strategy=single runs one process, but this launch has 2 processes"),
     (2, ["parallel.strategy=ddp", *BATCH_OF_3], 2, "3 sequences per step cannot be split over 2 ranks"),
-    (4, ["parallel.strategy=fsdp", "parallel.fsdp.replicate_degree=3"], 2, "replicate_degree=3 needs a multiple of 3 processes, but there are 4"),
+    (4, ["parallel.strategy=fsdp", "parallel.fsdp.replicate_degree=3"], 2,
+     "replicate_degree=3 needs a multiple of 3 processes, but there are 4"),
     (0, [], 2, "--world-size must be >= 1"),
 ])
 def test_config_check(capfd: pytest.CaptureFixture[str], world: int, overrides: list[str], status: int,

@@ -6,12 +6,11 @@ Ctrl-C (a real signal to a real process) is tests/e2e/test_ctrl_c.py.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO, cli
+from tests.helpers import REPO, cli, status, train_losses
 
 # A tiny, fast variant of the debug run (one process).
 TINY = ["model.dim=64", "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=2", "data.seq_len=64",
@@ -19,18 +18,9 @@ TINY = ["model.dim=64", "model.num_layers=2", "model.num_heads=2", "model.num_kv
         "eval.every_steps=0", "eval.at_end=false", "log.sample_at_end=false", "run.device=cpu", "run.num_threads=1"]
 
 
-def train_losses(run_dir: Path) -> dict[int, float]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
-
-
 def checkpoints(run_dir: Path) -> list[str]:
     root = run_dir / "checkpoints"
     return sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
-
-
-def status(run_dir: Path) -> dict:
-    return json.loads((run_dir / "status.json").read_text())
 
 
 def test_stop_policy_exits_3_without_saving_a_poisoned_checkpoint(tmp_path: Path, demo_data: Path) -> None:
@@ -68,6 +58,7 @@ def test_nonfinite_bad_config_is_a_user_error(tmp_path: Path) -> None:
         with pytest.raises(ConfigError, match=needle):
             load_config(REPO / "configs/debug.yaml", [override])
     # The CLI turns it into status 2 and one paragraph (no traceback).
-    proc = cli("config", "show", "configs/debug.yaml", "train.on_nonfinite=skip", "parallel.strategy=zero", "train.optimizer=adamw")
+    proc = cli("config", "show", "configs/debug.yaml", "train.on_nonfinite=skip", "parallel.strategy=zero",
+               "train.optimizer=adamw")
     assert proc.returncode == 2 and "train.on_nonfinite" in proc.stderr and "stop" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr

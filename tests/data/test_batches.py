@@ -31,7 +31,8 @@ def test_eval_batches_fixed_and_split_over_ranks(tmp_path: Path) -> None:
     stream = make_stream(tmp_path)
     all_batches = list(eval_batches(stream, seq_len=16, micro_batch_size=4, max_batches=0))
     assert len(all_batches) == (1536 // 16) // 4
-    shards = [list(eval_batches(stream, seq_len=16, micro_batch_size=4, max_batches=0, rank=r, world_size=2)) for r in range(2)]
+    shards = [list(eval_batches(stream, seq_len=16, micro_batch_size=4, max_batches=0, rank=r, world_size=2))
+              for r in range(2)]
     assert len(shards[0]) + len(shards[1]) == len(all_batches)
     assert len(list(eval_batches(stream, seq_len=16, micro_batch_size=4, max_batches=3))) == 3
 

@@ -30,12 +30,13 @@ def write_doc_shards(folder: Path, num_docs: int, seed: int, *, shards: int = 2)
     """Shards of random byte documents each followed by EOS; returns the concatenated tokens."""
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
-    docs = [list(rng.integers(0, 256, size=int(rng.integers(1, 80)))) + [EOS] for _ in range(num_docs)]
+    docs = [[*rng.integers(0, 256, size=int(rng.integers(1, 80))), EOS] for _ in range(num_docs)]
     all_tokens: list[int] = []
     per = -(-num_docs // shards)
     for i in range(shards):
-        chunk = [t for d in docs[i * per: (i + 1) * per] for t in d]
-        write_shard(folder / f"shard_{i:05d}.bin", np.array(chunk, dtype=np.int64), num_docs=len(docs[i * per: (i + 1) * per]),
+        shard_docs = docs[i * per: (i + 1) * per]
+        chunk = [t for d in shard_docs for t in d]
+        write_shard(folder / f"shard_{i:05d}.bin", np.array(chunk, dtype=np.int64), num_docs=len(shard_docs),
                     num_bytes=len(chunk), vocab_size=TOK.vocab_size, eos_id=EOS, tokenizer_fingerprint=TOK.fingerprint)
         all_tokens += chunk
     return all_tokens
@@ -87,7 +88,7 @@ def assert_resume_exact(cfg: DataConfig, n: int, k: int, before: int, after: int
     first, state = global_steps(cfg, before, k, **kw)
     rest, _ = global_steps(cfg, after, n - k, state=state, **kw)
     assert len(first + rest) == n
-    for i, (a, b) in enumerate(zip(straight, first + rest)):
+    for i, (a, b) in enumerate(zip(straight, first + rest, strict=True)):
         assert torch.equal(a, b), f"step {i} differs after resuming {before}->{after} at step {k}"
 
 
@@ -148,7 +149,7 @@ def test_prefetch_thread_does_not_change_stream_or_state(shard_cfg: DataConfig) 
     sync, s1 = global_steps(shard_cfg, 1, 12)
     pre = data_config([s.__dict__ for s in shard_cfg.sources], seq_len=16, prefetch_steps=3)
     ahead, s2 = global_steps(pre, 1, 12)
-    assert all(torch.equal(a, b) for a, b in zip(sync, ahead)) and s1 == s2
+    assert all(torch.equal(a, b) for a, b in zip(sync, ahead, strict=True)) and s1 == s2
 
 
 def test_one_epoch_is_covered_once_and_ranks_are_disjoint(tmp_path: Path) -> None:
@@ -229,7 +230,7 @@ def test_batches_carry_ids_when_asked(shard_cfg: DataConfig) -> None:
     cfg = data_config([s.__dict__ for s in shard_cfg.sources], seq_len=16, document_ids=True)
     b = pipeline(cfg).next_step()[0]
     assert b.doc_ids is not None and b.position_ids is not None and b.doc_ids.shape == b.inputs.shape
-    for row, d in zip(b.inputs, b.doc_ids):
+    for row, d in zip(b.inputs, b.doc_ids, strict=True):
         ends = (row[:-1] == EOS).cumsum(0)
         assert torch.equal(d[1:], ends.to(d.dtype))
     assert pipeline(shard_cfg).next_step()[0].doc_ids is None

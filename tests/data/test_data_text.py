@@ -26,7 +26,7 @@ def expected_stream(texts: list[list[str]], epochs: int, seed: int, index: int =
     for e in range(epochs):
         for f in file_order(len(texts), [seed, index], e, shuffle):
             for t in texts[f]:
-                out += list(t.encode("utf-8")) + [EOS]
+                out += [*t.encode("utf-8"), EOS]
     return out
 
 
@@ -51,7 +51,7 @@ def test_workers_do_not_change_the_stream(tmp_path: Path) -> None:
     base = [{"kind": "jsonl", "paths": [str(tmp_path / "j" / "*.jsonl")]}]
     a, sa = global_steps(data_config(base, seq_len=32, num_workers=0), 1, 60)
     b, sb = global_steps(data_config(base, seq_len=32, num_workers=2, prefetch_steps=2), 1, 60)
-    assert all(torch.equal(x, y) for x, y in zip(a, b)) and sa == sb
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True)) and sa == sb
 
 
 @pytest.mark.parametrize("before,after", [(1, 1), (2, 2), (2, 1), (1, 2)])
@@ -79,7 +79,7 @@ def test_text_and_parquet_kinds(tmp_path: Path) -> None:
                    {"kind": "parquet", "paths": [str(tmp_path / "p.parquet")], "text_field": "body"}):
         cfg = data_config([source], seq_len=8, num_workers=0, shuffle=False)
         rows = rows_of(global_steps(cfg, 1, 2, global_seqs=4, micro=4)[0])
-        stream = [t for d in docs for t in list(d.encode()) + [EOS]]
+        stream = [t for d in docs for t in [*d.encode(), EOS]]
         assert [r for row in rows for r in row[:-1]][:40] == stream[:40]
 
 

@@ -52,7 +52,7 @@ def test_demo_val_is_exactly_the_held_out_plays(demo_data: Path) -> None:
     tokens = np.concatenate([np.asarray(Shard(p).tokens) for p in list_shards(demo_data / "val")])
     ends = np.flatnonzero(tokens == tok.eos_id)
     starts = np.concatenate([[0], ends[:-1] + 1])
-    texts = [tok.decode(tokens[a:b].tolist()) for a, b in zip(starts, ends)]
+    texts = [tok.decode(tokens[a:b].tolist()) for a, b in zip(starts, ends, strict=True)]
     assert texts == [plays[name] for name in m["splits"]["val"]["docs"]]
     # What validation bits-per-byte relies on: token byte lengths sum to the source bytes.
     assert int(tok.token_byte_lengths()[tokens].sum()) == m["splits"]["val"]["num_bytes"]

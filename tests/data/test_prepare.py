@@ -17,7 +17,7 @@ from bigtrain.data.tokenizer import Tokenizer
 from bigtrain.errors import UserError
 from bigtrain.messages import capture
 
-WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda", "mu"]
 
 
 def doc(i: int) -> str:
@@ -34,7 +34,7 @@ def read_docs(out: Path, split: str) -> list[str]:
     assert tokens[-1] == tok.eos_id
     ends = np.flatnonzero(tokens == tok.eos_id)
     starts = np.concatenate([[0], ends[:-1] + 1])
-    return [tok.decode(tokens[s:e].tolist()) for s, e in zip(starts, ends)]
+    return [tok.decode(tokens[s:e].tolist()) for s, e in zip(starts, ends, strict=True)]
 
 
 @pytest.fixture
@@ -71,7 +71,7 @@ def test_prepare_mixed_inputs(corpus: Path, tmp_path: Path) -> None:
 
 
 def test_split_is_deterministic_and_seeded(corpus: Path, tmp_path: Path) -> None:
-    args = dict(vocab_size=300, val_fraction=0.2)
+    args = {"vocab_size": 300, "val_fraction": 0.2}
     prepare_corpus([str(corpus / "txt")], tmp_path / "a", seed=1, **args)
     prepare_corpus([str(corpus / "txt")], tmp_path / "b", seed=1, **args)
     prepare_corpus([str(corpus / "txt")], tmp_path / "c", seed=2, **args)

@@ -57,7 +57,8 @@ def test_an_existing_output_names_the_flag_that_replaces_it(tmp_path: Path, demo
     assert status == 2 and "already exists and is not empty" in text and "--overwrite" in text
 
 
-def test_a_binary_file_is_named_in_a_warning(tmp_path: Path, demo_data: Path, capfd: pytest.CaptureFixture[str]) -> None:
+def test_a_binary_file_is_named_in_a_warning(tmp_path: Path, demo_data: Path,
+                                             capfd: pytest.CaptureFixture[str]) -> None:
     raw = _corpus(tmp_path)
     (raw / "image.txt").write_bytes(bytes(range(256)) * 40)
     status, text = _main(capfd, *_prepare(demo_data, str(raw), "--out-dir", str(tmp_path / "out")))

@@ -11,7 +11,7 @@ import pytest
 from bigtrain.data.shards import DATA_ALIGN, MAGIC, Shard, list_shards, validate_tokens, write_shard
 from bigtrain.errors import UserError
 
-META = dict(num_docs=3, num_bytes=1234, eos_id=0, tokenizer_fingerprint="0123456789abcdef")
+META = {"num_docs": 3, "num_bytes": 1234, "eos_id": 0, "tokenizer_fingerprint": "0123456789abcdef"}
 
 
 def make(path: Path, tokens: np.ndarray, vocab_size: int = 1000, **kw: object) -> Path:
@@ -74,7 +74,7 @@ def test_truncated(tmp_path: Path) -> None:
     with pytest.raises(UserError, match=r"s\.bin is truncated"):
         Shard(path)
     path.write_bytes(path.read_bytes()[:12])
-    with pytest.raises(UserError, match="s.bin"):
+    with pytest.raises(UserError, match=r"s\.bin"):
         Shard(path)
 
 
@@ -84,7 +84,7 @@ def test_bad_magic(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="not a bigtrain token shard"):
         Shard(path)
     (tmp_path / "tiny.bin").write_bytes(b"BG")
-    with pytest.raises(UserError, match="tiny.bin"):
+    with pytest.raises(UserError, match=r"tiny\.bin"):
         Shard(tmp_path / "tiny.bin")
 
 
@@ -117,7 +117,7 @@ def test_validate_tokens(tmp_path: Path) -> None:
     shard = Shard(make(tmp_path / "s.bin", tokens))
     validate_tokens(shard, 1000)
     validate_tokens(shard, 701, chunk=64)
-    with pytest.raises(UserError, match="contains token id 700.*vocab_size is 500"):
+    with pytest.raises(UserError, match=r"contains token id 700.*vocab_size is 500"):
         validate_tokens(shard, 500, chunk=64)  # the bad id sits in the last chunk
 
 

@@ -15,10 +15,10 @@ import pytest
 
 from tests.helpers import read_metrics, run_torchrun
 
-TINY = ["train.optimizer=adamw", "model.num_layers=1", "model.dim=64", "train.max_steps=6", "train.global_batch_tokens=2048",
-        "train.micro_batch_size=4", "train.lr_warmup_steps=2", "log.every_steps=2", "eval.every_steps=0",
-        "eval.at_end=true", "eval.final_max_batches=1", "log.sample_at_end=false", "run.num_threads=1",
-        "checkpoint.every_steps=2", "train.precision=fp32", "run.device=cpu"]
+TINY = ["train.optimizer=adamw", "model.num_layers=1", "model.dim=64", "train.max_steps=6",
+        "train.global_batch_tokens=2048", "train.micro_batch_size=4", "train.lr_warmup_steps=2", "log.every_steps=2",
+        "eval.every_steps=0", "eval.at_end=true", "eval.final_max_batches=1", "log.sample_at_end=false",
+        "run.num_threads=1", "checkpoint.every_steps=2", "train.precision=fp32", "run.device=cpu"]
 BACKENDS = {  # strategy -> (overrides, checkpoint backend)
     "ddp": (["parallel.strategy=ddp"], "dcp"),
     "fsdp": (["parallel.strategy=fsdp"], "dcp"),

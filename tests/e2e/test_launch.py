@@ -36,7 +36,8 @@ def test_torchrun_sh_two_nodes_on_localhost(tmp_path: Path, demo_data: Path) -> 
     endpoint = f"127.0.0.1:{free_port()}"
     env = launch_env(BIGTRAIN_PYTHON=sys.executable)
     cmd = ["bash", str(REPO / "launch" / "torchrun.sh"), "--nnodes", "2", "--nproc-per-node", "1",
-           "--rdzv-endpoint", endpoint, "--rdzv-id", "test-two-nodes", "configs/debug.yaml", f"run.out_dir={out}", *TINY]
+           "--rdzv-endpoint", endpoint, "--rdzv-id", "test-two-nodes", "configs/debug.yaml", f"run.out_dir={out}",
+           *TINY]
     nodes = [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for _ in range(2)]
     try:
@@ -44,7 +45,7 @@ def test_torchrun_sh_two_nodes_on_localhost(tmp_path: Path, demo_data: Path) -> 
     finally:
         for node in nodes:
             node.kill()
-    for node, log in zip(nodes, logs):
+    for node, log in zip(nodes, logs, strict=True):
         assert node.returncode == 0, log
     combined = "\n".join(logs)
     assert "device   cpu x 2" in combined, combined  # one process group of 2 ranks across the two agents
@@ -58,8 +59,9 @@ def test_torchrun_sh_rejects_bad_usage(tmp_path: Path) -> None:
     script = str(REPO / "launch" / "torchrun.sh")
     proc = subprocess.run(["bash", script], cwd=REPO, capture_output=True, text=True, env=launch_env())
     assert proc.returncode == 2 and "missing CONFIG" in proc.stderr
+    no_endpoint = {k: v for k, v in launch_env().items() if k not in ("MASTER_ADDR", "RDZV_ENDPOINT")}
     proc = subprocess.run(["bash", script, "--nnodes", "2", "configs/debug.yaml"], cwd=REPO, capture_output=True,
-                          text=True, env={k: v for k, v in launch_env().items() if k not in ("MASTER_ADDR", "RDZV_ENDPOINT")})
+                          text=True, env=no_endpoint)
     assert proc.returncode == 2 and "--rdzv-endpoint" in proc.stderr, proc.stderr
     proc = subprocess.run(["bash", script, "--nodes", "2", "configs/debug.yaml"], cwd=REPO, capture_output=True,
                           text=True, env=launch_env())

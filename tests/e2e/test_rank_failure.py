@@ -111,7 +111,8 @@ def test_other_rank_exits_nonzero_within_the_timeout(tmp_path: Path, demo_data: 
                 p.communicate()
     for how, log in logs.items():
         assert runs[how][0].returncode not in (0, None), log
-        assert elapsed[how] < TIMEOUT_S + 15, f"{how}: rank 0 took {elapsed[how]:.0f}s to exit (timeout {TIMEOUT_S}s)\n{log}"
+        assert elapsed[how] < TIMEOUT_S + 15, (
+            f"{how}: rank 0 took {elapsed[how]:.0f}s to exit (timeout {TIMEOUT_S}s)\n{log}")
         assert "bigtrain: rank 0 of 2" in log, log  # names itself ...
         assert "another rank" in log, log  # ... says what probably happened
         assert "Traceback" in log or "Stacks of this rank" in log, log  # ... and where it was

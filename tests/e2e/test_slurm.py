@@ -16,8 +16,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -38,7 +38,8 @@ def _ensure_slurm_installed() -> None:
         return
     if os.geteuid() != 0 or not shutil.which("apt-get"):
         pytest.skip("Slurm is not installed and cannot be: the real-Slurm tests install Debian's "
-                    f"{' '.join(PACKAGES)} with apt-get, which needs root and apt (run the tests as root on Debian/Ubuntu)")
+                    f"{' '.join(PACKAGES)} with apt-get, which needs root and apt "
+                    "(run the tests as root on Debian/Ubuntu)")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     for cmd in (["apt-get", "update", "-q"],
                 ["apt-get", "install", "-y", "-q", "--no-install-recommends", *PACKAGES]):
@@ -95,12 +96,14 @@ PartitionName=debug Nodes=n1,n2 Default=YES MaxTime=INFINITE State=UP
 """)
 
     def start(self) -> None:
-        log = open(self.root / "daemons.out", "ab")
-        # -D: foreground, so we hold the PIDs; -i: ignore any saved state.
-        self.daemons.append(subprocess.Popen(["slurmctld", "-D", "-i"], env=self.env, stdout=log, stderr=log))
-        time.sleep(1)
-        for node in ("n1", "n2"):
-            self.daemons.append(subprocess.Popen(["slurmd", "-D", "-N", node], env=self.env, stdout=log, stderr=log))
+        # The daemons write to their own copies of the file descriptor: ours can be closed once they started.
+        with open(self.root / "daemons.out", "ab") as log:
+            # -D: foreground, so we hold the PIDs; -i: ignore any saved state.
+            self.daemons.append(subprocess.Popen(["slurmctld", "-D", "-i"], env=self.env, stdout=log, stderr=log))
+            time.sleep(1)
+            for node in ("n1", "n2"):
+                self.daemons.append(subprocess.Popen(["slurmd", "-D", "-N", node], env=self.env, stdout=log,
+                                                     stderr=log))
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.nodes_idle():
@@ -168,7 +171,8 @@ PartitionName=debug Nodes=n1,n2 Default=YES MaxTime=INFINITE State=UP
                 return info
             time.sleep(0.5)
         text = log.read_text(errors="replace") if log and log.is_file() else ""
-        raise AssertionError(f"job {job_id} not in {states} after {timeout}s: {self.job(job_id)}\n{text}\n{self.logs()}")
+        raise AssertionError(f"job {job_id} not in {states} after {timeout}s: {self.job(job_id)}\n{text}\n"
+                             f"{self.logs()}")
 
 
 @pytest.fixture(scope="session")

@@ -54,8 +54,10 @@ def test_golden_losses(tmp_path: Path, demo_data: Path) -> None:
         GOLDEN.write_text(json.dumps({"config": "configs/debug.yaml", "overrides": OVERRIDES, "env": GOLDEN_ENV,
                                       "losses": losses}, indent=1) + "\n")
     expected = json.loads(GOLDEN.read_text())["losses"]
+    assert len(expected) == len(losses), f"{GOLDEN} has {len(expected)} losses"
     assert losses == expected, "\n".join(
-        f"step {i + 1}: got {a!r}, golden {b!r}" for i, (a, b) in enumerate(zip(losses, expected)) if a != b)
+        f"step {i + 1}: got {a!r}, golden {b!r}" for i, (a, b) in enumerate(zip(losses, expected, strict=True))
+        if a != b)
     assert losses[-1] < losses[0] - 1.0  # and it is learning
 
 

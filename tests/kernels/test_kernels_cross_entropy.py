@@ -9,6 +9,8 @@ import torch
 
 from tests.kernels.kernel_testing import assert_close, leaf64  # sets TRITON_INTERPRET=1 first
 
+# isort: split
+
 from bigtrain.kernels import reference as ref
 from bigtrain.kernels.linear_cross_entropy import default_chunk_tokens, linear_cross_entropy
 
@@ -148,7 +150,7 @@ def test_fused_peak_memory_is_a_quarter_of_naive() -> None:
     peaks: dict[bool, int] = {}
     losses: dict[bool, float] = {}
     for fused in (True, False):
-        peaks[fused] = _peak_cpu_bytes(lambda: losses.__setitem__(fused, run(fused)))
+        peaks[fused] = _peak_cpu_bytes(lambda fused=fused: losses.__setitem__(fused, run(fused)))
     logits_bytes = tokens * vocab * 4
     assert peaks[False] >= 2 * logits_bytes  # sanity: the naive path really holds the logits (and more)
     ratio = peaks[True] / peaks[False]

@@ -19,7 +19,7 @@ VOCAB = 97
 
 
 def tiny(**kw: object) -> ModelConfig:
-    base = dict(vocab_size=VOCAB, dim=48, num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=32)
+    base = {"vocab_size": VOCAB, "dim": 48, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "max_seq_len": 32}
     return parse_section(ModelConfig, {**base, **kw}, "model")
 
 
@@ -31,7 +31,8 @@ def test_import_bigtrain_loads_no_triton_or_torchao() -> None:
             "print(sorted(m for m in ('triton', 'torchao') if m in sys.modules));"
             "from bigtrain.model import build_on_meta, materialize, ModelConfig;"
             "from bigtrain.parallel.apply import parallelize; from bigtrain.parallel.config import ParallelConfig;"
-            "m = materialize(parallelize(build_on_meta(ModelConfig()), ParallelConfig(), compile=False), 'cpu', seed=0);"
+            "m = materialize(parallelize(build_on_meta(ModelConfig()), ParallelConfig(), compile=False), 'cpu',"
+            " seed=0);"
             "m(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long)).backward();"
             "print(sorted(n for n in sys.modules if n == 'torchao' or n in ('bigtrain.kernels.rmsnorm',"
             "'bigtrain.kernels.rotary', 'bigtrain.kernels.swiglu', 'bigtrain.kernels._ce_triton')))")
@@ -62,7 +63,7 @@ def test_triton_kernels_track_torch_losses_in_training() -> None:
     torch_losses = train_losses(tiny(kernels="torch", z_loss=1e-4), 3, doc_ids)
     triton_losses = train_losses(tiny(kernels="triton", z_loss=1e-4), 3, doc_ids)
     assert torch_losses[-1] < torch_losses[0]
-    for step, (a, b) in enumerate(zip(triton_losses, torch_losses)):
+    for step, (a, b) in enumerate(zip(triton_losses, torch_losses, strict=True)):
         assert abs(a - b) <= 2e-2 * abs(b), f"step {step}: triton {a} vs torch {b}"
 
 
@@ -154,9 +155,9 @@ def test_attention_without_doc_ids_is_plain_causal_sdpa() -> None:
 
 def test_kernels_config_keys() -> None:
     assert tiny().kernels == "torch" and tiny().fp8 is False and tiny().z_loss == 0.0
-    with pytest.raises(ConfigError, match="model.kernels.*'triton'"):
+    with pytest.raises(ConfigError, match=r"model\.kernels.*'triton'"):
         tiny(kernels="tritonn")
-    with pytest.raises(ConfigError, match="model.z_loss"):
+    with pytest.raises(ConfigError, match=r"model\.z_loss"):
         tiny(z_loss=-1.0)
-    with pytest.raises(ConfigError, match="model.fp8.*divisible by 16"):
+    with pytest.raises(ConfigError, match=r"model\.fp8.*divisible by 16"):
         tiny(dim=40, num_heads=4, num_kv_heads=2, fp8=True)

@@ -10,6 +10,8 @@ import torch
 
 from tests.kernels.kernel_testing import assert_close, leaf64  # sets TRITON_INTERPRET=1 first
 
+# isort: split
+
 from bigtrain.kernels import reference as ref
 from bigtrain.kernels import rmsnorm, rotary, swiglu
 from bigtrain.model.decoder import rotary_tables

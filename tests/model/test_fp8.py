@@ -57,5 +57,5 @@ def test_fp8_without_torchao_is_a_user_error(monkeypatch: pytest.MonkeyPatch) ->
 def test_fp8_on_a_gpu_without_fp8_tensor_cores_is_a_user_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
-    with pytest.raises(UserError, match="sm_80.*model.fp8=false"):
+    with pytest.raises(UserError, match=r"sm_80.*model\.fp8=false"):
         apply.apply_fp8(build_on_meta(debug_cfg(fp8=True)))

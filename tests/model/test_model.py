@@ -6,12 +6,11 @@ import torch
 
 from bigtrain.config import load_config
 from bigtrain.model import PRESETS, ModelConfig, build_on_meta, count_parameters, flops_per_token, materialize
-from bigtrain.model.decoder import Decoder
 from bigtrain.sections import parse_section
 
 
 def tiny(**kw: object) -> ModelConfig:
-    base = dict(vocab_size=97, dim=48, num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=32)
+    base = {"vocab_size": 97, "dim": 48, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "max_seq_len": 32}
     return parse_section(ModelConfig, {**base, **kw}, "model")
 
 
@@ -59,7 +58,7 @@ def test_materialized_count_and_init_scale() -> None:
 def test_init_is_deterministic_by_seed() -> None:
     a = materialize(build_on_meta(tiny()), "cpu", seed=3)
     b = materialize(build_on_meta(tiny()), "cpu", seed=3)
-    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
 
 
 def test_gpt2_124m_params_and_flops_by_hand() -> None:

@@ -189,7 +189,8 @@ def test_bias_update_skipped_steps_and_reduce() -> None:
     seen = []
     update_router_biases(stats, layers[:1], reduce=lambda t: seen.append(t.clone()) or t * 2)
     assert len(seen) == 1  # one collective for all layers
-    torch.testing.assert_close(layers[0][1].router.expert_bias, torch.tensor([-0.1, 0.1, 0.1, 0.0]))  # mean load 4: expert 3 is balanced
+    # Mean load 4: expert 3 is balanced.
+    torch.testing.assert_close(layers[0][1].router.expert_bias, torch.tensor([-0.1, 0.1, 0.1, 0.0]))
 
 
 @pytest.mark.parametrize(("overrides", "expected"), [

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from itertools import pairwise
 
 import pytest
 
@@ -22,7 +23,7 @@ def test_cosine_midpoint_and_end() -> None:
     assert s(110) == pytest.approx(0.1)
     assert s(500) == pytest.approx(0.1)  # clamped past the end
     values = [s(i) for i in range(10, 111)]
-    assert all(a >= b for a, b in zip(values, values[1:]))
+    assert all(a >= b for a, b in pairwise(values))
 
 
 def test_wsd_stable_then_linear_decay() -> None:

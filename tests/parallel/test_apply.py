@@ -12,12 +12,13 @@ from bigtrain.sections import parse_section
 
 
 def tiny(**kw: object) -> ModelConfig:
-    base = dict(vocab_size=97, dim=48, num_layers=3, num_heads=4, num_kv_heads=2, max_seq_len=32)
+    base = {"vocab_size": 97, "dim": 48, "num_layers": 3, "num_heads": 4, "num_kv_heads": 2, "max_seq_len": 32}
     return parse_section(ModelConfig, {**base, **kw}, "model")
 
 
 def build(mode: str = "none", every: int = 2, compile: bool | str = False) -> torch.nn.Module:
-    cfg = parse_section(ParallelConfig, {"activation_checkpointing": mode, "activation_checkpointing_every": every}, "parallel")
+    cfg = parse_section(ParallelConfig, {"activation_checkpointing": mode, "activation_checkpointing_every": every},
+                        "parallel")
     model = parallelize(build_on_meta(tiny()), cfg, compile=compile)
     return materialize(model, "cpu", seed=0)
 

@@ -73,8 +73,8 @@ def test_world_size_that_does_not_factor(world: int, overrides: list[str], expec
     (["parallel.pipeline_parallel=2", "parallel.pipeline_schedule=interleaved_zb", "parallel.pipeline_virtual_stages=2",
       "model.tie_embeddings=false",
       "train.compile=true"],
-     ["a compiled block's backward cannot be split", "parallel.pipeline_schedule=interleaved_1f1b with "
-                                                     "train.compile=true"]),
+     ["a compiled block's backward cannot be split",
+      "parallel.pipeline_schedule=interleaved_1f1b with train.compile=true"]),
 ])
 def test_bad_layout_for_the_model(overrides: list[str], expected: list[str]) -> None:
     with pytest.raises(ConfigError) as info:

@@ -17,8 +17,9 @@ from bigtrain.plan import plan_memory
 from tests.helpers import run_distributed
 from tests.parallel.measure_memory import measure
 
-OVERRIDES = ["train.optimizer=adamw", "model.dim=256", "train.micro_batch_size=2", "log.console=false", "run.num_threads=1",  # 2 ranks x 2 x accum 2
-             "data.seq_len=128", "train.global_batch_tokens=1024"]  # the debug model; shorter steps
+# The debug model with shorter steps: 2 ranks x micro-batch 2 x accumulation 2.
+OVERRIDES = ["train.optimizer=adamw", "model.dim=256", "train.micro_batch_size=2", "log.console=false",
+             "run.num_threads=1", "data.seq_len=128", "train.global_batch_tokens=1024"]
 CASES = {  # plan name -> (processes, parallel overrides)
     "single": (1, ["parallel.strategy=single"]),
     "ddp": (2, ["parallel.strategy=ddp"]),

@@ -16,7 +16,8 @@ from bigtrain.parallel.zero import deepspeed_config
 from tests.helpers import cli
 
 ENV = {"DS_ACCELERATOR": "cpu"}
-BASE = dict(compute_dtype=torch.float32, micro_batch_size=4, accum_steps=3, world_size=2, grad_clip=1.0, on_cuda=False)
+BASE = {"compute_dtype": torch.float32, "micro_batch_size": 4, "accum_steps": 3, "world_size": 2, "grad_clip": 1.0,
+        "on_cuda": False}
 
 
 def ds(zero: ZeroConfig | None = None, **kw: object) -> dict:
@@ -94,8 +95,8 @@ def test_config_file_extra_reaches_the_generated_json() -> None:
     (("parallel.zero.stage=2", "parallel.zero.offload_params=true"), "needs stage 3"),
 ])
 def test_bad_zero_config_is_a_user_error(overrides, words, tmp_path: Path) -> None:
-    proc = cli("train", "configs/debug.yaml", f"run.out_dir={tmp_path}", "parallel.strategy=zero", "train.optimizer=adamw",
-               *overrides, env=ENV)
+    proc = cli("train", "configs/debug.yaml", f"run.out_dir={tmp_path}", "parallel.strategy=zero",
+               "train.optimizer=adamw", *overrides, env=ENV)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert words in proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr

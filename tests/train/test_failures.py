@@ -75,4 +75,5 @@ def test_watchdog_dumps_stacks_and_exits_when_steps_stop() -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == EXIT_RANK_FAILURE, proc.stderr
     assert "rank 1 of 2" in proc.stderr and "after step 7" in proc.stderr
-    assert "time.sleep(30)" in proc.stderr or 'File "<string>"' in proc.stderr  # faulthandler's stack of the main thread
+    # faulthandler's stack of the main thread
+    assert "time.sleep(30)" in proc.stderr or 'File "<string>"' in proc.stderr

@@ -15,8 +15,16 @@ from bigtrain.errors import UserError
 from bigtrain.runs import read_metrics
 from bigtrain.sections import ConfigError
 from bigtrain.train import loggers
-from bigtrain.train.loggers import (ConsoleLogger, JsonlLogger, StatusLogger, early_wandb_check, fmt_duration,
-                                    preflight, resolve_wandb_mode, wandb_credentials_found)
+from bigtrain.train.loggers import (
+    ConsoleLogger,
+    JsonlLogger,
+    StatusLogger,
+    early_wandb_check,
+    fmt_duration,
+    preflight,
+    resolve_wandb_mode,
+    wandb_credentials_found,
+)
 from bigtrain.train.status import effective_status, read_status, write_status
 
 TRAIN = {"kind": "train", "step": 10, "tokens": 20480, "loss": 3.5, "lr": 1e-3, "grad_norm": 0.5,
@@ -149,7 +157,7 @@ def test_wandb_credentials_sources(no_wandb_credentials: Path, monkeypatch: pyte
 
 def test_wandb_mode_resolution(no_wandb_credentials: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert resolve_wandb_mode("offline") == "offline"
-    with pytest.raises(UserError, match="wandb login.*WANDB_API_KEY.*log.wandb.mode=offline"):
+    with pytest.raises(UserError, match=r"wandb login.*WANDB_API_KEY.*log\.wandb\.mode=offline"):
         resolve_wandb_mode("online")
     monkeypatch.setenv("WANDB_MODE", "disabled")  # the environment overrides the config
     assert resolve_wandb_mode("online") == "disabled"
@@ -164,7 +172,7 @@ def test_wandb_mode_resolution(no_wandb_credentials: Path, monkeypatch: pytest.M
 
 
 def test_early_check_reads_the_raw_yaml(no_wandb_credentials: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    with pytest.raises(UserError, match="log.wandb.mode=online"):
+    with pytest.raises(UserError, match=r"log\.wandb\.mode=online"):
         early_wandb_check({"log": {"wandb": {"mode": "online"}}})
     early_wandb_check({"log": {"wandb": "oops"}})  # malformed: left to config validation
     early_wandb_check({})
@@ -177,18 +185,18 @@ def test_missing_packages_are_user_errors(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setattr(loggers.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(UserError, match="needs the `wandb` package"):
         resolve_wandb_mode("offline")
-    with pytest.raises(UserError, match="log.tensorboard=true needs the tensorboard package"):
+    with pytest.raises(UserError, match=r"log\.tensorboard=true needs the tensorboard package"):
         preflight(load_config(None, ["log.tensorboard=true"]))
 
 
 def test_log_config_rejects_bad_values() -> None:
     with pytest.raises(ConfigError, match=r"log.profile.steps: expected \[first, last\]"):
         load_config(None, ["log.profile.steps=[5]"])
-    with pytest.raises(ConfigError, match="log.profile.steps"):
+    with pytest.raises(ConfigError, match=r"log\.profile\.steps"):
         load_config(None, ["log.profile.steps=[0,2]"])
-    with pytest.raises(ConfigError, match="log.wandb.mode.*Did you mean 'offline'"):
+    with pytest.raises(ConfigError, match=r"log\.wandb\.mode.*Did you mean 'offline'"):
         load_config(None, ["log.wandb.mode=ofline"])
-    with pytest.raises(ConfigError, match="log.wandb.project"):
+    with pytest.raises(ConfigError, match=r"log\.wandb\.project"):
         load_config(None, ["log.wandb.project="])
     with pytest.raises(UserError, match=r"log.profile.steps=\[20, 30\] starts after the last step"):
         preflight(load_config(None, ["log.profile.steps=[20,30]", "train.max_steps=10"]))
@@ -206,7 +214,8 @@ def test_read_metrics_drops_history_superseded_by_a_resume(tmp_path: Path) -> No
     text = "\n".join(json.dumps(r) for r in lines) + '\n{"kind": "train", "st'  # killed mid-line
     (tmp_path / "metrics.jsonl").write_text(text)
     records = read_metrics(tmp_path)
-    assert [(r["step"], r["loss"]) for r in records if r["kind"] == "train"] == [(1, 1.0), (2, 2.0), (4, 40.0), (6, 60.0)]
+    train = [(r["step"], r["loss"]) for r in records if r["kind"] == "train"]
+    assert train == [(1, 1.0), (2, 2.0), (4, 40.0), (6, 60.0)]
     assert [(r["step"], r["val_bpb"]) for r in records if r["kind"] == "eval"] == [(3, 3.0), (6, 1.5)]
 
 
@@ -214,7 +223,8 @@ def test_configuration_reference_lists_nested_log_keys() -> None:
     from bigtrain.config import reference_markdown
 
     text = reference_markdown()
-    for key in ("log.wandb.mode", "log.wandb.tags", "log.profile.steps", "log.tensorboard", "parallel.fsdp.cpu_offload"):
+    keys = ("log.wandb.mode", "log.wandb.tags", "log.profile.steps", "log.tensorboard", "parallel.fsdp.cpu_offload")
+    for key in keys:
         assert f"| `{key}` |" in text, key
 
 
@@ -225,6 +235,6 @@ def test_wandb_init_failure_is_a_user_error(tmp_path: Path, monkeypatch: pytest.
         raise wandb.errors.CommError("host unreachable")
 
     monkeypatch.setattr(wandb, "init", refuse)
-    with pytest.raises(UserError, match="could not start the W&B run.*host unreachable.*log.wandb.mode=offline"):
+    with pytest.raises(UserError, match=r"could not start the W&B run.*host unreachable.*log\.wandb\.mode=offline"):
         loggers.WandbLogger(tmp_path, load_config(None), "online", resumed=False)
     assert not (tmp_path / loggers.WANDB_ID_FILE).exists()

@@ -68,7 +68,8 @@ def test_mfu_of_gpt2_small_on_an_h100(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_flops_per_token_with_grouped_query_attention_and_untied_output() -> None:
     """6 N for the matmuls (forward + backward), plus 12 L H Q T for attention scores over query heads
     (kv heads shrink N, not the score FLOPs); an untied output projection adds vocab x dim to N."""
-    shape = dict(vocab_size=100, dim=8, num_layers=2, num_heads=2, num_kv_heads=1, ffn_hidden_dim=16, max_seq_len=32)
+    shape = {"vocab_size": 100, "dim": 8, "num_layers": 2, "num_heads": 2, "num_kv_heads": 1, "ffn_hidden_dim": 16,
+             "max_seq_len": 32}
     cfg = parse_section(ModelConfig, {**shape, "tie_embeddings": True}, "model")
     # per block: wq 8x8, wk/wv 8x4 each, wo 8x8, SwiGLU 3 x 8x16, two norms of 8
     per_block = 64 + 2 * 32 + 64 + 3 * 128 + 16

@@ -199,7 +199,8 @@ def test_runs_table_shows_each_status(runs: dict[str, Path], tmp_path: Path, dem
     shutil.copytree(runs["a"], root / "pre", ignore=shutil.ignore_patterns("checkpoints", "profile", "tensorboard"))
     write_status(root / "pre", "preempted", step=4)
     # Stale: status says running but its process is gone (SIGKILL, OOM) -> shown as failed.
-    shutil.copytree(runs["a"], root / "nested" / "killed", ignore=shutil.ignore_patterns("checkpoints", "profile", "tensorboard"))
+    shutil.copytree(runs["a"], root / "nested" / "killed",
+                    ignore=shutil.ignore_patterns("checkpoints", "profile", "tensorboard"))
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     write_status(root / "nested" / "killed", "running", pid=int(dead.stdout))
     status = json.loads((root / "nested" / "killed" / "status.json").read_text())

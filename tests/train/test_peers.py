@@ -45,14 +45,13 @@ def test_failed_peers_keep_beating_and_finished_ones_are_not_silent(master: dist
     me, failing, finished = heartbeat(master, 0, 3), heartbeat(master, 1, 3), heartbeat(master, 2, 3)
     with finished:
         pass  # a clean exit stops its beats: it is done, not dead
-    with pytest.raises(RuntimeError):
-        with failing:
-            raise RuntimeError("a collective failed")
+    with pytest.raises(RuntimeError), failing:
+        raise RuntimeError("a collective failed")
     assert failing.state == "failed" and failing._thread.is_alive()  # still beating for the others
     with me:
         lines = me.describe_peers()
-    assert lines == ["every other rank is alive (heartbeats from all 2 peers): "
-                     "the failure is probably in the collective itself or in this rank"], lines
+    assert lines == [("every other rank is alive (heartbeats from all 2 peers): "
+                      "the failure is probably in the collective itself or in this rank")], lines
 
 
 def test_unreachable_store_is_reported() -> None:

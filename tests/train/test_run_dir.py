@@ -35,7 +35,7 @@ def test_ranks_preparing_one_run_folder_at_once_all_succeed(tmp_path: Path) -> N
         try:
             for _ in range(rounds):
                 trainer._prepare_run_dir()
-        except BaseException as exc:  # noqa: BLE001 - collected and reported below
+        except BaseException as exc:  # collected and reported below
             errors.append(exc)
 
     threads = [threading.Thread(target=prepare, args=(rank,)) for rank in range(ranks)]

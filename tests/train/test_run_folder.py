@@ -105,7 +105,7 @@ def test_a_failed_start_leaves_no_new_run_folder(tmp_path: Path, demo_data: Path
     hf = tmp_path / "not_hf"
     hf.mkdir()  # no config.json: model.init_from fails after the folder was created and locked
     run = tmp_path / "run"
-    with pytest.raises(UserError, match="no config.json"):
+    with pytest.raises(UserError, match=r"no config\.json"):
         build_trainer("configs/debug.yaml", [f"run.out_dir={run}", f"model.init_from={hf}", *TINY])
     assert not run.exists()
 
@@ -142,7 +142,7 @@ def test_a_broken_source_file_is_found_before_the_folder(tmp_path: Path, demo_da
     (raw / "good.jsonl").write_text('{"text": "a fine document"}\n' * 10)
     (raw / "bad.jsonl").write_text('{"text": "fine"}\n{"text": unquoted}\n')
     run = tmp_path / "run"
-    with pytest.raises(UserError, match="bad.jsonl"):
+    with pytest.raises(UserError, match=r"bad\.jsonl"):
         build_trainer("configs/debug.yaml", [f"run.out_dir={run}", *TINY, "data.train_path=",
                                              f"data.sources=[{{kind: jsonl, paths: ['{raw}']}}]"])
     assert not run.exists()

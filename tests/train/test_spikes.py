@@ -219,5 +219,6 @@ def test_bad_spike_settings_are_config_errors(override: str, needle: str) -> Non
 
 
 def test_spike_skip_with_zero_exits_2() -> None:
-    proc = cli("config", "show", "configs/debug.yaml", "train.on_spike=skip", "parallel.strategy=zero", "train.optimizer=adamw")
+    proc = cli("config", "show", "configs/debug.yaml", "train.on_spike=skip", "parallel.strategy=zero",
+               "train.optimizer=adamw")
     assert proc.returncode == 2 and "train.on_spike" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

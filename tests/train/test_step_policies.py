@@ -109,7 +109,7 @@ def test_messages_print_once_per_launch_unless_every_rank(capsys: pytest.Capture
 
 @pytest.mark.parametrize("strategy", ["single", "ddp", "fsdp"])
 def test_fp16_is_refused_outside_zero_naming_bf16(strategy: str) -> None:
-    with pytest.raises(UserError, match="train.precision=bf16") as info:
+    with pytest.raises(UserError, match=r"train\.precision=bf16") as info:
         load_config("configs/debug.yaml", ["train.precision=fp16", f"parallel.strategy={strategy}"])
     assert "parallel.strategy=zero" in str(info.value)
 
