@@ -298,7 +298,16 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
             f"(shipped configs: {shipped})."
         )
     try:
-        text = p.read_text()
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"config file {str(p)!r} cannot be read: {exc.strerror or exc}.") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise ConfigError(f"config file {str(p)!r} is not UTF-8 text: byte 0x{raw[exc.start]:02x} on line {line} "
+                          f"(saved in another encoding, such as latin-1?); save the file as UTF-8.") from None
+    try:
         document = yaml.compose(text, Loader=yaml.SafeLoader)
         if document is not None:
             _refuse_duplicate_keys(document)
@@ -308,8 +317,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     except yaml.YAMLError as exc:
         if "'\\t'" in str(exc) or "\\t" in str(getattr(exc, "problem", "") or ""):
             where = getattr(exc, "problem_mark", None)
-            line = f" (line {where.line + 1})" if where is not None else ""
-            raise ConfigError(f"config file {str(p)!r}: a TAB character in the indentation{line}; YAML must be "
+            at = f" (line {where.line + 1})" if where is not None else ""
+            raise ConfigError(f"config file {str(p)!r}: a TAB character in the indentation{at}; YAML must be "
                               f"indented with spaces.") from None
         raise ConfigError(f"config file {str(p)!r} is not valid YAML: {exc}") from None
     if data is None:

@@ -119,6 +119,10 @@ def test_missing_and_malformed_files(tmp_path: Path) -> None:
     scalar = tmp_path / "scalar.yaml"
     scalar.write_text("42\n")
     assert "mapping" in err([], str(scalar))
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("# caf\u00e9 run\ntrain:\n  lr: 0.001\n".encode("latin-1"))
+    msg = err([], str(latin1))
+    assert "not UTF-8" in msg and "0xe9 on line 1" in msg and "save the file as UTF-8" in msg, msg
 
 
 def test_override_syntax_errors() -> None:
@@ -142,3 +146,16 @@ def test_committed_config_reference_is_fresh() -> None:
 
     committed = (REPO / "docs" / "configuration.md").read_text()
     assert committed == reference_markdown(), "run: bigtrain config docs > docs/configuration.md"
+
+
+@pytest.mark.parametrize(("overrides", "suggestion"), [
+    # 4 layers, pp 2 x 3 virtual stages: no pipeline degree fits with 3 virtual stages; 2 does with pp 2.
+    (["parallel.pipeline_parallel=2", "parallel.pipeline_schedule=interleaved_1f1b",
+      "parallel.pipeline_virtual_stages=3"], "pipeline_virtual_stages values that fit with pipeline_parallel=2: 2."),
+    (["parallel.pipeline_parallel=3"], "pipeline_parallel values that fit with pipeline_virtual_stages=1: 2, 4."),
+])
+def test_a_pipeline_that_does_not_cut_the_layers_suggests_values_that_do(overrides: list[str],
+                                                                         suggestion: str) -> None:
+    msg = err(["model.num_layers=4", "model.tie_embeddings=false", "parallel.strategy=fsdp", *overrides])
+    assert "cannot be cut into" in msg and msg.endswith(suggestion), msg
+    assert "fit: ." not in msg

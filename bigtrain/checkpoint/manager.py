@@ -211,17 +211,29 @@ class CheckpointManager:
     def _failed(self, step: int, tmp: Path, exc: BaseException) -> CheckpointSaveError:
         """Remove what a failed save wrote and describe the failure in one paragraph."""
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, OSError) and exc.strerror:
-            reason = exc.strerror + (f" ({exc.filename})" if exc.filename else "")
+        os_error = _root_os_error(exc)
+        if os_error is not None:
+            reason = str(os_error.strerror) + (f" ({os_error.filename})" if os_error.filename else "")
         else:
             reason = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
-        latest = self.latest_pointer()
-        kept = (f"{self.root / LATEST_FILE} still names {latest.name}" if latest is not None
-                else "no checkpoint of this run was committed before")
+        pointer = self.root / LATEST_FILE
+        committed = [p.name for p in self.list()]
+        final = self.root / step_dirname(step)
+        if pointer.exists() and not pointer.is_file():
+            kept = (f"{pointer} is not a file, so it cannot name the newest checkpoint: remove it (resume then takes "
+                    f"the newest complete folder). Committed: {', '.join(committed) or 'none'}")
+        elif (final / MANIFEST_FILE).is_file():
+            latest = self.latest_pointer()
+            kept = (f"{final} is complete on disk, but {pointer} still names "
+                    f"{latest.name if latest is not None else 'nothing'}")
+        else:
+            latest = self.latest_pointer()
+            kept = (f"its partial folder {tmp} was removed and "
+                    + (f"{pointer} still names {latest.name}" if latest is not None
+                       else "no checkpoint of this run was committed before"))
         return CheckpointSaveError(
-            f"saving the checkpoint of step {step} failed: {reason}. Its partial folder {tmp} was removed and {kept}. "
-            f"Fix the cause (free disk space, check permissions and quotas on {self.root}) and resume with "
-            f"checkpoint.resume=auto.")
+            f"saving the checkpoint of step {step} failed: {reason}. {kept[0].upper() + kept[1:]}. Fix the cause "
+            f"(free disk space, check permissions and quotas on {self.root}) and resume with checkpoint.resume=auto.")
 
     def _finish(self, tmp: Path, final: Path, rank_state: dict[str, Any], meta: dict[str, Any]) -> None:
         """Per-rank files, distributed checksums, then rank 0 commits (manifest → rename → latest → prune)."""
@@ -473,6 +485,31 @@ def verify(ckpt: Path, *, checksums: bool = True) -> tuple[Manifest | None, buil
     return manifest, structure_problems(ckpt, manifest) + check_files(ckpt, manifest.files, checksums=checksums)
 
 
+def _root_os_error(exc: BaseException) -> OSError | None:
+    """The operating-system error behind a failed save, if any: also through exception chains and through DCP's
+    CheckpointException, whose ``failures`` map each rank to its writer thread's exception (its message is only
+    a flattened traceback), so a full disk reads "No space left on device"."""
+    seen: set[int] = set()
+    pending: list[Any] = [exc]
+    while pending:
+        item = pending.pop(0)
+        if isinstance(item, tuple):  # DCP keeps (exception, traceback) pairs
+            pending.extend(x for x in item if isinstance(x, BaseException))
+            continue
+        if not isinstance(item, BaseException) or id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, OSError) and item.strerror:
+            return item
+        failures = getattr(item, "failures", None)
+        if isinstance(failures, dict):
+            pending.extend(failures.values())
+        pending.extend(x for x in (item.__cause__, item.__context__) if x is not None)
+    if "No space left on device" in str(exc):
+        return OSError(28, "No space left on device")
+    return None
+
+
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in d.items():
@@ -483,13 +520,12 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _not_architecture() -> set[str]:
-    """Model keys that do not change the weights' meaning (preset name, where the weights came from,
-    kernel choice, ...): a run may resume with other values."""
-    from bigtrain.model import config as model_config
+def _model_key_classes() -> tuple[set[str], set[str]]:
+    """(model keys a resume ignores: where the model came from; model keys that are training settings: a resume
+    may change them, reported). Every other model key is architecture (bigtrain.model.config says which)."""
+    from bigtrain.model.config import PROVENANCE_FIELDS, TRAINING_FIELDS
 
-    runtime = getattr(model_config, "RUNTIME_FIELDS", frozenset({"preset"}))
-    return {f"model.{k}" for k in runtime} | {"model.preset", "model.init_from"}
+    return {f"model.{k}" for k in PROVENANCE_FIELDS}, {f"model.{k}" for k in TRAINING_FIELDS}
 
 
 # Sections whose changes are allowed on resume, with a warning.
@@ -507,12 +543,14 @@ def config_changes(saved: dict[str, Any], current: dict[str, Any],
     for key, value in _flatten(defaults or {}).items():
         a.setdefault(key, value)
     arch, soft = [], []
-    ignored = _not_architecture()
+    ignored, training = _model_key_classes()
     for key in sorted(set(a) | set(b)):
         if a.get(key) == b.get(key) or key in ignored:
             continue
         line = f"{key}: {a.get(key, '<absent>')!r} -> {b.get(key, '<absent>')!r}"
-        if key.startswith("model."):
+        if key in training:
+            soft.append(line)
+        elif key.startswith("model."):
             arch.append(line)
         elif key.startswith(_WARN_SECTIONS):
             soft.append(line)

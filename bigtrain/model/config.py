@@ -51,8 +51,13 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-# Model keys that do not change the weights' meaning: a run may resume with different values.
-RUNTIME_FIELDS = frozenset({"preset", "kernels", "fp8", "z_loss"})
+# Resume compares the saved model section with the new one. Keys (paths under `model.`) that only name where a
+# model came from: a resume ignores them.
+PROVENANCE_FIELDS = frozenset({"preset", "init_from"})
+# Training settings of the model section: how it is computed or what its loss adds, not what its weights mean.
+# A resume may change them and reports the change; any other model key is architecture, and a change is refused.
+TRAINING_FIELDS = frozenset({"kernels", "fp8", "z_loss", "moe.router_z_loss", "moe.aux_loss_weight",
+                             "moe.bias_update_rate"})
 
 
 @dataclass(frozen=True)

@@ -192,11 +192,23 @@ class ParallelConfig(Section):
             return
         stages = pp * virtual
         if model.num_layers % stages:
-            ok = [d for d in range(1, model.num_layers + 1) if model.num_layers % (d * virtual) == 0]
+            layers = model.num_layers
+            fits = []
+            pp_ok = [d for d in range(2, layers + 1) if layers % (d * virtual) == 0]
+            if pp_ok:
+                fits.append(f"pipeline_parallel values that fit with pipeline_virtual_stages={virtual}: "
+                            f"{', '.join(map(str, pp_ok))}")
+            if interleaved:
+                virtual_ok = [v for v in range(2, layers // pp + 1) if layers % (pp * v) == 0]
+                if virtual_ok:
+                    fits.append(f"pipeline_virtual_stages values that fit with pipeline_parallel={pp}: "
+                                f"{', '.join(map(str, virtual_ok))}")
+            if not fits:
+                fits.append(f"no pipeline layout cuts {layers} layers evenly with these settings; change "
+                            f"model.num_layers to a multiple of {stages}")
             raise ConfigError(
-                f"model.num_layers={model.num_layers} cannot be cut into {stages} pipeline stages of equal length "
-                f"(parallel.pipeline_parallel={pp} x pipeline_virtual_stages={virtual}); pipeline_parallel values "
-                f"that fit: {', '.join(map(str, ok))}.")
+                f"model.num_layers={layers} cannot be cut into {stages} pipeline stages of equal length "
+                f"(parallel.pipeline_parallel={pp} x pipeline_virtual_stages={virtual}); {'; '.join(fits)}.")
         if model.tie_embeddings:
             raise ConfigError("parallel.pipeline_parallel > 1 needs model.tie_embeddings=false: the embedding lives "
                               "on the first stage and the output projection on the last, so they cannot share a "

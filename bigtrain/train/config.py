@@ -74,6 +74,16 @@ class TrainConfig(Section):
     debug_spike_steps: list[int] = doc_field([], "Testing aid only: multiply the loss by 1000 at these optimizer steps "
                                                  "(1-based) to exercise on_spike.")
 
+    def warnings(self, path: str = "train") -> list[str]:
+        """Valid but probably unintended settings, said once at the start of a run."""
+        out = []
+        if self.lr_warmup_steps > self.max_steps:
+            reached = self.lr * self.max_steps / self.lr_warmup_steps
+            out.append(f"warning: {path}.lr_warmup_steps={self.lr_warmup_steps} is more than {path}.max_steps="
+                       f"{self.max_steps}: the learning rate never reaches {path}.lr={self.lr:g} (it ends near "
+                       f"{reached:.3g}); lower lr_warmup_steps or raise max_steps.")
+        return out
+
     def validate(self, path: str) -> None:
         for name in ("max_steps", "global_batch_tokens", "micro_batch_size"):
             if getattr(self, name) <= 0:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import socket
 import threading
@@ -24,7 +25,7 @@ from typing import Any
 
 from bigtrain import messages
 from bigtrain.errors import UserError
-from bigtrain.train.status import process_alive
+from bigtrain.train.status import MAX_PID, process_alive
 
 LOCK_FILE = ".bigtrain.lock"
 HEARTBEAT_S = 10.0
@@ -54,9 +55,16 @@ class RunLock:
         """The holder's record (None: no lock, or one too damaged to name anybody)."""
         try:
             data = json.loads(self.path.read_text())
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             return None
-        return data if isinstance(data, dict) else None
+        if not isinstance(data, dict):
+            return None
+        # A record of the wrong types (a string time, a 10^20 pid) names nobody: it is treated as unreadable.
+        typed = (isinstance(data.get("host"), str) and isinstance(data.get("pid"), int)
+                 and not isinstance(data.get("pid"), bool) and 0 < data["pid"] <= MAX_PID
+                 and all(isinstance(data.get(k), (int, float)) and not isinstance(data.get(k), bool)
+                         and math.isfinite(data[k]) for k in ("started", "heartbeat")))
+        return data if typed else None
 
     def _create(self) -> bool:
         """Create the lock file if absent (atomic); False when someone holds it."""

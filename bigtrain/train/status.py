@@ -9,6 +9,7 @@ so e.g. ``start_time`` survives the final ``finished`` write.
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import time
@@ -47,14 +48,40 @@ def read_status(run_dir: Path | str) -> dict[str, Any] | None:
     path = Path(run_dir) / STATUS_FILE
     try:
         data = json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
-    return data if isinstance(data, dict) else None
+    if not isinstance(data, dict):
+        return None
+    return {k: v for k, v in data.items() if isinstance(k, str) and valid_field(k, v)}
+
+
+# What a status field may hold. A field of another type (a file edited by hand, or by a broken tool) is dropped
+# when read, so one bad folder cannot break `bigtrain runs` or a resume; unknown fields pass through.
+_NUMBER = (int, float)
+STATUS_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "status": (str,), "name": (str,), "hostname": (str,), "signal": (str,), "error": (str,),
+    "last_checkpoint": (str,), "pid": (int,), "step": (int,), "max_steps": (int,), "tokens": (int,),
+    "loss": _NUMBER, "val_bpb": _NUMBER, "wall_time_s": _NUMBER, "updated_time": _NUMBER, "start_time": _NUMBER,
+    "first_start_time": _NUMBER, "end_time": _NUMBER,
+}
+MAX_PID = 2 ** 22  # Linux's pid_max ceiling: a larger "pid" is not a process
+
+
+def valid_field(key: str, value: Any) -> bool:
+    """Whether ``value`` is what status field ``key`` may hold (finite numbers, no bools for counts)."""
+    types = STATUS_FIELD_TYPES.get(key)
+    if types is None:
+        return True
+    if isinstance(value, bool) or not isinstance(value, types):
+        return False
+    if isinstance(value, float) and not math.isfinite(value):
+        return False
+    return not (key == "pid" and isinstance(value, int) and not 0 < value <= MAX_PID)
 
 
 def process_alive(pid: int) -> bool:
-    """Whether a process with ``pid`` exists on this host."""
-    if pid <= 0:
+    """Whether a process with ``pid`` exists on this host (False for anything that cannot be a pid)."""
+    if not 0 < pid <= MAX_PID:  # os.kill would raise OverflowError beyond C's int
         return False
     try:
         os.kill(pid, 0)
@@ -75,5 +102,6 @@ def effective_status(status: dict[str, Any] | None) -> str:
     if state != "running":
         return state
     if status.get("hostname") == socket.gethostname():
-        return "running" if process_alive(int(status.get("pid", 0) or 0)) else "failed"
+        pid = status.get("pid", 0)
+        return "running" if isinstance(pid, int) and process_alive(pid) else "failed"
     return "running?"

@@ -587,6 +587,8 @@ class Trainer:
             + (f" = {c.train.max_steps * c.train.global_batch_tokens / n:.2f} epochs"
                if (n := self.loader.shard_tokens()) else "")
         )
+        for warning in c.train.warnings():
+            messages.warn(warning)
 
     def _print_sample(self) -> None:
         """Every rank generates (sharded models need every rank in each forward); rank 0 prints."""

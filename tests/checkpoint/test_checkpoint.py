@@ -166,6 +166,21 @@ def test_config_changes_split_architecture_from_settings() -> None:
     assert len(soft) == 1 and soft[0].startswith("train.lr:")
 
 
+def test_loss_weights_are_training_settings_not_architecture() -> None:
+    """model.z_loss and the MoE loss weights may change at a resume (reported); the expert count may not."""
+    saved = json.loads(json.dumps(CONFIG))
+    saved["model"]["moe"] = {"num_experts": 4, "top_k": 2, "router_z_loss": 0.0, "aux_loss_weight": 0.01}
+    current = json.loads(json.dumps(saved))
+    current["model"]["z_loss"] = 1e-4
+    current["model"]["moe"].update(router_z_loss=1e-3, aux_loss_weight=0.02)
+    arch, soft = config_changes(saved, current)
+    assert arch == []
+    assert [line.split(":")[0] for line in soft] == ["model.moe.aux_loss_weight", "model.moe.router_z_loss",
+                                                     "model.z_loss"]
+    current["model"]["moe"]["num_experts"] = 8
+    assert config_changes(saved, current)[0] == ["model.moe.num_experts: 4 -> 8"]
+
+
 def test_keys_added_after_a_checkpoint_compare_as_their_defaults() -> None:
     """A checkpoint written before model.qk_norm / train.optimizer existed trained with their defaults."""
     from bigtrain.checkpoint.manager import check_config

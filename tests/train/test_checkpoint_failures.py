@@ -62,3 +62,40 @@ def test_the_cli_exits_1_with_one_paragraph(tmp_path: Path, demo_data: Path, dis
     assert status == 1
     assert "Traceback" not in err and "bigtrain: error: saving the checkpoint of step 2 failed" in err
     _assert_only_step_1_committed(run)
+
+
+def test_a_full_disk_inside_dcp_writer_threads_reads_as_one_line(tmp_path: Path, demo_data: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """DCP wraps a writer thread's OSError in a CheckpointException whose text is a flattened traceback: the
+    message names the OS error, not the traceback."""
+    import traceback
+
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    real_save = dcp.save
+
+    def save(state: dict, path: Path, process_group: object) -> None:
+        if "step_000002" in str(path):
+            error = OSError(errno.ENOSPC, "No space left on device", str(path / "__0_0.distcp"))
+            raise CheckpointException("save failed", {0: (error, traceback.extract_stack())})
+        real_save(state, path, process_group)
+
+    monkeypatch.setattr(dcp, "save", save)
+    with pytest.raises(CheckpointSaveError) as info:
+        train(tmp_path / "run", *TINY)
+    message = str(info.value)
+    assert message.startswith("saving the checkpoint of step 2 failed: No space left on device (")
+    assert "Traceback" not in message and "\n" not in message, message
+    _assert_only_step_1_committed(tmp_path / "run")
+
+
+def test_latest_that_is_a_directory_is_reported_as_what_happened(tmp_path: Path, demo_data: Path) -> None:
+    """`checkpoints/latest` made a directory by hand: the save says so and lists what is committed, instead of
+    claiming no checkpoint was ever committed."""
+    run = tmp_path / "run"
+    (run / "checkpoints" / "latest").mkdir(parents=True)
+    with pytest.raises(CheckpointSaveError) as info:
+        train(run, *TINY)
+    message = str(info.value)
+    assert "checkpoints/latest is not a file" in message and "Committed: step_000001" in message, message
+    assert "no checkpoint of this run was committed before" not in message

@@ -146,3 +146,56 @@ def test_a_broken_source_file_is_found_before_the_folder(tmp_path: Path, demo_da
         build_trainer("configs/debug.yaml", [f"run.out_dir={run}", *TINY, "data.train_path=",
                                              f"data.sources=[{{kind: jsonl, paths: ['{raw}']}}]"])
     assert not run.exists()
+
+
+# ---------------------------------------------------------------------------------------------- hostile files
+# Valid JSON of the wrong types, as a hand edit or a broken tool leaves it (issue: hardening II §4).
+BAD_RECORDS = [
+    {"host": "h", "pid": 10 ** 20, "started": 1.0, "heartbeat": 1.0},
+    {"host": "h", "pid": 123, "started": "yesterday", "heartbeat": "now"},
+    {"host": ["h"], "pid": True, "started": None, "heartbeat": 1e309},
+    {"host": "h", "pid": -5, "started": 1.0, "heartbeat": float("nan")},
+    ["not", "a", "mapping"],
+    "a string",
+]
+
+
+@pytest.mark.parametrize("record", BAD_RECORDS, ids=range(len(BAD_RECORDS)))
+def test_a_lock_of_the_wrong_types_is_taken_over_not_a_crash(tmp_path: Path, record: object) -> None:
+    tmp_path.mkdir(exist_ok=True)
+    (tmp_path / LOCK_FILE).write_text(json.dumps(record))
+    lock = RunLock(tmp_path)
+    assert lock.read() is None  # names nobody
+    with messages.capture() as lines:
+        lock.acquire()
+    try:
+        assert any("taking over" in line and "unreadable lock file" in line for line in lines), lines
+    finally:
+        lock.release()
+
+
+STATUS_FIELDS = [
+    {"status": "running", "pid": 10 ** 20, "hostname": socket.gethostname(), "step": "3", "updated_time": "noon",
+     "wall_time_s": "long", "first_start_time": "then", "loss": float("inf"), "tokens": [1]},
+    {"status": 5, "name": {"a": 1}, "last_checkpoint": 7, "max_steps": 1.5, "val_bpb": "x", "start_time": None},
+    [1, 2, 3],
+]
+
+
+@pytest.mark.parametrize("fields", STATUS_FIELDS, ids=range(len(STATUS_FIELDS)))
+def test_runs_lists_every_folder_when_one_status_has_the_wrong_types(tmp_path: Path, demo_data: Path,
+                                                                     fields: object) -> None:
+    """One bad status.json cannot take the whole `bigtrain runs` listing down, nor a resume=auto of that run."""
+    from tests.helpers import cli
+
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    for run in (good, bad):
+        train(run, *TINY)
+    (bad / "status.json").write_text(json.dumps(fields))
+    listing = cli("runs", str(tmp_path))
+    assert listing.returncode == 0 and "Traceback" not in listing.stderr, listing.stdout + listing.stderr
+    rows = listing.stdout.splitlines()
+    assert any(row.startswith("good ") for row in rows) and any(row.startswith("bad ") for row in rows), rows
+    assert cli("runs", str(tmp_path), "--json").returncode == 0
+    _, lines = train(bad, *TINY, "train.max_steps=3", "checkpoint.resume=auto")
+    assert any("resumed from" in line for line in lines), lines

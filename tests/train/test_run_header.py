@@ -80,3 +80,14 @@ def test_header_prints_the_strategys_description(tmp_path: Path, demo_data: Path
     assert any(line.startswith(device) for line in header), header
     assert any(line.startswith("  kernels  torch (reference ops)")
                and line.endswith("; blocks torch.compile'd (aot_eager)") for line in header), header
+
+
+def test_a_warmup_longer_than_the_run_is_warned_about() -> None:
+    """lr_warmup_steps > max_steps is valid but the peak learning rate is never reached: said, with the fix."""
+    from bigtrain.config import load_config
+
+    cfg = load_config("configs/debug.yaml", ["train.lr_warmup_steps=1000", "train.max_steps=500", "train.lr=1e-3"])
+    (warning,) = cfg.train.warnings()
+    assert "train.lr_warmup_steps=1000 is more than train.max_steps=500" in warning, warning
+    assert "never reaches train.lr=0.001 (it ends near 0.0005)" in warning and "lower lr_warmup_steps" in warning
+    assert load_config("configs/debug.yaml", ["train.lr_warmup_steps=10"]).train.warnings() == []
