@@ -36,10 +36,11 @@ demo-data: setup
 train: demo-data
 	$(BIN)/bigtrain train $(CONFIG)
 
-# Two pytest-xdist workers: one runs the multi-rank launches in turn while the other runs the rest (the groups
-# are in tests/conftest.py). PYTEST_WORKERS=0 runs the suite in this one process (for a debugger).
+# Two pytest-xdist workers, given whole test files: one runs the multi-rank launches in turn while the other runs
+# the rest (tests/conftest.py pytest_xdist_make_scheduler).
+# PYTEST_WORKERS=0 runs the suite in this one process (for a debugger).
 PYTEST_WORKERS ?= 2
-PYTEST_PARALLEL := $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadgroup)
+PYTEST_PARALLEL := $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadscope)
 
 test: setup-dev
 	$(BIN)/python -m pytest -q $(PYTEST_PARALLEL) --durations=15 tests

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Any
 from pathlib import Path
 
 import pytest
@@ -66,15 +67,29 @@ def short_documents(demo_data: Path) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------- parallel runs
-# `make test` runs the suite on 2 pytest-xdist workers with --dist loadgroup. Each test file is one group, so a
+# `make test` runs the suite on 2 pytest-xdist workers. The scheduler below hands out whole test files, so a
 # module-scoped fixture (a launch that trains many layouts) is built once, on one worker. The files below launch
-# 2- and 4-rank trainings that take most of a minute each: they share one group, so they run one after another on
+# 2- and 4-rank trainings that take most of a minute each: they form one unit, so they run one after another on
 # one worker while the other worker takes the rest of the suite, and two 4-rank launches never share 2 cores.
 MULTI_RANK_FILES = frozenset({
     "tests/parallel/test_nd_parity.py", "tests/parallel/test_ep.py", "tests/parallel/test_parity.py",
     "tests/parallel/test_plan_vs_measured.py", "tests/optim/test_muon.py", "tests/checkpoint/test_reshard.py",
     "tests/e2e/test_slurm.py", "tests/parallel/test_zero.py",
 })
+
+
+@pytest.hookimpl(optionalhook=True)  # only when pytest-xdist is installed and running
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """Whole files to workers (xdist's loadscope), with the multi-rank files as one unit. (xdist's own loadgroup
+    marks do not reach the scheduler under pytest 9: it rewrites a node id attribute pytest no longer reads.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FilesAndMultiRank(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return "multi-rank" if path in MULTI_RANK_FILES else path
+
+    return FilesAndMultiRank(config, log)
 
 
 # The numerics tests that `make test-isa` runs under two CPU capabilities (docs/architecture.md, "Tolerance
@@ -91,19 +106,14 @@ NUMERICS_FILES = frozenset({
     "tests/train/test_moe_training.py", "tests/data/test_data_resume.py", "tests/kernels/test_kernels_ops.py",
     "tests/kernels/test_kernels_cross_entropy.py", "tests/kernels/test_kernels_model.py",
 })
-
-
 # Module fixtures that train many layouts in multi-rank launches (most of a minute or more each): a test that uses
 # one is `slow`, so `make test-fast` skips it (the cheap tests of the same files still run there).
 HEAVY_FIXTURES = frozenset({"nd_runs", "straight_runs", "ep_runs", "parity_runs", "measured"})
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if HEAVY_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
-        path = Path(str(item.path)).resolve().relative_to(REPO).as_posix()
-        item.add_marker(pytest.mark.xdist_group("multi-rank" if path in MULTI_RANK_FILES else path))
-        if path in NUMERICS_FILES:
+        if Path(str(item.path)).resolve().relative_to(REPO).as_posix() in NUMERICS_FILES:
             item.add_marker(pytest.mark.numerics)
