@@ -24,7 +24,7 @@ from bigtrain.plan import plan_memory
 from tests.helpers import build_trainer, cli, overriding, run_distributed, train, train_records
 from tests.tolerance import FP64, FP64_REL, assert_runs_close
 
-STEPS = 8
+STEPS = 4
 N = STEPS // 2  # resume point of the bitwise test (train 2N straight vs resume at N)
 TINY = ["model.num_layers=2", "model.dim=64", "model.num_heads=4", "model.num_kv_heads=2", "data.seq_len=64",
         "train.global_batch_tokens=512", "train.micro_batch_size=2", FP64, "run.device=cpu",

@@ -1,7 +1,7 @@
 """Expert parallelism on gloo: a MoE model trained with its experts split over 2 ranks (ep2), and over 2 of 4
 ranks with FSDP2 over the other 2 (fsdp2 x ep2), with tensor parallelism for attention (tp2,
 fsdp2 x tp2 x ep2) and with context parallelism (cp2 x ep2, its blocks compiled), matches the one-process run
-step by step (fp64, 8 steps: losses, grad norms and final weights within the tolerance policy's FP64_REL,
+step by step (fp64, 4 steps: losses, grad norms and final weights within the tolerance policy's FP64_REL,
 tests/tolerance.py); a run resumes across an EP change (ep2 -> ep1) within FP64_REL of the straight run and
 bitwise on the same layout; bad EP configs exit 2. Routing is discrete: the reference run measures its
 smallest top-k margin, which must stay far above fp64 rounding so that no layout can flip a choice.
@@ -9,7 +9,7 @@ smallest top-k margin, which must stay far above fp64 rounding so that no layout
 Every layout starts from the same weights (the sharded initializer draws each rank's experts from the
 full tensors), reads the same micro-batches (2 sequences each, so the auxiliary balancing loss of every
 micro-batch is the same too) and averages gradients over all data-parallel ranks, the experts' included.
-The constant learning rate lets a 4-step run end where the first half of the 8-step run does.
+The constant learning rate lets a 2-step run end where the first half of the 4-step run does.
 """
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ import pytest
 from tests.helpers import cli, overriding, run_distributed, train, train_records
 from tests.tolerance import FP64, FP64_REL, assert_runs_close, assert_weights_close
 
-STEPS = 8
-HALF = 4
+STEPS = 4
+HALF = 2
 # 6 experts: ep2 holds 3 per rank, which FSDP2 over 2 more ranks shards by hidden unit (dim 1) instead.
 MOE = ["model.moe.num_experts=6", "model.moe.top_k=2", "model.moe.expert_hidden_dim=64"]
 COMMON = ["train.optimizer=adamw", "model.num_layers=2", "model.dim=64", "model.num_heads=4", "model.num_kv_heads=2",
@@ -118,7 +118,7 @@ def ep_runs(tmp_path_factory: pytest.TempPathFactory, demo_data: Path) -> tuple[
 
     root = tmp_path_factory.mktemp("ep")
     results = train_runs(0, str(root), [("single", ["parallel.strategy=single"])])
-    # ep2: 8 steps, a checkpoint after 4; ep2-resumed: the same layout from that checkpoint.
+    # ep2: 4 steps, a checkpoint after 2; ep2-resumed: the same layout from that checkpoint.
     # tp2: each tensor-parallel rank routes its sequence shard through whole experts; cp2-ep2-compiled: each
     # context-parallel rank routes its sequence shard, the experts split between the two.
     per_rank = run_distributed(train_runs, 2, str(root), [
