@@ -182,15 +182,25 @@ STATUS_FIELDS = [
 ]
 
 
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory: pytest.TempPathFactory, demo_data: Path) -> Path:
+    """A folder with two finished runs, "good" and "bad" (trained once; each test works on a copy)."""
+    root = tmp_path_factory.mktemp("runs")
+    for name in ("good", "bad"):
+        train(root / name, *TINY)
+    return root
+
+
 @pytest.mark.parametrize("fields", STATUS_FIELDS, ids=range(len(STATUS_FIELDS)))
-def test_runs_lists_every_folder_when_one_status_has_the_wrong_types(tmp_path: Path, demo_data: Path,
+def test_runs_lists_every_folder_when_one_status_has_the_wrong_types(tmp_path: Path, two_runs: Path,
                                                                      fields: object) -> None:
     """One bad status.json cannot take the whole `bigtrain runs` listing down, nor a resume=auto of that run."""
+    import shutil
+
     from tests.helpers import cli
 
-    good, bad = tmp_path / "good", tmp_path / "bad"
-    for run in (good, bad):
-        train(run, *TINY)
+    shutil.copytree(two_runs, tmp_path, dirs_exist_ok=True)
+    bad = tmp_path / "bad"
     (bad / "status.json").write_text(json.dumps(fields))
     listing = cli("runs", str(tmp_path))
     assert listing.returncode == 0 and "Traceback" not in listing.stderr, listing.stdout + listing.stderr
