@@ -43,6 +43,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         label = messages.rank_label()
         messages.warn(f"bigtrain: error{' on ' + label if label else ''}: {exc}", every_rank=True)
         return EXIT_FAILURE
+    except UserError:
+        raise  # the same on every rank: main() prints it once
     except Exception as exc:
         report_rank_failure(exc)  # which rank, where; then the traceback
         raise
@@ -358,6 +360,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _tell_torchrun(exc: UserError) -> None:
+    """Under a raw torchrun, whose own ChildFailedError report follows a worker's non-zero exit: put the message in
+    torchrun's error file (its report then shows it instead of a pointer to its docs), and say on rank 0 what the
+    report is. launch/torchrun.sh checks a config before it starts any rank, so it never gets here for one."""
+    import json
+    import os
+    import time
+
+    from bigtrain import messages
+
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not error_file:
+        return
+    text = f"bigtrain: error: {exc}"
+    try:
+        with open(error_file, "w") as fh:
+            json.dump({"message": {"message": text, "extraInfo": {"py_callstack": text,
+                                                                  "timestamp": str(int(time.time()))}}}, fh)
+    except OSError:
+        pass  # torchrun then reports the exit status alone
+    messages.warn("bigtrain: note: torchrun's ChildFailedError report below is about this error (exit status 2 "
+                  "on every rank), not a crash; launch/torchrun.sh checks the config before starting ranks.")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # argparse exits with status 2 on bad usage, as a user error should
@@ -372,6 +398,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from bigtrain import messages
 
         messages.warn(f"bigtrain: error: {exc}")  # once per launch: rank 0 (other ranks found the same)
+        _tell_torchrun(exc)
         return EXIT_USER_ERROR
     except EnvironmentFailure as exc:
         from bigtrain import messages

@@ -64,3 +64,8 @@ def test_bad_distributed_input_exits_2_on_every_worker(tmp_path: Path, demo_data
     assert not re.search(r'File ".*/bigtrain/', out), out  # torchrun's own ChildFailedError traceback is fine
     for needle in ("replicate_degree=3", "needs a multiple of 3 processes"):
         assert needle in out, out
+    # bigtrain says it once (rank 0), names what torchrun's report is, and torchrun's report carries the message
+    # instead of a pointer to its docs (the workers' error files).
+    assert out.count("bigtrain: error:") == 1 + 2, out  # once from rank 0, plus once per rank in torchrun's report
+    assert "failed: UserError" not in out and "torchrun's ChildFailedError report below is about this error" in out
+    assert "To enable traceback see" not in out, out
