@@ -21,9 +21,13 @@ experts, a routing bias, a sigmoid router, ...) is refused by :func:`hf_architec
 """
 from __future__ import annotations
 
+import errno
 import json
+import math
 import os
 import re
+import stat
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -234,32 +238,40 @@ def _moe_hf_config(cfg: ModelConfig, *, eos_token_id: int | None, dtype: str) ->
 def model_fields_from_hf(hf: dict[str, Any], where: str) -> dict[str, Any]:
     """ModelConfig fields of an HF Llama, Qwen3, Mixtral or Qwen3-MoE ``config.json`` (refusing what bigtrain
     cannot represent). ``moe`` is None or the routing shape (:func:`_moe_fields`); ``ffn_dim`` is absent
-    when the model has no dense feed-forward."""
-    model_type = hf.get("model_type") or "llama"
-    if model_type not in _MODEL_TYPES:
-        raise UserError(f"{where}: model_type {model_type!r} is not one of {', '.join(map(repr, _MODEL_TYPES))}; "
+    when the model has no dense feed-forward. Every value read is type-checked: a missing, null or mistyped
+    one is a UserError naming the key (``where`` names the file)."""
+    model_type = hf.get("model_type")
+    model_type = "llama" if model_type in (None, "") else model_type
+    if not isinstance(model_type, str) or model_type not in _MODEL_TYPES:
+        raise UserError(f"{where}: model_type {_show(model_type)} is not one of {', '.join(map(repr, _MODEL_TYPES))}; "
                         f"model.init_from takes Llama-format weights (Qwen3-format with model.qk_norm=true; "
                         f"Mixtral or Qwen3-MoE for a model.moe model).")
-    if hf.get("use_sliding_window") or (model_type == "mixtral" and hf.get("sliding_window") is not None):
+    if (_bool_field(hf, "use_sliding_window", where)
+            or (model_type == "mixtral" and hf.get("sliding_window") is not None)):
         raise UserError(f"{where}: sliding-window attention (use_sliding_window / sliding_window) is not supported "
                         f"by bigtrain's decoder (full causal attention only).")
-    scaling = hf.get("rope_scaling") or {}
-    params = hf.get("rope_parameters") or {}
+    scaling = _object_field(hf, "rope_scaling", where)
+    params = _object_field(hf, "rope_parameters", where)
     rope_type = (scaling or params).get("rope_type", (scaling or params).get("type", "default"))
     if rope_type not in ("default", None):
-        raise UserError(f"{where}: RoPE scaling {rope_type!r} is not supported by bigtrain's decoder "
+        raise UserError(f"{where}: RoPE scaling {_show(rope_type)} is not supported by bigtrain's decoder "
                         f"(plain RoPE only).")
-    if hf.get("attention_bias") or hf.get("mlp_bias") or hf.get("hidden_act", "silu") != "silu":
+    if (_bool_field(hf, "attention_bias", where) or _bool_field(hf, "mlp_bias", where)
+            or hf.get("hidden_act", "silu") != "silu"):
         raise UserError(f"{where}: biases or a non-SiLU activation are not part of bigtrain's Llama decoder.")
-    heads = int(hf["num_attention_heads"])
-    if int(hf.get("head_dim") or hf["hidden_size"] // heads) * heads != int(hf["hidden_size"]):
+    heads = _int_field(hf, "num_attention_heads", where)
+    hidden = _int_field(hf, "hidden_size", where)
+    if _int_field(hf, "head_dim", where, default=hidden // heads) * heads != hidden:
         raise UserError(f"{where}: head_dim * num_attention_heads != hidden_size is not supported.")
+    theta_from = ("rope_parameters", params) if params.get("rope_theta") is not None else ("", hf)
     fields: dict[str, Any] = {
-        "vocab_size": int(hf["vocab_size"]), "dim": int(hf["hidden_size"]), "num_layers": int(hf["num_hidden_layers"]),
-        "num_heads": heads, "kv_heads": int(hf.get("num_key_value_heads") or heads),
-        "ffn_dim": int(hf["intermediate_size"]),
-        "rope_theta": float(params.get("rope_theta", hf.get("rope_theta", 10000.0))),
-        "norm_eps": float(hf.get("rms_norm_eps", 1e-6)), "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
+        "vocab_size": _int_field(hf, "vocab_size", where), "dim": hidden,
+        "num_layers": _int_field(hf, "num_hidden_layers", where),
+        "num_heads": heads, "kv_heads": _int_field(hf, "num_key_value_heads", where, default=heads),
+        "ffn_dim": _int_field(hf, "intermediate_size", where),
+        "rope_theta": _float_field(theta_from[1], "rope_theta", where, default=10000.0, within=theta_from[0]),
+        "norm_eps": _float_field(hf, "rms_norm_eps", where, default=1e-6),
+        "tie_embeddings": _bool_field(hf, "tie_word_embeddings", where),
         "qk_norm": _MODEL_TYPES[model_type], "moe": None,
     }
     if model_type in _MOE_LAYOUTS:
@@ -272,21 +284,92 @@ def model_fields_from_hf(hf: dict[str, Any], where: str) -> dict[str, Any]:
 def _moe_fields(hf: dict[str, Any], model_type: str, num_layers: int, where: str) -> dict[str, Any]:
     """The routing shape of a Mixtral / Qwen3-MoE ``config.json``, as model.moe keys (compared by :func:`_moe_ours`)."""
     if model_type == "mixtral":
-        experts = int(hf.get("num_local_experts", hf.get("num_experts", 8)))
-        return {"num_experts": experts, "top_k": int(hf.get("num_experts_per_tok", 2)),
-                "expert_hidden_dim": int(hf["intermediate_size"]), "first_dense_layers": 0, "normalize_topk": True,
-                "router": "softmax", "num_shared_experts": 0}
-    experts = int(hf.get("num_experts", hf.get("num_local_experts", 128)))
-    step = int(hf.get("decoder_sparse_step") or 1)
-    mlp_only = {int(i) for i in hf.get("mlp_only_layers") or []}
+        key = "num_experts" if hf.get("num_local_experts") is None and "num_experts" in hf else "num_local_experts"
+        return {"num_experts": _int_field(hf, key, where, default=8),
+                "top_k": _int_field(hf, "num_experts_per_tok", where, default=2),
+                "expert_hidden_dim": _int_field(hf, "intermediate_size", where), "first_dense_layers": 0,
+                "normalize_topk": True, "router": "softmax", "num_shared_experts": 0}
+    key = "num_local_experts" if hf.get("num_experts") is None and "num_local_experts" in hf else "num_experts"
+    experts = _int_field(hf, key, where, default=128, minimum=0)
+    step = _int_field(hf, "decoder_sparse_step", where, default=1)
+    mlp_only_layers = hf.get("mlp_only_layers") or []
+    if not isinstance(mlp_only_layers, list) or not all(_is_int(i) for i in mlp_only_layers):
+        raise UserError(f"{where}: mlp_only_layers is {_show(mlp_only_layers)}; expected a list of layer numbers.")
+    mlp_only = set(mlp_only_layers)
     dense = [i for i in range(num_layers) if i in mlp_only or experts <= 0 or (i + 1) % step != 0]
     if dense != list(range(len(dense))) or len(dense) == num_layers:
         raise UserError(f"{where}: dense layers {dense} (mlp_only_layers / decoder_sparse_step) are not a leading "
                         f"run followed by MoE layers; bigtrain's model.moe.first_dense_layers makes only the first "
                         f"layers dense.")
-    return {"num_experts": experts, "top_k": int(hf.get("num_experts_per_tok", 8)),
-            "expert_hidden_dim": int(hf["moe_intermediate_size"]), "first_dense_layers": len(dense),
-            "normalize_topk": bool(hf.get("norm_topk_prob", False)), "router": "softmax", "num_shared_experts": 0}
+    return {"num_experts": experts, "top_k": _int_field(hf, "num_experts_per_tok", where, default=8),
+            "expert_hidden_dim": _int_field(hf, "moe_intermediate_size", where), "first_dense_layers": len(dense),
+            "normalize_topk": _bool_field(hf, "norm_topk_prob", where), "router": "softmax", "num_shared_experts": 0}
+
+
+# ---------------------------------------------------------------------------- config.json values, type-checked
+def _show(value: Any) -> str:
+    """A JSON value for a one-line message: its JSON text, cut short, and its type."""
+    kind = ("null" if value is None else "a boolean" if isinstance(value, bool) else "an integer"
+            if isinstance(value, int) else "a number" if isinstance(value, float) else "a string"
+            if isinstance(value, str) else "a list" if isinstance(value, list) else "an object"
+            if isinstance(value, dict) else type(value).__name__)
+    if value is None:
+        return kind
+    try:
+        text = json.dumps(value, ensure_ascii=True)
+    except (ValueError, TypeError, RecursionError):
+        text = f"<{type(value).__name__}>"
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return f"{text} ({kind})"
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _int_field(hf: dict[str, Any], key: str, where: str, *, default: int | None = None, minimum: int = 1) -> int:
+    """``hf[key]``: a JSON integer >= ``minimum`` (absent or null: ``default``, where there is one)."""
+    value = hf.get(key)
+    if value is None:
+        if default is not None:
+            return default
+        raise UserError(f"{where}: {key} is {'null' if key in hf else 'missing'}; a Hugging Face config.json "
+                        f"gives it as an integer >= {minimum}.")
+    if not _is_int(value) or value < minimum:
+        raise UserError(f"{where}: {key} is {_show(value)}; expected an integer >= {minimum}.")
+    return int(value)
+
+
+def _float_field(hf: dict[str, Any], key: str, where: str, *, default: float, within: str = "") -> float:
+    """``hf[key]``: a finite positive JSON number (absent or null: ``default``)."""
+    value = hf.get(key)
+    if value is None:
+        return default
+    if not (_is_int(value) or isinstance(value, float)) or not math.isfinite(value) or value <= 0:
+        raise UserError(f"{where}: {within + '.' if within else ''}{key} is {_show(value)}; expected a finite "
+                        f"positive number.")
+    return float(value)
+
+
+def _bool_field(hf: dict[str, Any], key: str, where: str) -> bool:
+    """``hf[key]``: true or false (absent or null: false)."""
+    value = hf.get(key)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise UserError(f"{where}: {key} is {_show(value)}; expected true or false.")
+    return value
+
+
+def _object_field(hf: dict[str, Any], key: str, where: str) -> dict[str, Any]:
+    """``hf[key]``: a JSON object (absent or null: empty)."""
+    value = hf.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise UserError(f"{where}: {key} is {_show(value)}; expected an object or null.")
+    return value
 
 
 def _moe_ours(cfg: ModelConfig) -> dict[str, Any] | None:
@@ -332,7 +415,10 @@ def _shape_diff(ours: dict[str, Any], theirs: dict[str, Any]) -> list[str]:
 # ---------------------------------------------------------------------------- safetensors I/O
 def write_safetensors(tensors: dict[str, torch.Tensor], out_dir: Path, *, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
                       metadata: dict[str, str] | None = None) -> list[str]:
-    """One ``model.safetensors``, or numbered shards + ``model.safetensors.index.json`` past ``max_shard_bytes``."""
+    """One ``model.safetensors``, or numbered shards + ``model.safetensors.index.json`` past ``max_shard_bytes``.
+
+    Every file gets the mode of any other new file (``0o666 & ~umask``): safetensors writes through a private
+    temporary file (mode 0600) that it renames into place."""
     from safetensors.torch import save_file
 
     shards: list[dict[str, torch.Tensor]] = [{}]
@@ -346,19 +432,36 @@ def write_safetensors(tensors: dict[str, torch.Tensor], out_dir: Path, *, max_sh
         shards[-1][name] = t
         size += nbytes
     meta = {"format": "pt", **(metadata or {})}
+    mode = 0o666 & ~_umask()
     if len(shards) == 1:
         save_file(_owning(shards[0]), str(out_dir / SAFETENSORS_FILE), metadata=meta)
+        os.chmod(out_dir / SAFETENSORS_FILE, mode)
         return [SAFETENSORS_FILE]
     names, weight_map = [], {}
     for i, shard in enumerate(shards, 1):
         fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
         save_file(_owning(shard), str(out_dir / fname), metadata=meta)
+        os.chmod(out_dir / fname, mode)
         names.append(fname)
         weight_map.update(dict.fromkeys(shard, fname))
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2))
     return [*names, INDEX_FILE]
+
+
+def _umask() -> int:
+    """This process's umask (Linux: read from /proc, which leaves it alone; elsewhere set and put straight back)."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _owning(shard: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -371,13 +474,66 @@ def _owning(shard: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {name: t if whole(t) else t.clone() for name, t in shard.items()}
 
 
+_MAX_JSON_BYTES = 64 * 1024**2  # config.json or an index: real ones are kilobytes (a 1T-parameter index: ~10 MB)
+_MAX_HEADER_BYTES = 100 * 1000**2  # safetensors' own limit on a header
+_HINT = "model.init_from needs a Hugging Face folder with safetensors weights (e.g. `bigtrain export CKPT --to hf OUT`)"
+
+
+def _file_problem(file: Path) -> str | None:
+    """Why ``file`` cannot be read as a regular file (missing, a directory, a FIFO, ...); None when it can.
+    Checked before opening it: opening a FIFO blocks until someone writes to it."""
+    try:
+        st = file.stat()
+    except FileNotFoundError:
+        return "is missing" + (" (a dangling symlink)" if file.is_symlink() else "")
+    except OSError as exc:
+        return "is a symlink loop" if exc.errno == errno.ELOOP else f"cannot be read ({exc.strerror or exc})"
+    except ValueError as exc:  # a NUL byte in the name
+        return f"is not a valid file name ({exc})"
+    if stat.S_ISDIR(st.st_mode):
+        return "is a directory, not a file"
+    if not stat.S_ISREG(st.st_mode):
+        return "is not a regular file (a FIFO, socket or device)"
+    return None
+
+
+def _read_json(file: Path, label: str) -> Any:
+    """The JSON value in ``file`` (a regular file, checked), or a one-line UserError starting with ``label``."""
+    try:
+        size = file.stat().st_size
+        if size > _MAX_JSON_BYTES:
+            raise UserError(f"{label}: {size:,} bytes is far too large for this JSON file (at most "
+                            f"{_MAX_JSON_BYTES:,}); {_HINT}.")
+        data = file.read_bytes()
+    except OSError as exc:
+        raise UserError(f"{label}: cannot be read ({exc.strerror or exc}).") from None
+    if not data.strip():
+        raise UserError(f"{label}: the file is empty (expected a JSON object); {_HINT}.")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{label}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); JSON files "
+                        f"are UTF-8: re-save it as UTF-8.") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{label}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}).") from None
+    except RecursionError:
+        raise UserError(f"{label}: JSON nested too deeply to parse (not a Hugging Face JSON file).") from None
+    except ValueError as exc:  # e.g. an integer of more than 4300 digits (its advice, after a ';', is Python's)
+        raise UserError(f"{label}: not valid JSON ({_first_line(exc).split(';')[0]}).") from None
+
+
 def _weight_file(folder: Path, name: str, named_by: Path) -> Path:
     """``folder/name`` resolved, if it is a file of ``folder`` itself; a UserError naming it otherwise.
 
     The folder is untrusted input (a download): its index could name ``../x`` or ``/x``, or a weight file could
     be a symlink that points elsewhere, and the tensors read would come from a file the user never gave.
     Resolving first (symlinks, ``..``) and comparing the parent catches all of them."""
-    target = (folder / name).resolve()
+    try:
+        target = (folder / name).resolve()
+    except (OSError, RuntimeError, ValueError) as exc:  # RuntimeError: a symlink loop (Python < 3.13); ValueError: NUL
+        raise UserError(f"{named_by}: weight file {name!r} cannot be resolved ({exc}).") from None
     if target.parent != folder.resolve():
         raise UserError(f"{named_by}: weight file {name!r} is outside {folder} (it resolves to {target}); "
                         f"model.init_from reads weights only from files in the folder itself. Copy the files into "
@@ -386,28 +542,136 @@ def _weight_file(folder: Path, name: str, named_by: Path) -> Path:
     return target
 
 
-def read_safetensors_dir(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of an HF folder (``model.safetensors`` or an index with shards), read only from files in it."""
+def _index_files(folder: Path, where: str) -> list[tuple[str, Path]]:
+    """(name, resolved path) of each weight file ``model.safetensors.index.json`` lists, all checked before any is
+    read: a file of the folder itself, present and a regular file."""
+    index = folder / INDEX_FILE
+    label = f"{where}: {INDEX_FILE}"
+    content = _read_json(index, label)
+    if not isinstance(content, dict) or "weight_map" not in content:
+        raise UserError(f"{label}: not a safetensors index (a JSON object with a weight_map); it is "
+                        f"{_show(content) if not isinstance(content, dict) else 'an object without weight_map'}.")
+    weight_map = content["weight_map"]
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) and v for v in weight_map.values()):
+        raise UserError(f"{label}: weight_map must map tensor names to file names (strings); it is "
+                        f"{_show(weight_map)}.")
+    if not weight_map:
+        raise UserError(f"{label}: weight_map is empty (it lists no tensors); {_HINT}.")
+    files = []
+    for name in sorted(set(weight_map.values())):
+        if name == INDEX_FILE:
+            raise UserError(f"{label}: weight_map names the index itself as a weight file.")
+        if "\x00" in name:
+            raise UserError(f"{label}: weight_map names {name!r} as a weight file: a NUL byte is in no file name.")
+        if not name.endswith(".safetensors"):
+            raise UserError(f"{label}: weight_map names {name!r} as a weight file, which is not a .safetensors file "
+                            f"name; {_HINT}.")
+        target = _weight_file(folder, name, index)
+        problem = _file_problem(target)
+        if problem:
+            raise UserError(f"{where}: {name} (a weight file {INDEX_FILE} lists) {problem}.")
+        files.append((name, target))
+    return files
+
+
+def _load_safetensors(file: Path, label: str) -> dict[str, torch.Tensor]:
+    """The tensors of one safetensors file (a regular file, checked), or a one-line UserError starting with
+    ``label``: its header is checked first (the commonest breakages get a plain explanation), then safetensors
+    reads it (anything else it refuses is reported in its words)."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    index = path / INDEX_FILE
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise UserError(f"{index}: not a safetensors index (a JSON object with a weight_map): "
-                            f"{type(exc).__name__}: {exc}") from None
-        if not isinstance(weight_map, dict) or not all(isinstance(v, str) and v for v in weight_map.values()):
-            raise UserError(f"{index}: weight_map must map tensor names to file names (strings).")
-        files = [_weight_file(path, fname, index) for fname in sorted(set(weight_map.values()))]  # all, before reading
-        out: dict[str, torch.Tensor] = {}
-        for file in files:
-            out.update(load_file(str(file)))
-        return out
-    if (path / SAFETENSORS_FILE).is_file():
-        return load_file(str(_weight_file(path, SAFETENSORS_FILE, path)))
-    raise UserError(f"{path}: no {SAFETENSORS_FILE} or {INDEX_FILE}; model.init_from needs a Hugging Face folder "
-                    f"with safetensors weights (e.g. written by `bigtrain export CKPT --to hf OUT`).")
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            head = f.read(8)
+            if size == 0:
+                raise UserError(f"{label}: the file is empty (expected safetensors weights); {_HINT}.")
+            # The first 8 bytes are the header's length. Where that length cannot be right, say what the file is.
+            length = struct.unpack("<Q", head)[0] if size >= 8 else size
+            if length > min(size - 8, _MAX_HEADER_BYTES):
+                if head.startswith(b"PK\x03\x04") or (head[:1] == b"\x80" and 2 <= head[1] <= 5):
+                    raise UserError(f"{label}: a pickle (torch.save, pytorch_model.bin) file, not safetensors; "
+                                    f"bigtrain never unpickles weights (that can run code). Convert it to safetensors "
+                                    f"where you trust it, or use the model's safetensors files.")
+                if size < 8:
+                    raise UserError(f"{label}: {size} bytes, too short for a safetensors header (truncated?); "
+                                    f"{_HINT}.")
+                limit = (f"but only {size - 8:,} follow" if length > size - 8
+                         else f"over safetensors' limit of {_MAX_HEADER_BYTES:,}")
+                raise UserError(f"{label}: its header length says {length:,} bytes {limit}: truncated, or not a "
+                                f"safetensors file; {_HINT}.")
+            _check_header(f.read(length), size - 8 - length, label)
+    except OSError as exc:
+        raise UserError(f"{label}: cannot be read ({exc.strerror or exc}).") from None
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError, ValueError, TypeError) as exc:
+        text = _first_line(exc)
+        text = text if len(text) <= 200 else text[:197] + "..."  # safetensors may list every dtype it knows
+        raise UserError(f"{label}: not a readable safetensors file ({text}); {_HINT}.") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _check_header(header: bytes, data_bytes: int, label: str) -> None:
+    """A safetensors header: UTF-8 JSON, an object, whose tensors' data fits in the ``data_bytes`` after it."""
+    try:
+        text = header.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{label}: its header is not UTF-8 (byte 0x{header[exc.start]:02x} at offset "
+                        f"{8 + exc.start}): not a safetensors file; {_HINT}.") from None
+    try:
+        content = json.loads(text)
+    except RecursionError:
+        raise UserError(f"{label}: its header is JSON nested too deeply: not a safetensors file; {_HINT}.") from None
+    except ValueError as exc:
+        raise UserError(f"{label}: its header is not valid JSON ({_first_line(exc).split(';')[0]}): not a safetensors "
+                        f"file; {_HINT}.") from None
+    if not isinstance(content, dict):
+        raise UserError(f"{label}: its header is {_show(content)}, not a JSON object: not a safetensors file; "
+                        f"{_HINT}.")
+    ends = [entry["data_offsets"][1] for name, entry in content.items()
+            if name != "__metadata__" and isinstance(entry, dict) and isinstance(entry.get("data_offsets"), list)
+            and len(entry["data_offsets"]) == 2 and _is_int(entry["data_offsets"][1])]
+    end = max(ends, default=0)
+    if end > data_bytes:
+        raise UserError(f"{label}: its header describes {end:,} bytes of tensor data but the file holds "
+                        f"{data_bytes:,}: truncated (download or copy it again), or a broken header.")
+
+
+def read_safetensors_dir(path: Path, where: str | None = None) -> dict[str, torch.Tensor]:
+    """All tensors of an HF folder (``model.safetensors`` or an index with shards), read only from files in it."""
+    return _read_weights(path, where or str(path))[0]
+
+
+def _read_weights(path: Path, where: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors of an HF folder, and the file each came from (its name in the folder); every failure a one-line
+    UserError naming the file, starting with ``where``."""
+    if os.path.lexists(path / INDEX_FILE):  # an index that is there but broken is an error, never skipped
+        problem = _file_problem(path / INDEX_FILE)
+        if problem:
+            raise UserError(f"{where}: {INDEX_FILE} {problem}; {_HINT}.")
+        files = _index_files(path, where)
+    elif os.path.lexists(path / SAFETENSORS_FILE):
+        files = [(SAFETENSORS_FILE, _weight_file(path, SAFETENSORS_FILE, path))]
+        problem = _file_problem(files[0][1])
+        if problem:
+            raise UserError(f"{where}: {SAFETENSORS_FILE} {problem}; {_HINT}.")
+    else:
+        raise UserError(f"{path}: no {SAFETENSORS_FILE} or {INDEX_FILE}; model.init_from needs a Hugging Face folder "
+                        f"with safetensors weights (e.g. written by `bigtrain export CKPT --to hf OUT`).")
+    tensors: dict[str, torch.Tensor] = {}
+    sources: dict[str, str] = {}
+    for name, file in files:
+        for key, tensor in _load_safetensors(file, f"{where}: {name}").items():
+            if key in tensors:
+                raise UserError(f"{where}: {name}: tensor {key!r} is also in {sources[key]} (it is in both); "
+                                f"a folder holds each tensor once.")
+            tensors[key], sources[key] = tensor, name
+    return tensors, sources
 
 
 # ---------------------------------------------------------------------------- import (model.init_from)
@@ -419,39 +683,66 @@ _MOE_FUSED = re.compile(_LAYER + r"mlp\.experts\.(gate_up_proj|down_proj)")
 
 def load_hf_weights(path: str | Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """bigtrain-named fp32 weights from an HF Llama, Qwen3, Mixtral or Qwen3-MoE folder, after checking its
-    shape equals ``cfg``."""
+    shape equals ``cfg``.
+
+    The folder is untrusted input: whatever is wrong with it (a config.json that is not a JSON object of the
+    right types, an index without a usable weight_map, a weight file that is missing, not safetensors, or
+    truncated, a tensor of the wrong dtype or shape) is a one-line UserError naming the file, raised before the
+    model is touched."""
+    from bigtrain.model.decoder import build_on_meta
+
     folder = Path(path).expanduser()
     where = f"model.init_from={str(path)!r}"
-    if not (folder / "config.json").is_file():
+    config_file = folder / "config.json"
+    if not os.path.lexists(config_file):
         raise UserError(f"{where}: no config.json there; give a Hugging Face Llama-format folder "
                         f"(e.g. written by `bigtrain export CKPT --to hf OUT`).")
-    hf_cfg = json.loads((folder / "config.json").read_text())
-    theirs = model_fields_from_hf(hf_cfg, where)
+    problem = _file_problem(config_file)
+    if problem:
+        raise UserError(f"{where}: config.json {problem}; {_HINT}.")
+    hf_cfg = _read_json(config_file, f"{where}: config.json")
+    if not isinstance(hf_cfg, dict):
+        raise UserError(f"{where}: config.json is {_show(hf_cfg)}, not a JSON object; {_HINT}.")
+    theirs = model_fields_from_hf(hf_cfg, f"{where}: config.json")
     diff = _shape_diff(_ours(cfg), theirs)
     if diff:
         raise UserError(f"{where}: the weights do not fit this model:\n  " + "\n  ".join(diff) +
                         "\nSet those model.* keys to the weights' values.")
     layout = _MOE_LAYOUTS.get(hf_cfg.get("model_type") or "llama")
-    hf = read_safetensors_dir(folder)
+    hf, sources = _read_weights(folder, where)
     weights: dict[str, torch.Tensor] = {}
     experts: dict[str, dict[int, torch.Tensor]] = {}  # stacked bigtrain name -> expert index -> weight
+    origins: dict[str, tuple[str, torch.Size]] = {}  # bigtrain name (an expert: "name[j]") -> (file: tensor, shape)
     for name, tensor in hf.items():
         if name.endswith("rotary_emb.inv_freq"):
             continue  # derived, not a weight
-        if layout is not None and _read_moe_tensor(name, tensor.float(), layout, weights, experts):
+        src = f"{where}: {sources[name]}: tensor {name!r}"
+        if not tensor.is_floating_point():
+            raise UserError(f"{src} has dtype {str(tensor.dtype).removeprefix('torch.')}; model weights are floating "
+                            f"point (float32, bfloat16, float16, ...).")
+        if layout is not None and _read_moe_tensor(name, tensor.float(), layout, weights, experts, origins, src):
             continue
         try:
-            weights[from_hf_name(name)] = tensor.float()
+            ours = from_hf_name(name)
         except KeyError:
-            raise UserError(f"{where}: unexpected tensor {name!r} (not part of a Llama, Qwen3, Mixtral or Qwen3-MoE "
-                            f"decoder).") from None
+            raise UserError(f"{where}: {sources[name]}: unexpected tensor {name!r} (not part of a Llama, Qwen3, "
+                            f"Mixtral or Qwen3-MoE decoder).") from None
+        weights[ours], origins[ours] = tensor.float(), (src, tensor.shape)
+    expected = {k: v.shape for k, v in build_on_meta(cfg).state_dict().items() if not k.startswith("rope_")}
     for stacked, per_expert in experts.items():
         assert cfg.moe is not None  # the shapes agreed: the folder is MoE, so is cfg
         if sorted(per_expert) != list(range(cfg.moe.num_experts)):
             missing = sorted(set(range(cfg.moe.num_experts)) - set(per_expert))
             raise UserError(f"{where}: {stacked} (per-expert tensors): experts {missing[:5]} are missing, or an index "
                             f"is beyond num_experts={cfg.moe.num_experts}.")
+        want = expected[stacked][1:] if stacked in expected else per_expert[0].shape  # not in it: init_from_hf says
+        for j in range(cfg.moe.num_experts):
+            _check_shape(f"{stacked}[{j}]", per_expert[j], want, origins)
         weights[stacked] = torch.stack([per_expert[j] for j in range(cfg.moe.num_experts)])
+        origins[stacked] = origins[f"{stacked}[0]"]
+    for ours, tensor in weights.items():
+        if ours in expected:  # a tensor the model does not have: init_from_hf names it
+            _check_shape(ours, tensor, expected[ours], origins)
     if cfg.moe is not None and cfg.moe.load_balance == "bias":
         # The HF routers select on the plain scores: a zero bias is exactly that (and training moves it from there).
         for i in range(cfg.moe.first_dense_layers, cfg.num_layers):
@@ -463,24 +754,43 @@ def load_hf_weights(path: str | Path, cfg: ModelConfig) -> dict[str, torch.Tenso
     return weights
 
 
+def _check_shape(ours: str, tensor: torch.Tensor, want: torch.Size,
+                 origins: dict[str, tuple[str, torch.Size]]) -> None:
+    """A one-line UserError naming the file and tensor when ``tensor`` (bigtrain's ``ours``) is not ``want``."""
+    if tensor.shape == want:
+        return
+    src, shape = origins[ours]
+    split = "" if shape == tensor.shape else f", which gives {ours} the shape {list(tensor.shape)},"
+    raise UserError(f"{src} has shape {list(shape)}{split} but its config.json's model needs {list(want)} there "
+                    f"(bigtrain's {ours}): the weights do not match their own config.json.")
+
+
 def _read_moe_tensor(name: str, tensor: torch.Tensor, layout: _MoELayout, weights: dict[str, torch.Tensor],
-                     experts: dict[str, dict[int, torch.Tensor]]) -> bool:
+                     experts: dict[str, dict[int, torch.Tensor]], origins: dict[str, tuple[str, torch.Size]],
+                     src: str) -> bool:
     """Take one sparse-block tensor of a Mixtral / Qwen3-MoE folder (hub layout, or transformers 5's fused
-    one, whose Mixtral block is ``mlp``); False when ``name`` is not one."""
+    one, whose Mixtral block is ``mlp``); False when ``name`` is not one. ``src`` names its file and tensor
+    (``origins``: for a shape error later)."""
     if m := _MOE_ROUTER.fullmatch(name):
-        weights[f"layers.{m[1]}.ffn.router.gate.weight"] = tensor
+        ours = f"layers.{m[1]}.ffn.router.gate.weight"
+        weights[ours], origins[ours] = tensor, (src, tensor.shape)
         return True
     if (m := _MOE_EXPERT.fullmatch(name)) and m[2] == layout.block and m[4] in layout.experts:
-        ours = _EXPERT_PARAMS[layout.experts.index(m[4])]
-        experts.setdefault(f"layers.{m[1]}.ffn.experts.{ours}", {})[int(m[3])] = tensor
+        stacked = f"layers.{m[1]}.ffn.experts.{_EXPERT_PARAMS[layout.experts.index(m[4])]}"
+        experts.setdefault(stacked, {})[int(m[3])] = tensor
+        origins[f"{stacked}[{int(m[3])}]"] = (src, tensor.shape)
         return True
     if m := _MOE_FUSED.fullmatch(name):
         prefix = f"layers.{m[1]}.ffn.experts"
         if m[2] == "down_proj":
-            weights[f"{prefix}.w2"] = tensor
-        else:  # gate and up concatenated along the output rows, gate first
-            gate, up = tensor.chunk(2, dim=1)
-            weights[f"{prefix}.w1"], weights[f"{prefix}.w3"] = gate.contiguous(), up.contiguous()
+            weights[f"{prefix}.w2"], origins[f"{prefix}.w2"] = tensor, (src, tensor.shape)
+            return True
+        if tensor.dim() != 3 or tensor.shape[1] % 2:
+            raise UserError(f"{src} has shape {list(tensor.shape)}; the fused layout is [experts, 2 x expert hidden "
+                            f"size, hidden size] (gate and up projections).")
+        gate, up = tensor.chunk(2, dim=1)  # gate and up concatenated along the output rows, gate first
+        weights[f"{prefix}.w1"], weights[f"{prefix}.w3"] = gate.contiguous(), up.contiguous()
+        origins[f"{prefix}.w1"] = origins[f"{prefix}.w3"] = (src, tensor.shape)
         return True
     return False
 
