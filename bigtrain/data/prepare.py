@@ -17,13 +17,24 @@ completed shard, ``OUT.partial/progress.json`` records what is done, and running
 command again (same inputs and options) continues from there instead of starting over.
 Tokenization runs in ``num_workers`` processes (batched `tokenizers` calls), with a progress
 bar (bytes, rate, ETA) on a terminal.
+
+One prepare at a time per output: ``OUT.lock`` (next to OUT, like ``OUT.partial``) names the holder (host,
+PID, start time) and is held from before the input scan until OUT is published. A second prepare into the
+same ``--out-dir`` is refused at once, naming the holder, and touches nothing of the first one's. A lock
+whose holder is provably gone (this host and a PID that no longer runs, or another host's lock whose
+heartbeat stopped) is taken over with a note; an interrupted build left in ``OUT.partial`` then resumes.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import shutil
+import socket
 import sys
+import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -282,6 +293,178 @@ def _finish_build(build: Path, out: Path, splits: dict[str, dict[str, Any]], ove
     shutil.rmtree(old, ignore_errors=True)
 
 
+# --------------------------------------------------------------------------- one prepare per output
+LOCK_SUFFIX = ".lock"
+LOCK_HEARTBEAT_S = 10.0
+LOCK_STALE_AFTER_S = 90.0  # a holder on another host that missed this many seconds of heartbeats is gone
+LOCK_UNREADABLE_AFTER_S = 10.0  # an unreadable lock file this old is damaged (e.g. truncated by a crash), not new
+_MAX_PID = 2**22  # Linux's pid_max limit; beyond it a "pid" names no process
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether ``pid`` runs on this host. (bigtrain.train.status has the same check; data/ may not import train/.)"""
+    if not 0 < pid <= _MAX_PID:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+class OutputLock:
+    """``OUT.lock``: the output of one running ``bigtrain data prepare`` (see the module docstring).
+
+    The lock file is created whole or not at all (a record written beside it, then hard-linked into place; where
+    the filesystem has no hard links, ``O_CREAT | O_EXCL``), so a reader never judges a half-written one. It is a
+    file, not ``flock``: on shared filesystems flock is often per host, and two nodes may prepare into one folder.
+    The holder refreshes its heartbeat every :data:`LOCK_HEARTBEAT_S` seconds in a background thread.
+    """
+
+    def __init__(self, out: Path, *, heartbeat_s: float = LOCK_HEARTBEAT_S,
+                 stale_after_s: float = LOCK_STALE_AFTER_S) -> None:
+        self.out = out
+        self.path = out.with_name(out.name + LOCK_SUFFIX)
+        self.heartbeat_s, self.stale_after_s = heartbeat_s, stale_after_s
+        self.host, self.pid, self.started = socket.gethostname(), os.getpid(), time.time()
+        self.held = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _record(self) -> str:
+        return json.dumps({"host": self.host, "pid": self.pid, "started": self.started, "heartbeat": time.time(),
+                           "out": str(self.out)})
+
+    def _scratch(self) -> Path:
+        return self.path.with_name(f"{self.path.name}.{self.host}.{self.pid}.tmp")
+
+    def read(self) -> dict[str, Any] | None:
+        """The holder's record; None when there is no lock or it names nobody (damaged, wrong types)."""
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError):
+            return None
+        if not isinstance(data, dict):
+            return None
+        pid = data.get("pid")
+        typed = (isinstance(data.get("host"), str) and isinstance(pid, int) and not isinstance(pid, bool)
+                 and 0 < pid <= _MAX_PID
+                 and all(isinstance(data.get(k), (int, float)) and not isinstance(data.get(k), bool)
+                         and math.isfinite(data[k]) for k in ("started", "heartbeat")))
+        return data if typed else None
+
+    def _create(self) -> bool:
+        """Create the lock file with our record, atomically; False when it exists."""
+        scratch = self._scratch()
+        scratch.write_text(self._record(), encoding="utf-8")
+        try:
+            os.link(scratch, self.path)
+            return True
+        except FileExistsError:
+            return False
+        except OSError:  # no hard links here (some FUSE / SMB mounts): exclusive create, then the record
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(self._record())
+            return True
+        finally:
+            scratch.unlink(missing_ok=True)
+
+    def stale_reason(self, holder: dict[str, Any] | None) -> str | None:
+        """Why ``holder`` no longer holds the output (None: it does)."""
+        if holder is None:
+            # Written whole (see the class docstring), except by the O_EXCL fallback: unreadable for a moment there.
+            try:
+                age = time.time() - self.path.stat().st_mtime
+            except OSError:
+                return None
+            return "its lock file is unreadable" if age > LOCK_UNREADABLE_AFTER_S else None
+        host, pid = holder["host"], holder["pid"]
+        if host == self.host:  # the process table is the truth here; a busy holder may miss heartbeats
+            return None if _process_alive(pid) else f"process {pid} on {host} is not running"
+        age = time.time() - float(holder["heartbeat"])
+        if age > self.stale_after_s:
+            return f"the lock of {host} (pid {pid}) has not been refreshed for {age:.0f}s"
+        return None
+
+    def acquire(self) -> None:
+        """Take the lock, or raise :class:`UserError` naming its holder; starts the heartbeat."""
+        try:
+            self._take()
+        except OSError as exc:  # a read-only or missing place for the output: nothing was written
+            raise UserError(f"data prepare: cannot create the output lock {self.path} ({exc.strerror or exc}); "
+                            f"choose a writable --out-dir.") from None
+        self.held = True
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._beat, name="bigtrain-prepare-lock", daemon=True)
+        self._thread.start()
+
+    def _take(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):  # another prepare may take over a stale lock between our read and create
+            if self._create():
+                break
+            holder = self.read()
+            if holder is None and not self.path.exists():
+                continue  # released in the meantime
+            if self._ours(holder):
+                break  # this process holds it already
+            reason = self.stale_reason(holder)
+            if reason is None:
+                who = (f"host {holder['host']}, pid {holder['pid']}, started "
+                       f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(float(holder['started'])))}"
+                       if holder is not None else "its lock record is unreadable: just created, or damaged (remove "
+                                                  "the lock file if no prepare is running)")
+                raise UserError(
+                    f"data prepare: the output folder {str(self.out)!r} is being built by another `bigtrain data "
+                    f"prepare` ({who}; lock file {self.path}). Wait for it to finish or stop it, or choose another "
+                    f"--out-dir. (A lock whose process no longer runs is taken over by the next prepare.)")
+            warn(f"prepare: note: taking over the output lock {self.path} ({reason}); its build in "
+                 f"{self.out.name}{PARTIAL_SUFFIX} is resumed if it can be")
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+        else:
+            raise UserError(f"data prepare: could not take the output lock {self.path}: other prepares keep taking "
+                            f"it; run one `bigtrain data prepare` per --out-dir.")
+
+    def _ours(self, holder: dict[str, Any] | None) -> bool:
+        return holder is not None and holder["host"] == self.host and holder["pid"] == self.pid
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            if not self._ours(self.read()):
+                return  # taken over (this process looked gone): never write over the new holder's record
+            with contextlib.suppress(OSError):  # a full or flaky disk must not stop the build from here
+                scratch = self._scratch()
+                scratch.write_text(self._record(), encoding="utf-8")
+                os.replace(scratch, self.path)
+
+    def release(self) -> None:
+        """Stop the heartbeat and remove the lock if it is still ours (idempotent)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if not self.held:
+            return
+        self.held = False
+        if self._ours(self.read()):
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+
+    def __enter__(self) -> OutputLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
 # --------------------------------------------------------------------------- entry point
 def prepare_corpus(
     inputs: Sequence[str],
@@ -322,6 +505,17 @@ def prepare_corpus(
     if not files:
         raise UserError(f"data prepare: the input paths ({', '.join(inputs)}) hold no input files outside the output "
                         f"folder {out}.")
+    # Everything from here on reads or writes OUT, OUT.partial: one prepare at a time (before the long scan).
+    with OutputLock(out):
+        return _prepare_locked(inputs, out, files, tokenizer=tokenizer, vocab_size=vocab_size,
+                               val_fraction=val_fraction, text_key=text_key, shard_tokens=shard_tokens, seed=seed,
+                               overwrite=overwrite, workers=workers)
+
+
+def _prepare_locked(inputs: Sequence[str], out: Path, files: list[Path], *, tokenizer: str | None, vocab_size: int,
+                    val_fraction: float, text_key: str, shard_tokens: int, seed: int, overwrite: bool,
+                    workers: int) -> Path:
+    """:func:`prepare_corpus` once the inputs are found and the output is locked."""
     tok = Tokenizer.from_file(tokenizer) if tokenizer is not None else None
     _check_out_dir(out, overwrite)  # before the (long) scan, not only when the build starts
     say(f"prepare: scanning {len(files)} input file(s)")
