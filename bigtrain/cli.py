@@ -130,7 +130,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     elif device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is visible on this machine; use --device auto or cpu.")
-    model, tokenizer = load_for_generation(args.run_dir, device=device)
+    model, tokenizer = load_for_generation(args.run_dir, device=device, tokenizer=args.tokenizer)
     for i in range(args.num_samples):
         text = generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
                         temperature=args.temperature, top_k=args.top_k, device=device, seed=args.seed + i)
@@ -202,7 +202,7 @@ def _cmd_runs(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from bigtrain.export import export_checkpoint
 
-    export_checkpoint(args.checkpoint, args.to, args.out, overwrite=args.overwrite)
+    export_checkpoint(args.checkpoint, args.to, args.out, overwrite=args.overwrite, tokenizer=args.tokenizer)
     return EXIT_OK
 
 
@@ -227,6 +227,11 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     if args.probe_seconds <= 0:
         raise UserError(f"--probe-seconds must be positive, got {args.probe_seconds}.")
     return run_doctor(args.config, args.overrides, probe_s=args.probe_seconds)
+
+
+_TOKENIZER_HELP = ("tokenizer.json to use instead of the checkpoint's own (default: the tokenizer.json saved in the "
+                   "checkpoint, else the config's data.tokenizer for older checkpoints); refused unless its "
+                   "fingerprint is the one the checkpoint recorded")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -296,15 +301,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--tokenizer", default=None, metavar="PATH", help=_TOKENIZER_HELP)
     p.set_defaults(func=_cmd_generate)
 
     p = verbs.add_parser("export", help="write a checkpoint as a Hugging Face Llama / Qwen3 (model.qk_norm) / "
                                           "Mixtral / Qwen3-MoE (model.moe) folder or one torch state dict")
     p.add_argument("checkpoint", help="checkpoint folder (…/checkpoints/step_N) or run folder (its latest checkpoint)")
     p.add_argument("--to", choices=["hf", "torch"], default="hf",
-                   help="hf: config.json + model.safetensors (+ tokenizer); torch: one .pt state dict (default hf)")
+                   help="hf: config.json + model.safetensors + the checkpoint's tokenizer; torch: one .pt state dict "
+                        "(default hf)")
     p.add_argument("out", help="output folder (hf) or file (torch)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output (default: refuse)")
+    p.add_argument("--tokenizer", default=None, metavar="PATH", help=_TOKENIZER_HELP + "; --to hf only")
     p.set_defaults(func=_cmd_export)
 
     p = verbs.add_parser("ckpt", help="list and verify checkpoints")

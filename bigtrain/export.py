@@ -5,13 +5,16 @@ Mixture-of-Experts model is a ``MixtralForCausalLM`` (``Qwen3MoeForCausalLM`` wi
 one that neither can express (shared experts, a routing bias, ...) is refused before its weights are read.
 
 Reads any checkpoint (DCP from single/DDP/FSDP, or DeepSpeed ZeRO) in one CPU process, whatever world
-size wrote it; the HF format itself lives in :mod:`bigtrain.checkpoint.hf`.
+size wrote it; the HF format itself lives in :mod:`bigtrain.checkpoint.hf`. The bundled tokenizer is the one the
+checkpoint was trained with (:func:`bigtrain.generate.checkpoint_tokenizer`: ``--tokenizer``, the checkpoint's
+own ``tokenizer.json``, else ``data.tokenizer``; checked against the recorded fingerprint).
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -21,15 +24,17 @@ import torch
 from bigtrain import messages
 from bigtrain.checkpoint.hf import DEFAULT_SHARD_BYTES, hf_architecture, hf_config, to_hf_state, write_safetensors
 from bigtrain.checkpoint.manager import find_checkpoint, load_model_weights
-from bigtrain.checkpoint.manifest import ManifestError, read_manifest
+from bigtrain.checkpoint.manifest import Manifest
 from bigtrain.data.tokenizer import Tokenizer
 from bigtrain.errors import UserError
+from bigtrain.generate import CheckpointTokenizer, checkpoint_manifest, checkpoint_tokenizer, run_folder
 from bigtrain.model.config import ModelConfig
 from bigtrain.sections import parse_section
+from bigtrain.train.status import process_alive
 
 
-def _copy_tokenizer(config: dict[str, Any], out: Path) -> tuple[list[str], int | None]:
-    """Write the run's tokenizer into ``out`` as a tokenizer that conditions a prompt as bigtrain does.
+def _copy_tokenizer(found: CheckpointTokenizer, config: dict[str, Any], out: Path) -> tuple[list[str], int | None]:
+    """Write the checkpoint's tokenizer into ``out`` as a tokenizer that conditions a prompt as bigtrain does.
 
     bigtrain starts every document with its EOS token: training packs ``... EOS doc EOS doc`` and
     ``bigtrain generate`` (:func:`bigtrain.model.sampling.generate`) feeds ``[EOS, *encode(prompt)]``,
@@ -38,18 +43,14 @@ def _copy_tokenizer(config: dict[str, Any], out: Path) -> tuple[list[str], int |
     file's own post-processor (bigtrain encodes without special tokens, so never applies that one), and
     ``tokenizer_config.json`` names EOS as ``bos_token`` with ``add_bos_token: true`` (as Llama tokenizers
     do; transformers 5 rebuilds the same template from it). A literal EOS string in a prompt stays text
-    (``split_special_tokens``), as in bigtrain. The run's own file is only read. Returns (files written,
-    EOS id or None); a tokenizer bigtrain cannot read is copied as is (None).
+    (``split_special_tokens``), as in bigtrain. ``found`` was read and checked by bigtrain's Tokenizer (and its
+    fingerprint against the checkpoint's); what is written is that tokenizer, and it must load back. Its file is
+    only read. Returns (files written, EOS id or None: the byte-level fallback, which has no file, writes none).
     """
-    tok_path = Path(str(config.get("data", {}).get("tokenizer", "")))
-    if not tok_path.is_file():
+    if found.path is None:
         return [], None
-    try:
-        tok = Tokenizer.from_file(tok_path)
-    except UserError:  # a tokenizer bigtrain cannot parse is still copied as is
-        shutil.copyfile(tok_path, out / "tokenizer.json")
-        return ["tokenizer.json"], None
-    spec = json.loads(tok_path.read_text(encoding="utf-8"))
+    tok = found.tokenizer
+    spec = json.loads(tok.backend.to_str())  # exactly the tokenizer that was checked
     spec["post_processor"] = _document_start_processor(tok.eos_token, tok.eos_id)
     (out / "tokenizer.json").write_text(json.dumps(spec, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     (out / "tokenizer_config.json").write_text(json.dumps({
@@ -58,6 +59,15 @@ def _copy_tokenizer(config: dict[str, Any], out: Path) -> tuple[list[str], int |
         "clean_up_tokenization_spaces": False,
         "model_max_length": int(config.get("model", {}).get("max_seq_len", 2048)),
     }, indent=2) + "\n", encoding="utf-8")
+    try:
+        back = Tokenizer.from_file(out / "tokenizer.json")
+    except UserError as exc:
+        raise UserError(f"bigtrain export: the tokenizer written from {found.where} does not load back "
+                        f"({' '.join(str(exc).split())}); nothing was written.") from None
+    if (back.vocab_size, back.eos_id) != (tok.vocab_size, tok.eos_id):
+        raise UserError(f"bigtrain export: the tokenizer written from {found.where} reads back as vocabulary "
+                        f"{back.vocab_size}, EOS {back.eos_id} instead of {tok.vocab_size}, {tok.eos_id}; nothing "
+                        f"was written.")
     return ["tokenizer.json", "tokenizer_config.json"], tok.eos_id
 
 
@@ -75,56 +85,119 @@ def _document_start_processor(token: str, token_id: int) -> dict[str, Any]:
 
 
 def export_checkpoint(source: str | Path, to: str, out: str | Path, *, overwrite: bool = False,
-                      max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+                      max_shard_bytes: int = DEFAULT_SHARD_BYTES, tokenizer: str | Path | None = None) -> Path:
     """Export ``source`` (a checkpoint folder, or a run folder: its latest checkpoint) to ``out``.
 
     Atomic: everything is written into a temporary sibling of the target and renamed into place at the
-    end, so a failure (a full disk) leaves no partial folder or truncated file. An existing target is
-    replaced only with ``overwrite``.
+    end, so a failure (a full disk, an interrupt) leaves no partial folder or truncated file; such siblings
+    left by a killed export are removed by the next one. An existing target is replaced only with
+    ``overwrite``. ``tokenizer`` (``--tokenizer``, hf only) replaces the checkpoint's own tokenizer, and must
+    have the fingerprint the checkpoint recorded.
     """
     if to not in ("hf", "torch"):
         raise UserError(f"--to {to!r}: use hf (Hugging Face Llama / Qwen3 / Mixtral / Qwen3-MoE folder) or torch "
                         f"(one state-dict file).")
+    if tokenizer is not None and to != "hf":
+        raise UserError("--tokenizer applies to --to hf only: a torch export holds the weights alone.")
     out = Path(out).expanduser()
     target = out / "model.pt" if to == "torch" and out.is_dir() else out
+    _clean_leftovers(target)
     _check_target(target, to, overwrite)
     ckpt = find_checkpoint(source, "bigtrain export")
     _check_no_overlap(target, ckpt)
-    if to == "hf":
-        _check_hf_architecture(ckpt)
+    found = None
+    if to == "hf":  # what the target cannot express, and the tokenizer, before the weights are read
+        checked = checkpoint_manifest(ckpt)
+        _check_hf_architecture(checked)
+        found = checkpoint_tokenizer(ckpt, checked, tokenizer, "bigtrain export")
     weights, manifest = load_model_weights(ckpt)
     model_cfg = parse_section(ModelConfig, manifest.config.get("model", {}), "model")
     tmp = target.with_name(f".{target.name}.partial-{os.getpid()}")
+    created = _missing_folders(target.parent)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        if to == "torch":
+        if found is None:
             torch.save(weights, tmp)
             summary = f"{len(weights)} tensors, bigtrain names"
         else:
             tmp.mkdir()
-            tok_files, eos_id = _copy_tokenizer(manifest.config, tmp)
+            tok_files, eos_id = _copy_tokenizer(found, manifest.config, tmp)
             files = write_safetensors(to_hf_state(weights, model_cfg), tmp, max_shard_bytes=max_shard_bytes,
                                       metadata={"bigtrain_step": str(manifest.step)})
             (tmp / "config.json").write_text(json.dumps(hf_config(model_cfg, eos_token_id=eos_id), indent=2))
-            note = "" if tok_files else " (no tokenizer copied: the run's data.tokenizer file was not found)"
+            note = (f", tokenizer from {found.where}" if tok_files
+                    else " (no tokenizer: the run used the byte-level fallback, which has no file)")
             summary = f"config.json, {', '.join(files + tok_files)}{note}"
         _replace(tmp, target)
-    except OSError as exc:
+    except BaseException as exc:  # a full disk, an interrupt, a bug: nothing of this export stays behind
         _remove(tmp)
-        raise UserError(f"bigtrain export: writing {target} failed: {exc.strerror or exc}"
-                        f"{f' ({exc.filename})' if exc.filename else ''}; nothing was written. Free disk space or "
-                        f"choose a writable place for the output.") from None
+        for folder in created:  # deepest first; only if still empty
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        reason = _write_failure(exc)
+        if reason is None:
+            raise
+        raise UserError(f"bigtrain export: writing {target} failed: {reason}; nothing was written. Free disk space "
+                        f"or choose a writable place for the output.") from None
     messages.say(f"exported {ckpt} (step {manifest.step}) -> {target}: {summary}")
     return target
 
 
-def _check_hf_architecture(ckpt: Path) -> None:
+def _check_hf_architecture(manifest: Manifest) -> None:
     """Refuse a model with no Hugging Face equivalent from its manifest, before reading its weights."""
-    try:
-        manifest = read_manifest(ckpt)
-    except ManifestError:
-        return  # load_model_weights reports it
     hf_architecture(parse_section(ModelConfig, manifest.config.get("model", {}), "model"))
+
+
+def _write_failure(exc: BaseException) -> str | None:
+    """The reason, in a few words, of a write that failed outside bigtrain (a full disk, permissions, a quota), or
+    None for anything else. safetensors' SafetensorError and torch.save's RuntimeError wrap the OS error in text."""
+    if isinstance(exc, OSError):
+        return f"{exc.strerror or exc}" + (f" ({exc.filename})" if exc.filename else "")
+    text = " ".join(str(exc).split())
+    if any(words in text for words in ("No space left on device", "StorageFull", "os error 28")):
+        return "No space left on device"
+    if any(words in text for words in ("Disk quota exceeded", "QuotaExceeded", "os error 122")):
+        return "Disk quota exceeded"
+    if type(exc).__name__ == "SafetensorError":
+        return f"safetensors could not write the weights ({text[:200]})"
+    if isinstance(exc, RuntimeError) and "file write failed" in text:  # torch.save (PytorchStreamWriter)
+        return "the file write failed (is the disk full?)"
+    return None
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and its ancestors that do not exist yet, deepest first (an export that fails removes them)."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
+_LEFTOVER = re.compile(r"(partial|old)-([0-9]{1,10})")
+
+
+def _clean_leftovers(target: Path) -> None:
+    """Remove ``.NAME.partial-PID`` and ``.NAME.old-PID`` siblings of ``target`` whose export process no longer
+    exists on this host (a killed export), with a note. An ``.old`` one while ``target`` is missing holds the
+    previous export (killed between its two renames): it is put back instead."""
+    parent, prefix = target.parent, f".{target.name}."
+    if not parent.is_dir():
+        return
+    dead = []
+    for entry in parent.iterdir():
+        match = _LEFTOVER.fullmatch(entry.name[len(prefix):]) if entry.name.startswith(prefix) else None
+        if match is None or entry.is_symlink() or process_alive(int(match.group(2))):
+            continue
+        dead.append((match.group(1), int(match.group(2)), entry))
+    for kind, pid, entry in sorted(dead):  # "old" first
+        if kind == "old" and not target.exists() and not target.is_symlink():
+            os.replace(entry, target)
+            messages.warn(f"note: restored {target} from {entry.name}: export process {pid} was killed while "
+                          f"replacing it")
+            continue
+        _remove(entry)
+        messages.warn(f"note: removed {entry}, left by an export (process {pid}) that no longer runs")
 
 
 def _check_target(target: Path, to: str, overwrite: bool) -> None:
@@ -137,16 +210,10 @@ def _check_target(target: Path, to: str, overwrite: bool) -> None:
                         f"--overwrite to replace it, or another output path.")
 
 
-def _source_run(ckpt: Path) -> Path:
-    """The run folder a checkpoint belongs to (RUN/checkpoints/step_N -> RUN), or the checkpoint folder itself."""
-    ckpt = ckpt.resolve()
-    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt
-
-
 def _check_no_overlap(target: Path, ckpt: Path) -> None:
     """Refuse an output that is the source run, holds it, or lies inside it: replacing it (--overwrite) would
     delete the run and its checkpoints, and writing into it would mix export files into the run."""
-    run, out = _source_run(ckpt), target.resolve()
+    run, out = run_folder(ckpt), target.resolve()
     if out == run or run in out.parents or out in run.parents:
         where = "is" if out == run else ("holds" if out in run.parents else "lies inside")
         raise UserError(f"bigtrain export: the output {target} {where} the run being exported ({run}); "

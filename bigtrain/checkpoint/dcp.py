@@ -11,6 +11,13 @@ crafted checkpoint could run code. bigtrain reads both through :class:`SafeReade
 :class:`SafePlannerMixin`: the metadata with an unpickler that admits only DCP's own metadata
 classes, ``torch.Size``, dtypes and paths (an explicit list of plain names, :func:`_admitted_globals`);
 the items with ``weights_only=True``. A refused ``.metadata`` is a :class:`MetadataError`.
+
+Checkpoints whose files are intact (their CRCs match) may still not be valid DCP data: a shard of random
+bytes, a truncated shard, a ``.metadata`` that is a DCP ``Metadata`` whose fields are of the wrong types or
+point outside the checkpoint, or items that do not fit this run's optimizer. The metadata is checked field by
+field when it is read (:func:`metadata_problem`); any failure while reading the data or applying it is a
+:class:`CheckpointDataError`, one line naming the file where known. A resume reports it and, with
+``checkpoint.resume=auto``, falls back to an older checkpoint; ``generate`` / ``export`` exit 2 with it.
 """
 from __future__ import annotations
 
@@ -19,7 +26,7 @@ import io
 import os
 import pickle
 import warnings
-from pathlib import Path
+from pathlib import Path, PurePath, PurePosixPath
 from typing import Any
 
 import torch
@@ -44,6 +51,12 @@ def writer_threads() -> int:
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     return max(1, min(4, cpus // local_ranks))
+
+
+class CheckpointDataError(RuntimeError, UserError):
+    """A checkpoint's DCP data could not be read or applied (a shard that is not tensor data, a truncated shard,
+    items that do not fit this run). A ``RuntimeError``, so that a resume treats the checkpoint like any unloadable
+    one (``checkpoint.resume=auto`` skips it), and a ``UserError``: one line and exit 2, never a traceback."""
 
 
 class MetadataError(pickle.UnpicklingError, UserError):
@@ -148,7 +161,98 @@ def read_metadata_file(path: Path) -> Any:
         raise MetadataError(f"{path}: not readable DCP metadata ({type(exc).__name__}: {first})") from None
     if not isinstance(metadata, Metadata):
         raise MetadataError(f"{path}: not DCP metadata (it holds a {type(metadata).__name__})")
+    problem = metadata_problem(metadata)
+    if problem is not None:
+        raise MetadataError(f"{path}: not usable DCP metadata ({problem}); this checkpoint is damaged or was "
+                            f"tampered with")
     return metadata
+
+
+def _is_index(value: Any, ndim: int | None = None) -> bool:
+    """A ``torch.Size`` (of ``ndim`` entries, when given): what DCP keeps tensor sizes and offsets in."""
+    return isinstance(value, torch.Size) and (ndim is None or len(value) == ndim)
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _plain_relative(name: Any) -> bool:
+    """A file name DCP may read: relative, inside the checkpoint folder (no '..', no absolute path)."""
+    if not isinstance(name, (str, PurePath)) or not str(name):
+        return False
+    pure = PurePosixPath(str(name))
+    return not pure.is_absolute() and ".." not in pure.parts and "\\" not in str(name)
+
+
+def metadata_problem(metadata: Any) -> str | None:
+    """What makes a :class:`~torch.distributed.checkpoint.metadata.Metadata` unusable, in a few words (None: it is
+    usable): every field of the type DCP's own writer gives it, tensor chunks inside their tensors, every item
+    stored somewhere, shard files inside the checkpoint folder. The unpickler admits only DCP's classes, but
+    still in any arrangement: without this check a wrong one fails deep inside DCP (or in generate / export) with
+    an ``AttributeError`` or ``TypeError``."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import (
+        BytesStorageMetadata,
+        ChunkStorageMetadata,
+        MetadataIndex,
+        StorageMeta,
+        TensorProperties,
+        TensorStorageMetadata,
+    )
+
+    entries, storage = metadata.state_dict_metadata, metadata.storage_data
+    if not isinstance(entries, dict):
+        return f"its item list is a {type(entries).__name__}, not a dict"
+    if not isinstance(storage, dict):
+        return f"its storage index is a {type(storage).__name__}, not a dict"
+    if metadata.storage_meta is not None and not isinstance(metadata.storage_meta, StorageMeta):
+        return f"its storage_meta is a {type(metadata.storage_meta).__name__}"
+    if metadata.planner_data is not None and not isinstance(metadata.planner_data, dict):
+        return f"its planner_data is a {type(metadata.planner_data).__name__}"
+    for key, info in storage.items():
+        if not isinstance(key, MetadataIndex) or not isinstance(key.fqn, str):
+            return f"its storage index has a key of type {type(key).__name__}"
+        if not isinstance(info, _StorageInfo):
+            return f"the storage of {key.fqn!r} is a {type(info).__name__}"
+        if not _plain_relative(info.relative_path):
+            return f"the storage of {key.fqn!r} names {_shown(str(info.relative_path))}, not a file of the checkpoint"
+        if not (_is_count(info.offset) and _is_count(info.length)):
+            return f"the storage of {key.fqn!r} has offset {info.offset!r:.40}, length {info.length!r:.40}"
+        descriptors = info.transform_descriptors
+        if descriptors is not None and not (isinstance(descriptors, (list, tuple))
+                                            and all(isinstance(d, str) for d in descriptors)):
+            return f"the storage of {key.fqn!r} has transform descriptors of type {type(descriptors).__name__}"
+    # Any admitted object may sit anywhere: the fields' declared types are what is being checked.
+    entry: Any
+    chunk: Any
+    size: Any
+    props: Any
+    chunks: Any
+    for fqn, entry in entries.items():
+        if not isinstance(fqn, str):
+            return f"it has an item named by a {type(fqn).__name__}"
+        if isinstance(entry, BytesStorageMetadata):
+            if MetadataIndex(fqn) not in storage:
+                return f"item {fqn!r} is stored nowhere"
+            continue
+        if not isinstance(entry, TensorStorageMetadata):
+            return f"item {fqn!r} is described by a {type(entry).__name__}"
+        size, props, chunks = entry.size, entry.properties, entry.chunks
+        if not (_is_index(size) and isinstance(props, TensorProperties)
+                and isinstance(getattr(props, "dtype", None), torch.dtype)
+                and isinstance(chunks, list)):
+            return f"item {fqn!r} has a malformed tensor description"
+        ndim = len(size)
+        for chunk in chunks:
+            if not (isinstance(chunk, ChunkStorageMetadata) and _is_index(chunk.offsets, ndim)
+                    and _is_index(chunk.sizes, ndim)
+                    and all(o >= 0 and o + n <= whole for o, n, whole in zip(chunk.offsets, chunk.sizes, size,
+                                                                            strict=True))):
+                return f"a piece of tensor {fqn!r} {tuple(size)} lies outside it"
+            if MetadataIndex(fqn, chunk.offsets) not in storage:
+                return f"a piece of tensor {fqn!r} (at {tuple(chunk.offsets)}) is stored nowhere"
+    return None
 
 
 def _safe_reader_class() -> type:
@@ -158,6 +262,7 @@ def _safe_reader_class() -> type:
         """A FileSystemReader whose metadata is read with :class:`_MetadataUnpickler` (once: DCP asks again)."""
 
         _metadata: Any = None
+        _reading: str | None = None  # the shard file being read (named when its data is not valid)
 
         def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
             from torch.distributed.checkpoint.metadata import StorageMeta
@@ -172,6 +277,24 @@ def _safe_reader_class() -> type:
             if rank is None:
                 self._metadata = metadata
             return metadata
+
+        def _slice_file(self, file: Any, sinfo: Any) -> Any:
+            self._reading = str(sinfo.relative_path)  # the shard file a failure below is in
+            return super()._slice_file(file, sinfo)
+
+        def reading(self) -> str | None:
+            return self._reading
+
+        def read_data(self, plan: Any, planner: Any) -> Any:
+            self._reading = None
+            try:
+                return super().read_data(plan, planner)
+            except Exception as exc:  # inside DCP it becomes a CheckpointException: keep the message short
+                where = f"{self.reading()}: " if self.reading() else ""
+                what = describe_failure(exc)
+                if not isinstance(exc, OSError):
+                    what = f"not valid DCP data ({what})"
+                raise CheckpointDataError(f"{where}{what}") from None
 
     return SafeReader
 
@@ -222,12 +345,12 @@ def load(template: dict[str, Any], path: Path, process_group: Any | None) -> Non
     class SafeLoadPlanner(SafePlannerMixin, DefaultLoadPlanner):
         pass
 
-    reader = _reader_with_metadata(path)
+    reader = _reader_with_metadata(path)  # a MetadataError (an UnpicklingError) or OSError: reported as they are
     try:
         dcp.load(template, storage_reader=reader, planner=SafeLoadPlanner(), process_group=process_group,
                  no_dist=process_group is None)
     except _checkpoint_exception() as exc:  # a BaseException: the resume's fallback would never see it
-        raise RuntimeError(_first_failure(exc)) from None
+        raise CheckpointDataError(_first_failure(exc)) from None
 
 
 def read_full(path: Path, key: str = "model") -> dict[str, torch.Tensor]:
@@ -239,17 +362,27 @@ def read_full(path: Path, key: str = "model") -> dict[str, torch.Tensor]:
         pass
 
     sd: dict[str, Any] = {}
+    damaged = "it is damaged or was tampered with (`bigtrain ckpt verify` checks it)"
     try:
         reader = _reader_with_metadata(path)
         _load_state_dict(sd, storage_reader=reader, planner=SafeEmptyPlanner(keys={key}), no_dist=True)
+    except MetadataError:
+        raise
     except OSError as exc:
         raise UserError(f"{path}: cannot read {exc.filename or 'the checkpoint'} ({exc.strerror or exc}).") from None
     except _checkpoint_exception() as exc:  # generate / export: one line and exit 2, not a traceback
-        raise UserError(f"{path}: reading the checkpoint failed ({_first_failure(exc)}); it is damaged or was "
-                        f"tampered with (`bigtrain ckpt verify` checks it).") from None
+        raise UserError(f"{path}: reading the checkpoint failed ({_first_failure(exc)}); {damaged}.") from None
+    except Exception as exc:  # anything else the data makes DCP do: still the checkpoint's fault
+        raise UserError(f"{path}: reading the checkpoint failed ({describe_failure(exc)}); {damaged}.") from None
     if key not in sd:
         raise UserError(f"{path}: the checkpoint holds no {key!r} entries.")
-    return dict(sd[key])
+    entries = sd[key]
+    bad = (f"a {type(entries).__name__}" if not isinstance(entries, dict) else
+           next((repr(name) for name, value in entries.items()
+                 if not isinstance(name, str) or not isinstance(value, torch.Tensor)), None))
+    if bad is not None:
+        raise UserError(f"{path}: its {key!r} entries are not named tensors ({_shown(bad)}); {damaged}.")
+    return dict(entries)
 
 
 def _reader_with_metadata(path: Path) -> Any:
@@ -274,9 +407,30 @@ def _first_failure(exc: BaseException) -> str:
     failures = getattr(exc, "failures", None) or {}
     for failure in failures.values():
         inner = failure[0] if isinstance(failure, tuple) and failure else failure
+        if isinstance(inner, CheckpointDataError):
+            return str(inner)  # written here: already names the file and says what is wrong
         if isinstance(inner, BaseException):
-            return f"{type(inner).__name__}: {' '.join(str(inner).split())[:300]}"
-    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+            return describe_failure(inner)
+    return describe_failure(exc)
+
+
+_WEIGHTS_ONLY = "WeightsUnpickler error:"
+
+
+def describe_failure(exc: BaseException) -> str:
+    """``exc`` of reading or applying checkpoint data as one short line: ``Type: message``, without torch's advice
+    (a refused ``weights_only`` load suggests ``weights_only=False``, which would run the file's code)."""
+    text = " ".join(str(exc).split())
+    if _WEIGHTS_ONLY in text:  # the restricted unpickler refused the bytes
+        detail = text.split(_WEIGHTS_ONLY, 1)[1].split(" Check the documentation of torch.load", 1)[0].strip()
+        return f"the restricted unpickler refused it: {detail[:160]}"
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.strerror}" + (f" ({exc.filename})" if exc.filename else "")
+    if text.startswith("PytorchStreamReader failed"):  # a truncated or overwritten torch.save record
+        return text.split(". ", 1)[0]
+    if isinstance(exc, EOFError):
+        return "it ends early (EOFError)"
+    return f"{type(exc).__name__}: {text[:300]}" if text else type(exc).__name__
 
 
 def model_and_optimizer_state(strategy: Strategy, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -312,17 +466,55 @@ class DCPBackend:
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
         template = model_and_optimizer_state(strategy, model, optimizer)
-        load(template, ckpt_dir / self.subdir, process_group)
         hyper = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-        set_state_dict(strategy.unwrap(model), optimizer, model_state_dict=template["model"],
-                       optim_state_dict=template["optimizer"])
-        for group, values in zip(optimizer.param_groups, hyper, strict=True):
-            group.update(values)  # this run's hyperparameters win (the trainer warns when they changed)
+        try:
+            load(template, ckpt_dir / self.subdir, process_group)
+            try:
+                set_state_dict(strategy.unwrap(model), optimizer, model_state_dict=template["model"],
+                               optim_state_dict=template["optimizer"])
+            except Exception as exc:  # items of the wrong kind (a number where the parameter list belongs)
+                raise CheckpointDataError(f"its model/optimizer items do not fit this run "
+                                          f"({describe_failure(exc)})") from None
+        finally:
+            # This run's hyperparameters win (the trainer warns when they changed); also after a failed load, so
+            # that the older checkpoint a resume falls back to starts from this run's values, not the bad ones.
+            for group, values in zip(optimizer.param_groups, hyper, strict=True):
+                group.update(values)
 
     def read_full_weights(self, ckpt_dir: Path) -> dict[str, torch.Tensor]:
-        return read_full(ckpt_dir / self.subdir, "model")
+        weights = read_full(ckpt_dir / self.subdir, "model")
+        _check_architecture(ckpt_dir, weights)
+        return weights
 
     def required_files(self, ckpt_dir: Path, manifest: Manifest) -> set[str]:
         """``.metadata`` and every shard file it points to."""
         return {f"{self.subdir}/.metadata"} | {f"{self.subdir}/{name}"
                                                for name in read_storage_files(ckpt_dir / self.subdir)}
+
+
+def _check_architecture(ckpt_dir: Path, weights: dict[str, torch.Tensor]) -> None:
+    """The weights read are exactly the model the manifest's config describes (names and shapes).
+
+    A resume's load checks this against its own model; generate and export build theirs from what they read, so a
+    ``.metadata`` that describes other tensors (one missing, one of another shape) would otherwise surface as a
+    traceback in ``load_state_dict`` or as an incomplete export."""
+    from bigtrain.checkpoint.manifest import ManifestError, read_manifest
+    from bigtrain.model import build_on_meta
+    from bigtrain.model.config import ModelConfig
+    from bigtrain.sections import parse_section
+
+    try:
+        config = read_manifest(ckpt_dir).config.get("model", {})
+    except ManifestError as exc:
+        raise UserError(str(exc)) from None
+    expected = {name: tuple(t.shape) for name, t in build_on_meta(parse_section(ModelConfig, config, "model"))
+                .state_dict().items()}
+    problems = [f"{name} is missing" for name in expected if name not in weights]
+    problems += [f"{name} has shape {tuple(weights[name].shape)}, the model's is {shape}"
+                 for name, shape in expected.items() if name in weights and tuple(weights[name].shape) != shape]
+    problems += [f"{_shown(name)} is not a weight of the model" for name in weights if name not in expected]
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise UserError(f"{ckpt_dir / DCPBackend.subdir}: its weights do not match the model its manifest describes: "
+                        f"{'; '.join(problems[:3])}{more}; it is damaged or was tampered with (`bigtrain ckpt "
+                        f"verify` checks it).")

@@ -7,6 +7,8 @@ Layout of one checkpoint (every rank writes its own files; nothing is gathered t
         dcp/                   model + optimizer: torch.distributed.checkpoint shards   (single, ddp, fsdp)
         ds/state/              model + optimizer: DeepSpeed's own checkpoint            (zero)
         rank/rank_00000.pt     per-rank data-pipeline state and RNG states (python, numpy, torch, cuda)
+        tokenizer.json         the run's tokenizer file (none for the byte-level fallback); its fingerprint and
+                               EOS token are in the manifest
     RUN_DIR/checkpoints/latest  name of the newest committed checkpoint
 
 The model + optimizer part is written and read by a checkpoint backend (:mod:`bigtrain.checkpoint.backend`:
@@ -50,8 +52,10 @@ from bigtrain.checkpoint.manifest import (
     MANIFEST_FILE,
     REPLACED_SUFFIX,
     SCRATCH_PREFIXES,
+    TOKENIZER_FILE,
     Manifest,
     ManifestError,
+    TokenizerEntry,
     check_files,
     checksum_files,
     fsync_dir,
@@ -98,6 +102,18 @@ RankState = tuple[dict[str, Any], dict[str, Any] | None, dict[str, Any]]
 class CheckpointSaveError(Exception):
     """A save failed (disk full, permissions, ...). Its partial folder is gone and ``latest`` still names
     the last committed checkpoint; the message is one paragraph that says so."""
+
+
+@dataclass(frozen=True)
+class RunTokenizer:
+    """The run's tokenizer as every checkpoint keeps it (the trainer reads it: this package reads no tokenizers)."""
+
+    fingerprint: str  # bigtrain.data.tokenizer.Tokenizer.fingerprint
+    eos_token: str
+    content: bytes | None  # the tokenizer file's bytes (saved as tokenizer.json); None: the byte-level fallback
+
+    def entry(self) -> TokenizerEntry:
+        return TokenizerEntry(self.fingerprint, self.eos_token, TOKENIZER_FILE if self.content is not None else None)
 
 
 @dataclass
@@ -164,9 +180,11 @@ class CheckpointManager:
     # ------------------------------------------------------------------ save
     def save(self, step: int, *, strategy: Strategy, model: nn.Module, optimizer: torch.optim.Optimizer,
              rank_state: dict[str, Any],
-             tokens_seen: int, config: dict[str, Any], config_hash: str, blocking: bool | None = None) -> Path:
+             tokens_seen: int, config: dict[str, Any], config_hash: str, blocking: bool | None = None,
+             tokenizer: RunTokenizer | None = None) -> Path:
         """Checkpoint ``step`` on every rank (collective). Returns when the step loop may continue:
-        after the host copy for async DCP saves, after the commit otherwise."""
+        after the host copy for async DCP saves, after the commit otherwise. ``tokenizer`` (rank 0's counts):
+        its file is written as ``tokenizer.json`` and its fingerprint recorded in the manifest."""
         self.wait()  # at most one save in flight; surfaces a failed background save
         pg = self._group()
         final = self.root / step_dirname(step)
@@ -178,7 +196,7 @@ class CheckpointManager:
         self._barrier()
         meta = {"step": step, "tokens_seen": tokens_seen, "config": config, "config_hash": config_hash,
                 "backend": strategy.checkpoint_format, "strategy": str(config.get("parallel", {}).get("strategy", "")),
-                "extra": {}}
+                "extra": {}, "tokenizer": tokenizer}
         use_async = self.cfg.async_save if blocking is None else not blocking
         try:
             # Async: the backend only copies the state to host memory here; the job writes the files later.
@@ -238,6 +256,9 @@ class CheckpointManager:
     def _finish(self, tmp: Path, final: Path, rank_state: dict[str, Any], meta: dict[str, Any]) -> None:
         """Per-rank files, distributed checksums, then rank 0 commits (manifest → rename → latest → prune)."""
         save_rank_state(tmp / rank_file(self.rank), rank_state)
+        tokenizer: RunTokenizer | None = meta.get("tokenizer")
+        if self.rank == 0 and tokenizer is not None and tokenizer.content is not None:
+            (tmp / TOKENIZER_FILE).write_bytes(tokenizer.content)  # listed, checksummed and fsynced below
         self._barrier()  # every rank's files are written
         names = list_files(tmp)
         sums = checksum_files(tmp, names[self.rank::self.world_size])  # also fsyncs this rank's share
@@ -254,7 +275,8 @@ class CheckpointManager:
         manifest = Manifest(step=step, tokens_seen=int(meta["tokens_seen"]), world_size=self.world_size,
                             backend=meta["backend"], strategy=meta["strategy"], config_hash=meta["config_hash"],
                             config=meta["config"], files=files, created=time.strftime("%Y-%m-%dT%H:%M:%S"),
-                            extra=meta["extra"])
+                            extra=meta["extra"],
+                            tokenizer=meta["tokenizer"].entry() if meta.get("tokenizer") is not None else None)
         for sub in {Path(name).parent for name in files}:
             fsync_dir(tmp / sub)
         write_manifest(tmp, manifest)
@@ -439,7 +461,8 @@ class CheckpointManager:
             rank_state = self._rank_state(candidate, manifest)
         except RankStateError as exc:
             problems.append(str(exc))
-        everyone = [p for part in self._gather(problems) for p in part]
+        # Ranks often fail for the same reason: each distinct problem once, in rank order.
+        everyone = list(dict.fromkeys(p for part in self._gather(problems) for p in part))
         return everyone, (rank_state if not everyone else None)
 
     def _rank_state(self, candidate: Path, manifest: Manifest) -> RankState:
@@ -467,6 +490,8 @@ def structure_problems(ckpt: Path, manifest: Manifest) -> builtins.list[str]:
     problems += [f"{ckpt / name}: on disk but not in the manifest (added after the commit?)"
                  for name in sorted(on_disk - listed)]
     required = {rank_file(rank) for rank in range(manifest.world_size)}
+    if manifest.tokenizer is not None and manifest.tokenizer.file is not None:
+        required.add(manifest.tokenizer.file)
     try:
         required |= backend_for(manifest.backend).required_files(ckpt, manifest)
     except Exception as exc:  # any failure to read the backend's index is a verification problem

@@ -3,7 +3,9 @@
 A checkpoint folder is committed when ``manifest.json`` is in it and it has its final name
 (``step_000123``, not ``step_000123.tmp``). The manifest lists every file of the folder with its
 size and CRC32, plus the facts a resume needs before it reads any tensor: step, tokens seen,
-world size, backend, config hash and the resolved config itself.
+world size, backend, config hash and the resolved config itself; and the run's tokenizer (its
+fingerprint and EOS token; its file is the checkpoint's ``tokenizer.json``), so the tools that read a
+checkpoint use the tokenizer it was trained with.
 
 CRC32 (``zlib``, ~2.5 GB/s per core, computed per 64 MiB block in parallel) is the checksum: it
 is there to catch torn writes, bit rot and truncation, not tampering, and it is fast enough to
@@ -25,6 +27,7 @@ from typing import Any, cast
 
 MANIFEST_FILE = "manifest.json"
 LATEST_FILE = "latest"
+TOKENIZER_FILE = "tokenizer.json"  # the run's tokenizer file, copied into every checkpoint that has one
 FORMAT_VERSION = 1
 _CHUNK = 64 << 20
 
@@ -122,6 +125,18 @@ def checksum_files(root: Path, names: Iterable[str], *, fsync: bool = True) -> d
 
 
 @dataclass(frozen=True)
+class TokenizerEntry:
+    """The run's tokenizer as a checkpoint records it (the ``tokenizer`` field of the manifest)."""
+
+    fingerprint: str  # bigtrain.data.tokenizer.Tokenizer.fingerprint
+    eos_token: str  # the end-of-document token the run used
+    file: str | None  # TOKENIZER_FILE, or None: the file-less byte-level fallback (data.tokenizer '' or 'byte')
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"fingerprint": self.fingerprint, "eos_token": self.eos_token, "file": self.file}
+
+
+@dataclass(frozen=True)
 class Manifest:
     """The parsed ``manifest.json`` of one checkpoint."""
 
@@ -135,14 +150,18 @@ class Manifest:
     files: dict[str, dict[str, Any]]
     created: str
     extra: dict[str, Any]
+    tokenizer: TokenizerEntry | None = None  # None: saved before checkpoints kept the tokenizer
 
     def to_json(self) -> str:
-        return json.dumps({
+        data: dict[str, Any] = {
             "format_version": FORMAT_VERSION, "step": self.step, "tokens_seen": self.tokens_seen,
             "world_size": self.world_size, "backend": self.backend, "strategy": self.strategy,
             "config_hash": self.config_hash, "created": self.created, "extra": self.extra,
-            "files": self.files, "config": self.config,
-        }, indent=1, sort_keys=False)
+        }
+        if self.tokenizer is not None:
+            data["tokenizer"] = self.tokenizer.to_dict()
+        data.update(files=self.files, config=self.config)
+        return json.dumps(data, indent=1, sort_keys=False)
 
     @property
     def total_bytes(self) -> int:
@@ -157,6 +176,7 @@ BACKENDS = ("dcp", "deepspeed")
 # Folders a resume may add inside a committed checkpoint (DeepSpeed's universal conversion).
 SCRATCH_PREFIXES = ("universal/", "universal.tmp/")
 _HEX_BLOCKS = re.compile(r"^[0-9a-f]{8}(:[0-9a-f]{8})*$")
+_FINGERPRINT = re.compile(r"^[0-9a-f]{8,64}$")
 
 
 def _field(data: dict[str, Any], key: str, kind: type, path: Path, *, minimum: int | None = None,
@@ -192,6 +212,20 @@ def _file_entries(files: dict[str, Any], path: Path) -> dict[str, dict[str, Any]
     return out
 
 
+def _tokenizer_entry(data: dict[str, Any], path: Path) -> TokenizerEntry | None:
+    """The ``tokenizer`` field checked (None when absent: an older checkpoint); its file can only be TOKENIZER_FILE."""
+    if data.get("tokenizer") is None:
+        return None
+    entry = _field(data, "tokenizer", dict, path)
+    fingerprint = _field(entry, "fingerprint", str, path)
+    if not _FINGERPRINT.match(fingerprint):
+        raise ManifestError(f"{path}: the tokenizer fingerprint {fingerprint!r} is not a hex digest")
+    name = entry.get("file")
+    if name not in (None, TOKENIZER_FILE):
+        raise ManifestError(f"{path}: the tokenizer file is {name!r}, expected {TOKENIZER_FILE!r} or null")
+    return TokenizerEntry(fingerprint=fingerprint, eos_token=_field(entry, "eos_token", str, path), file=name)
+
+
 def read_manifest(ckpt: Path) -> Manifest:
     """The manifest of ``ckpt``, every field type-checked (a checkpoint is untrusted input)."""
     path = ckpt / MANIFEST_FILE
@@ -213,7 +247,7 @@ def read_manifest(ckpt: Path) -> Manifest:
                     config=_field(data, "config", dict, path),
                     files=_file_entries(_field(data, "files", dict, path), path),
                     created=_field(data, "created", str, path, default=""),
-                    extra=_field(data, "extra", dict, path, default={}))
+                    extra=_field(data, "extra", dict, path, default={}), tokenizer=_tokenizer_entry(data, path))
 
 
 def write_manifest(ckpt: Path, manifest: Manifest) -> None:

@@ -263,6 +263,14 @@ def load_tokenizer(path: str) -> Tokenizer:
     return Tokenizer.from_file(path)
 
 
+def tokenizer_file(path: str | Path) -> Path | None:
+    """The file ``data.tokenizer`` names (a folder's ``tokenizer.json``), or None for the byte-level fallback."""
+    if str(path) in ("", BYTE_LEVEL):
+        return None
+    p = Path(path).expanduser()
+    return p / "tokenizer.json" if p.is_dir() else p
+
+
 def train_tokenizer_files(files: Sequence[str], vocab_size: int, out: str | Path, *,
                           text_key: str = "text") -> Tokenizer:
     """`bigtrain data tokenizer train`: a byte-level BPE of ``vocab_size`` trained on files, saved to ``out``."""

@@ -20,11 +20,11 @@ import torch
 import torch.nn.functional as F
 
 from bigtrain import messages
-from bigtrain.checkpoint.manager import CheckpointManager, resolve_resume
+from bigtrain.checkpoint.manager import CheckpointManager, RunTokenizer, resolve_resume
 from bigtrain.checkpoint.rank_state import capture_rng
 from bigtrain.data.batches import TokenStream, eval_batches
 from bigtrain.data.pipeline import DataPipeline
-from bigtrain.data.tokenizer import load_tokenizer
+from bigtrain.data.tokenizer import load_tokenizer, tokenizer_file
 from bigtrain.errors import UserError
 from bigtrain.kernels.reference import acc_dtype
 from bigtrain.model import build_on_meta, count_parameters, flops_per_token
@@ -55,6 +55,17 @@ from bigtrain.train.signals import StopRequest
 from bigtrain.train.spikes import SpikeGuard
 from bigtrain.train.status import write_status
 from bigtrain.train.timing import StepTimer
+
+
+def _read_tokenizer_file(path: str) -> bytes | None:
+    """The bytes of the tokenizer file ``data.tokenizer`` names (None for the byte-level fallback)."""
+    file = tokenizer_file(path)
+    if file is None:
+        return None
+    try:
+        return file.read_bytes()
+    except OSError as exc:
+        raise UserError(f"data.tokenizer={path!r}: cannot read {file} ({exc.strerror or exc}).") from None
 
 
 def optimizer_factory(t: TrainConfig) -> OptimizerFactory:
@@ -97,6 +108,10 @@ class Trainer:
                 f"(a multiple of 64 such as {64 * math.ceil(self.tokenizer.vocab_size / 64)} is fastest)."
             )
         fingerprint = self.tokenizer.fingerprint
+        # Every checkpoint keeps the tokenizer (file, fingerprint, EOS): generate and export never depend on
+        # data.tokenizer resolving, relative to wherever they run, to the same file.
+        self.run_tokenizer = RunTokenizer(fingerprint, self.tokenizer.eos_token,
+                                          _read_tokenizer_file(cfg.data.tokenizer))
         self.val_stream = (TokenStream.open(cfg.data.val_path, vocab_size=cfg.model.vocab_size,
                                             tokenizer_fingerprint=fingerprint, what="validation")
                            if cfg.data.val_path else None)
@@ -287,7 +302,8 @@ class Trainer:
         t0 = time.perf_counter()
         path = self.checkpoints.save(self.step, strategy=self.strategy, model=self.model, optimizer=self.optimizer,
                                      rank_state=self.state_dict(), tokens_seen=self.tokens_seen,
-                                     config=self.cfg.to_dict(), config_hash=self.cfg.hash(), blocking=blocking)
+                                     config=self.cfg.to_dict(), config_hash=self.cfg.hash(), blocking=blocking,
+                                     tokenizer=self.run_tokenizer)
         stall = time.perf_counter() - t0
         self.last_checkpoint_stall_s = stall
         background = self.checkpoints.in_flight
